@@ -1,0 +1,245 @@
+//! The records that travel between the services. Their JSON form is defined by the
+//! schemas in `schemas/` (the API validates input against those files); a test checks
+//! that the schema examples round-trip through these types.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest id (event, user, product) accepted anywhere.
+pub const MAX_ID_LEN: usize = 128;
+/// Longest search query accepted.
+pub const MAX_QUERY_LEN: usize = 512;
+/// Latest event time accepted: the year 3000, as in the schema.
+pub const MAX_TS_MS: i64 = 32_503_680_000_000;
+/// The `user_id` under which the popularity list is stored.
+pub const POPULAR_USER_ID: &str = "__popular__";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    View,
+    Click,
+    AddToCart,
+    Purchase,
+    Search,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 5] = [
+        EventType::View,
+        EventType::Click,
+        EventType::AddToCart,
+        EventType::Purchase,
+        EventType::Search,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::View => "view",
+            EventType::Click => "click",
+            EventType::AddToCart => "add_to_cart",
+            EventType::Purchase => "purchase",
+            EventType::Search => "search",
+        }
+    }
+}
+
+/// One user action (schemas/event.v1.schema.json).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub event_id: String,
+    pub user_id: String,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Event time in ms since the Unix epoch.
+    pub ts: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommendation_id: Option<String>,
+}
+
+/// Why an event is not acceptable, in words a producer can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEvent {
+    #[error("not a valid event: {0}")]
+    Malformed(String),
+    #[error("field `{field}` must be 1 to {max} characters")]
+    BadLength { field: &'static str, max: usize },
+    #[error("a `{0}` event needs `product_id` (and no `query`)")]
+    NeedsProduct(&'static str),
+    #[error("a `search` event needs `query` (and no `product_id`)")]
+    NeedsQuery,
+    #[error("`ts` must be milliseconds since the epoch between 0 and {MAX_TS_MS}, got {0}")]
+    BadTimestamp(i64),
+}
+
+fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), InvalidEvent> {
+    if value.is_empty() || value.chars().count() > max {
+        return Err(InvalidEvent::BadLength { field, max });
+    }
+    Ok(())
+}
+
+impl Event {
+    /// Decodes and validates one event from JSON bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Event, InvalidEvent> {
+        let event: Event =
+            serde_json::from_slice(bytes).map_err(|e| InvalidEvent::Malformed(e.to_string()))?;
+        event.validate()?;
+        Ok(event)
+    }
+
+    /// The rules of the schema that serde's types do not already enforce.
+    pub fn validate(&self) -> Result<(), InvalidEvent> {
+        check_len("event_id", &self.event_id, MAX_ID_LEN)?;
+        check_len("user_id", &self.user_id, MAX_ID_LEN)?;
+        if let Some(r) = &self.recommendation_id {
+            check_len("recommendation_id", r, MAX_ID_LEN)?;
+        }
+        match (self.event_type, &self.product_id, &self.query) {
+            (EventType::Search, None, Some(q)) => check_len("query", q, MAX_QUERY_LEN)?,
+            (EventType::Search, _, _) => return Err(InvalidEvent::NeedsQuery),
+            (_, Some(p), None) => check_len("product_id", p, MAX_ID_LEN)?,
+            (t, _, _) => return Err(InvalidEvent::NeedsProduct(t.as_str())),
+        }
+        if !(0..=MAX_TS_MS).contains(&self.ts) {
+            return Err(InvalidEvent::BadTimestamp(self.ts));
+        }
+        Ok(())
+    }
+}
+
+/// The event a user state was last updated by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastEvent {
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<String>,
+    pub ts: i64,
+}
+
+/// Position of the applied event in the `events` topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcePosition {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A user's state (schemas/user-vector.v1.schema.json).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserVectorRecord {
+    pub user_id: String,
+    pub vector: Vec<f32>,
+    pub anchor_ts: i64,
+    pub version: u64,
+    pub recent_products: Vec<String>,
+    pub purchased: Vec<String>,
+    pub last_event: LastEvent,
+    pub source: SourcePosition,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// Most popular products over a recent event-time window.
+    Popularity,
+    /// No events seen yet: available products in catalog order.
+    Catalog,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoredProduct {
+    pub product_id: String,
+    pub score: f32,
+}
+
+/// A recommendation list (schemas/recommendation.v1.schema.json).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecommendationRecord {
+    pub recommendation_id: String,
+    pub user_id: String,
+    pub model_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+    pub items: Vec<ScoredProduct>,
+    pub user_version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_event_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_event_ts: Option<i64>,
+    pub generated_at: i64,
+}
+
+/// Wall-clock time in ms since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> Event {
+        Event {
+            event_id: "e1".into(),
+            user_id: "u1".into(),
+            event_type: EventType::View,
+            product_id: Some("p1".into()),
+            query: None,
+            ts: 1,
+            recommendation_id: None,
+        }
+    }
+
+    #[test]
+    fn rejects_search_without_query_and_view_without_product() {
+        let mut e = view();
+        e.product_id = None;
+        assert_eq!(e.validate(), Err(InvalidEvent::NeedsProduct("view")));
+        e.event_type = EventType::Search;
+        assert_eq!(e.validate(), Err(InvalidEvent::NeedsQuery));
+        e.query = Some("shoes".into());
+        assert_eq!(e.validate(), Ok(()));
+    }
+
+    #[test]
+    fn rejects_overlong_ids_and_bad_times() {
+        let mut e = view();
+        e.user_id = "x".repeat(MAX_ID_LEN + 1);
+        assert!(matches!(
+            e.validate(),
+            Err(InvalidEvent::BadLength { field: "user_id", .. })
+        ));
+        let mut e = view();
+        e.ts = -5;
+        assert_eq!(e.validate(), Err(InvalidEvent::BadTimestamp(-5)));
+    }
+
+    #[test]
+    fn from_json_names_the_problem() {
+        let err = Event::from_json(br#"{"event_id":"e","type":"view","product_id":"p","ts":1}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("user_id"), "{err}");
+        let err = Event::from_json(b"\xff\xfe").unwrap_err();
+        assert!(matches!(err, InvalidEvent::Malformed(_)));
+        let err = Event::from_json(
+            br#"{"event_id":"e","user_id":"u","type":"teleport","product_id":"p","ts":1}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("teleport"), "{err}");
+    }
+}

@@ -1,0 +1,497 @@
+//! The consume → process → produce → commit loop that every pipeline service runs.
+//!
+//! A service implements [`Processor`]; [`run`] owns the consumer group and the producer:
+//! - records are read in batches; each is decoded, and one that cannot be decoded or
+//!   processed goes to the dead-letter topic (original bytes, reason in headers) while
+//!   the rest of the batch goes on;
+//! - outputs are produced keyed by user, and offsets are committed only after every
+//!   output (and dead letter) of the batch is acknowledged by the broker, so a crash
+//!   at any point replays records rather than losing them (at-least-once; processors
+//!   make replays harmless);
+//! - a batch-level failure (e.g. the store is down) is retried with backoff, without
+//!   committing, until it succeeds or shutdown is requested;
+//! - on shutdown the batch in hand is finished and committed, then the loop returns.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::events::now_ms;
+use crate::settings::KafkaSettings;
+
+/// Where a record came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMeta {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+}
+
+/// A decoded record and where it came from.
+#[derive(Debug)]
+pub struct Decoded<T> {
+    pub meta: RecordMeta,
+    pub input: T,
+}
+
+/// A record to produce.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub topic: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+    /// Explicit partition; `None` lets the partitioner hash the key.
+    pub partition: Option<i32>,
+}
+
+/// What became of one input record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Processed; produce these (possibly none).
+    Emit(Vec<Output>),
+    /// Cannot be processed, ever: dead-letter it with this reason.
+    Reject(String),
+}
+
+/// A failure of a whole batch that may pass (store down, broker slow): retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RetryableError(pub String);
+
+#[async_trait]
+pub trait Processor: Send {
+    type Input: Send;
+
+    /// Names the consumer group (`<prefix>-<name>`) and the dead-letter headers.
+    fn name(&self) -> &str;
+
+    /// Topics to consume.
+    fn topics(&self) -> Vec<String>;
+
+    /// Turns one record's bytes into an input, or says why it cannot.
+    fn decode(&self, meta: &RecordMeta, payload: &[u8]) -> Result<Self::Input, String>;
+
+    /// Processes a batch; returns one outcome per input, in order.
+    async fn process(
+        &mut self,
+        batch: Vec<Decoded<Self::Input>>,
+    ) -> Result<Vec<Outcome>, RetryableError>;
+
+    /// Called before the first record of a partition is processed after an assignment,
+    /// so a processor can restore the state that belongs to that partition.
+    async fn prepare_partition(
+        &mut self,
+        _topic: &str,
+        _partition: i32,
+    ) -> Result<(), RetryableError> {
+        Ok(())
+    }
+
+    /// Called between batches and when idle: outputs not tied to input records.
+    fn tick(&mut self) -> Vec<Output> {
+        Vec::new()
+    }
+}
+
+/// Counters of one run, returned when it ends.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RunStats {
+    pub batches: u64,
+    pub records: u64,
+    pub dead_lettered: u64,
+    pub produced: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameworkError {
+    #[error("Kafka client error: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("could not deliver {failed} output record(s) to Kafka ({first}); offsets were not committed, so the batch is replayed on restart")]
+    Delivery { failed: usize, first: String },
+}
+
+/// Header names of dead-letter records (see schemas/dead-letter.md).
+pub mod dlq_headers {
+    pub const REASON: &str = "recpipe.dlq.reason";
+    pub const SERVICE: &str = "recpipe.dlq.service";
+    pub const TOPIC: &str = "recpipe.dlq.topic";
+    pub const PARTITION: &str = "recpipe.dlq.partition";
+    pub const OFFSET: &str = "recpipe.dlq.offset";
+    pub const FAILED_AT: &str = "recpipe.dlq.failed_at";
+}
+
+/// Notes rebalances so the loop knows partitions may have moved.
+struct RebalanceContext {
+    rebalanced: Arc<AtomicBool>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+        self.rebalanced.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Runs `processor` until `shutdown` is cancelled.
+pub async fn run<P: Processor>(
+    settings: &KafkaSettings,
+    mut processor: P,
+    shutdown: CancellationToken,
+) -> Result<RunStats, FrameworkError> {
+    let service = processor.name().to_string();
+    let rebalanced = Arc::new(AtomicBool::new(true));
+    let consumer: StreamConsumer<RebalanceContext> = super::client_config(settings)
+        .set("group.id", format!("{}-{}", settings.group_prefix, service))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("fetch.wait.max.ms", "10")
+        .create_with_context(RebalanceContext {
+            rebalanced: rebalanced.clone(),
+        })?;
+    let topics = processor.topics();
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topic_refs)?;
+    let producer = super::producer(settings)?;
+    tracing::info!(service, ?topics, "consuming");
+
+    let mut stats = RunStats::default();
+    let mut prepared: HashSet<(String, i32)> = HashSet::new();
+    let idle = Duration::from_millis(200);
+
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = consumer.recv() => received,
+            _ = tokio::time::sleep(idle) => {
+                let outputs = processor.tick().into_iter().map(Outgoing::from).collect();
+                stats.produced += deliver(&producer, outputs).await?;
+                continue;
+            }
+        };
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        match first {
+            Ok(m) => batch.push(m.detach()),
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        }
+        // Take what is already buffered, without waiting, up to the batch limit.
+        while batch.len() < settings.batch_max {
+            match consumer.recv().now_or_never() {
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                None => break,
+            }
+        }
+
+        if rebalanced.swap(false, Ordering::SeqCst) {
+            prepared.clear();
+        }
+        for m in &batch {
+            let key = (m.topic().to_string(), m.partition());
+            if prepared.contains(&key) {
+                continue;
+            }
+            let mut backoff = Backoff::new();
+            while let Err(e) = processor.prepare_partition(&key.0, key.1).await {
+                if !backoff.wait(&shutdown, "restoring partition state", &e).await {
+                    // Not prepared: leave the batch uncommitted for the next owner.
+                    return finish(&consumer, &producer, stats);
+                }
+            }
+            prepared.insert(key);
+        }
+
+        let (outputs, dead, processed_all) =
+            handle_batch(&mut processor, &service, &settings.topics.dead_letters, &batch, &shutdown)
+                .await;
+        if !processed_all {
+            // Shutdown during retries: nothing of this batch is committed.
+            return finish(&consumer, &producer, stats);
+        }
+        stats.dead_lettered += dead.len() as u64;
+        let mut all = outputs;
+        all.extend(dead);
+        all.extend(processor.tick().into_iter().map(Outgoing::from));
+        stats.produced += deliver(&producer, all).await?;
+
+        commit(&consumer, &batch);
+        stats.batches += 1;
+        stats.records += batch.len() as u64;
+    }
+    finish(&consumer, &producer, stats)
+}
+
+fn finish<C: Consumer<RebalanceContext>>(
+    consumer: &C,
+    producer: &FutureProducer,
+    stats: RunStats,
+) -> Result<RunStats, FrameworkError> {
+    use rdkafka::producer::Producer;
+    producer.flush(Duration::from_secs(10))?;
+    consumer.unsubscribe();
+    tracing::info!(?stats, "stopped");
+    Ok(stats)
+}
+
+/// Exponential backoff between retries of a failed step.
+struct Backoff {
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            delay: Duration::from_millis(100),
+        }
+    }
+
+    /// Logs the failure and waits; false when shutdown was requested meanwhile.
+    async fn wait(&mut self, shutdown: &CancellationToken, what: &str, error: &RetryableError) -> bool {
+        tracing::warn!(%error, retry_in_ms = self.delay.as_millis() as u64, "{what} failed; retrying");
+        let go_on = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(self.delay) => true,
+        };
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        go_on
+    }
+}
+
+/// Decodes and processes a batch. Returns the outputs, the dead letters, and whether
+/// the batch was processed (false only when shutdown interrupted a retry).
+async fn handle_batch<P: Processor>(
+    processor: &mut P,
+    service: &str,
+    dead_letter_topic: &str,
+    batch: &[OwnedMessage],
+    shutdown: &CancellationToken,
+) -> (Vec<Outgoing>, Vec<Outgoing>, bool) {
+    let mut dead = Vec::new();
+    let mut decoded_positions = Vec::new();
+    let mut decoded_metas = Vec::new();
+    let mut inputs = Vec::new();
+    for (i, m) in batch.iter().enumerate() {
+        let meta = RecordMeta {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+        };
+        let Some(payload) = m.payload() else {
+            dead.push(dead_letter(service, dead_letter_topic, m, "record has no value"));
+            continue;
+        };
+        match processor.decode(&meta, payload) {
+            Ok(input) => {
+                decoded_positions.push(i);
+                decoded_metas.push(meta.clone());
+                inputs.push(Decoded { meta, input });
+            }
+            Err(reason) => dead.push(dead_letter(service, dead_letter_topic, m, &reason)),
+        }
+    }
+    if inputs.is_empty() {
+        return (Vec::new(), dead, true);
+    }
+
+    let mut backoff = Backoff::new();
+    let outcomes = loop {
+        match processor.process(inputs).await {
+            Ok(outcomes) => break outcomes,
+            Err(e) => {
+                if !backoff.wait(shutdown, "processing batch", &e).await {
+                    return (Vec::new(), dead, false);
+                }
+            }
+        }
+        // `process` consumed the batch: decode it again for the retry.
+        inputs = decoded_positions
+            .iter()
+            .zip(&decoded_metas)
+            .filter_map(|(&i, meta)| {
+                let input = processor.decode(meta, batch[i].payload()?).ok()?;
+                Some(Decoded {
+                    meta: meta.clone(),
+                    input,
+                })
+            })
+            .collect();
+    };
+
+    assert_eq!(
+        outcomes.len(),
+        decoded_positions.len(),
+        "{service}: Processor::process must return one outcome per input"
+    );
+    let mut outputs = Vec::new();
+    for (outcome, &i) in outcomes.into_iter().zip(&decoded_positions) {
+        match outcome {
+            Outcome::Emit(o) => outputs.extend(o.into_iter().map(Outgoing::from)),
+            Outcome::Reject(reason) => {
+                dead.push(dead_letter(service, dead_letter_topic, &batch[i], &reason))
+            }
+        }
+    }
+    (outputs, dead, true)
+}
+
+/// A record ready for the producer: either a processor's output or a dead letter.
+struct Outgoing {
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    partition: Option<i32>,
+    headers: Option<OwnedHeaders>,
+}
+
+impl From<Output> for Outgoing {
+    fn from(o: Output) -> Self {
+        Outgoing {
+            topic: o.topic,
+            key: Some(o.key.into_bytes()),
+            payload: o.payload,
+            partition: o.partition,
+            headers: None,
+        }
+    }
+}
+
+/// The dead-letter record of `m`: its key and value unchanged, what went wrong in headers.
+fn dead_letter(service: &str, dead_letter_topic: &str, m: &OwnedMessage, reason: &str) -> Outgoing {
+    tracing::warn!(
+        topic = m.topic(),
+        partition = m.partition(),
+        offset = m.offset(),
+        reason,
+        "dead-lettering record"
+    );
+    let partition = m.partition().to_string();
+    let offset = m.offset().to_string();
+    let failed_at = now_ms().to_string();
+    let headers = [
+        (dlq_headers::REASON, reason),
+        (dlq_headers::SERVICE, service),
+        (dlq_headers::TOPIC, m.topic()),
+        (dlq_headers::PARTITION, partition.as_str()),
+        (dlq_headers::OFFSET, offset.as_str()),
+        (dlq_headers::FAILED_AT, failed_at.as_str()),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(Header {
+            key,
+            value: Some(value),
+        })
+    });
+    Outgoing {
+        topic: dead_letter_topic.to_string(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        partition: None,
+        headers: Some(headers),
+    }
+}
+
+/// Produces `records` and waits until the broker has acknowledged every one.
+async fn deliver(
+    producer: &FutureProducer,
+    records: Vec<Outgoing>,
+) -> Result<u64, FrameworkError> {
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let count = records.len() as u64;
+    let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(records.len());
+    for r in &records {
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&r.topic).payload(r.payload.as_slice());
+        if let Some(k) = &r.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(p) = r.partition {
+            record = record.partition(p);
+        }
+        if let Some(h) = &r.headers {
+            record = record.headers(h.clone());
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The local queue is full: let deliveries drain, then try again.
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(FrameworkError::Delivery {
+                        failed: records.len(),
+                        first: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+    let mut failed = 0;
+    let mut first = String::new();
+    for result in futures::future::join_all(pending).await {
+        let error = match result {
+            Ok(Ok(_)) => continue,
+            Ok(Err((e, _))) => e.to_string(),
+            Err(_) => "producer dropped the delivery".to_string(),
+        };
+        if failed == 0 {
+            first = error;
+        }
+        failed += 1;
+    }
+    if failed > 0 {
+        return Err(FrameworkError::Delivery { failed, first });
+    }
+    Ok(count)
+}
+
+fn commit<C: Consumer<RebalanceContext>>(consumer: &C, batch: &[OwnedMessage]) {
+    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for m in batch {
+        let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in &next {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            tracing::warn!(error = %e, topic, partition, "bad offset for commit");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+        // Typically a rebalance took the partitions: the next owner replays from the
+        // last commit, which processors make harmless.
+        tracing::warn!(error = %e, "offset commit failed; records will be replayed");
+    }
+}

@@ -1,0 +1,63 @@
+//! Kafka plumbing shared by every service: client settings, topic creation, and the
+//! consume → process → produce → commit framework in [`framework`].
+
+pub mod framework;
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::settings::KafkaSettings;
+
+/// Settings every client gets: the brokers and the pass-through properties (SASL, TLS...).
+pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    for (key, value) in &settings.client {
+        config.set(key, value);
+    }
+    config
+}
+
+/// An idempotent producer that partitions by key like the Java client does, so other
+/// producers that key by user id put a user's events on the same partition.
+pub fn producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
+    client_config(settings)
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "2")
+        .set("message.timeout.ms", settings.delivery_timeout_ms.to_string())
+        .create()
+}
+
+/// Creates the topics that are missing (existing ones are left alone).
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(settings).create()?;
+    let new_topics: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(topic) => tracing::info!(topic, partitions, "topic created"),
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::debug!(topic, "topic exists")
+            }
+            Err((topic, code)) => {
+                tracing::error!(topic, %code, "topic creation failed");
+                return Err(KafkaError::AdminOp(code));
+            }
+        }
+    }
+    Ok(())
+}

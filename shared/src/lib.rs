@@ -1,0 +1,29 @@
+//! recpipe's common crate: the records, the Kafka framework, the catalog, the model code
+//! that the services and tools share, the store, configuration and telemetry.
+
+pub mod catalog;
+pub mod events;
+pub mod kafka;
+pub mod model;
+pub mod schema;
+pub mod settings;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+/// The crate-level error for callers that do not care which part failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    #[error(transparent)]
+    Catalog(#[from] catalog::CatalogError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Framework(#[from] kafka::framework::FrameworkError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}

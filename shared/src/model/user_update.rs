@@ -1,0 +1,242 @@
+//! How an event moves a user's vector.
+//!
+//! The vector is a time-decayed sum: `v(T) = Σ wᵢ · exp(-(T - tᵢ)/τ) · eᵢ`, valued at the
+//! latest event time `T` seen (`anchor_ts`), where `eᵢ` is the touched product's unit
+//! embedding (for a search, the mean of the matching products' embeddings) and `wᵢ` the
+//! weight of the event type. Decay runs on *event* time, so the result does not depend on
+//! when events are processed, and a late event adds in with its own, older, weight: the
+//! same set of events gives the same vector whatever their arrival order (up to float
+//! rounding).
+
+use std::sync::Arc;
+
+use ndarray::Array1;
+
+use crate::catalog::Catalog;
+use crate::events::{Event, EventType, LastEvent, SourcePosition, UserVectorRecord};
+use crate::settings::ModelSettings;
+
+/// Products a search event moves the user toward, at most.
+const SEARCH_MATCHES: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpdateError {
+    #[error("unknown product {0:?}: it is not in the catalog")]
+    UnknownProduct(String),
+}
+
+pub struct UserModel {
+    catalog: Arc<Catalog>,
+    settings: ModelSettings,
+    tau_ms: f64,
+}
+
+impl UserModel {
+    pub fn new(catalog: Arc<Catalog>, settings: ModelSettings) -> Self {
+        let tau_ms = super::decay_tau_ms(settings.half_life_hours);
+        UserModel {
+            catalog,
+            settings,
+            tau_ms,
+        }
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The direction an event pulls toward (unit length), or None for a search that
+    /// matched nothing.
+    fn direction(&self, event: &Event) -> Result<Option<Array1<f32>>, UpdateError> {
+        if event.event_type == EventType::Search {
+            let query = event.query.as_deref().unwrap_or_default();
+            let hits = self.catalog.search(query, SEARCH_MATCHES);
+            if hits.is_empty() {
+                return Ok(None);
+            }
+            let mut v = Array1::<f32>::zeros(self.catalog.dim());
+            for i in hits {
+                v += &self.catalog.embedding(i);
+            }
+            let n = v.dot(&v).sqrt();
+            return Ok((n > 0.0).then(|| v / n));
+        }
+        let id = event.product_id.as_deref().unwrap_or_default();
+        let i = self
+            .catalog
+            .index_of(id)
+            .ok_or_else(|| UpdateError::UnknownProduct(id.to_string()))?;
+        Ok(Some(self.catalog.embedding(i).to_owned()))
+    }
+
+    /// The user's state after `event`, given the state before it (None for a new user).
+    pub fn apply(
+        &self,
+        before: Option<&UserVectorRecord>,
+        event: &Event,
+        source: SourcePosition,
+        now_ms: i64,
+    ) -> Result<UserVectorRecord, UpdateError> {
+        let direction = self.direction(event)?;
+        let dim = self.catalog.dim();
+        let (mut vector, mut anchor, version, mut recent, mut purchased) = match before {
+            // A state of another dimension (the model changed) restarts from zero.
+            Some(b) if b.vector.len() == dim => (
+                Array1::from_vec(b.vector.clone()),
+                b.anchor_ts,
+                b.version,
+                b.recent_products.clone(),
+                b.purchased.clone(),
+            ),
+            Some(b) => (
+                Array1::zeros(dim),
+                b.anchor_ts,
+                b.version,
+                b.recent_products.clone(),
+                b.purchased.clone(),
+            ),
+            None => (Array1::zeros(dim), event.ts, 0, Vec::new(), Vec::new()),
+        };
+        if let Some(d) = direction {
+            let w = self.settings.weights.of(event.event_type);
+            if event.ts >= anchor {
+                let decay = (-((event.ts - anchor) as f64) / self.tau_ms).exp() as f32;
+                vector *= decay;
+                vector.scaled_add(w, &d);
+                anchor = event.ts;
+            } else {
+                let decay = (-((anchor - event.ts) as f64) / self.tau_ms).exp() as f32;
+                vector.scaled_add(w * decay, &d);
+            }
+        } else {
+            anchor = anchor.max(event.ts);
+        }
+        if let Some(p) = &event.product_id {
+            push_front_bounded(&mut recent, p, self.settings.recent_limit);
+            if event.event_type == EventType::Purchase {
+                push_front_bounded(&mut purchased, p, self.settings.purchased_limit);
+            }
+        }
+        Ok(UserVectorRecord {
+            user_id: event.user_id.clone(),
+            vector: vector.to_vec(),
+            anchor_ts: anchor,
+            version: version + 1,
+            recent_products: recent,
+            purchased,
+            last_event: LastEvent {
+                event_id: event.event_id.clone(),
+                event_type: event.event_type,
+                product_id: event.product_id.clone(),
+                ts: event.ts,
+            },
+            source,
+            updated_at: now_ms,
+        })
+    }
+}
+
+/// Moves `item` to the front of `list` (no duplicates), keeping at most `limit`.
+fn push_front_bounded(list: &mut Vec<String>, item: &str, limit: usize) {
+    list.retain(|x| x != item);
+    list.insert(0, item.to_string());
+    list.truncate(limit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{generate, SyntheticCatalog};
+
+    fn model() -> UserModel {
+        let catalog = Arc::new(generate(SyntheticCatalog { products: 200, dim: 8, ..Default::default() }));
+        UserModel::new(catalog, ModelSettings::default())
+    }
+
+    fn event(id: &str, t: EventType, product: &str, ts: i64) -> Event {
+        Event {
+            event_id: id.into(),
+            user_id: "u".into(),
+            event_type: t,
+            product_id: Some(product.into()),
+            query: None,
+            ts,
+            recommendation_id: None,
+        }
+    }
+
+    fn pos(offset: i64) -> SourcePosition {
+        SourcePosition { partition: 0, offset }
+    }
+
+    fn run(m: &UserModel, events: &[Event]) -> UserVectorRecord {
+        let mut state: Option<UserVectorRecord> = None;
+        for (i, e) in events.iter().enumerate() {
+            state = Some(m.apply(state.as_ref(), e, pos(i as i64), 0).unwrap());
+        }
+        state.unwrap()
+    }
+
+    #[test]
+    fn same_events_give_the_same_vector_in_any_order() {
+        let m = model();
+        let hour = 3_600_000;
+        let events = vec![
+            event("a", EventType::View, "p-00001", 0),
+            event("b", EventType::Purchase, "p-00002", 5 * hour),
+            event("c", EventType::Click, "p-00003", 30 * hour),
+        ];
+        let forward = run(&m, &events);
+        let reversed: Vec<Event> = events.iter().rev().cloned().collect();
+        let backward = run(&m, &reversed);
+        assert_eq!(forward.anchor_ts, 30 * hour);
+        assert_eq!(backward.anchor_ts, 30 * hour);
+        for (x, y) in forward.vector.iter().zip(&backward.vector) {
+            assert!((x - y).abs() < 1e-5, "{:?} vs {:?}", forward.vector, backward.vector);
+        }
+        assert_eq!(forward, run(&m, &events), "not deterministic");
+    }
+
+    #[test]
+    fn weights_and_decay_follow_event_time() {
+        let m = model();
+        let week = 7 * 24 * 3_600_000;
+        let e1 = m.catalog().embedding(1).to_owned();
+        let s = run(&m, &[event("a", EventType::Purchase, "p-00001", 0)]);
+        assert!((Array1::from_vec(s.vector.clone()) - &e1 * 6.0).iter().all(|d| d.abs() < 1e-5));
+        // One half-life later a view of the same product: 6/2 + 1.
+        let s2 = m.apply(Some(&s), &event("b", EventType::View, "p-00001", week), pos(1), 0).unwrap();
+        let expected = &e1 * 4.0;
+        assert!((Array1::from_vec(s2.vector) - expected).iter().all(|d| d.abs() < 1e-4));
+        assert_eq!(s2.version, 2);
+    }
+
+    #[test]
+    fn history_is_bounded_and_purchases_kept() {
+        let m = UserModel::new(model().catalog().clone(), ModelSettings { recent_limit: 3, ..Default::default() });
+        let events: Vec<Event> = (0..6)
+            .map(|i| event(&format!("e{i}"), if i == 1 { EventType::Purchase } else { EventType::View }, &format!("p-{:05}", i), i))
+            .collect();
+        let s = run(&m, &events);
+        assert_eq!(s.recent_products, vec!["p-00005", "p-00004", "p-00003"]);
+        assert_eq!(s.purchased, vec!["p-00001"]);
+    }
+
+    #[test]
+    fn unknown_product_is_an_error_and_search_moves_toward_matches() {
+        let m = model();
+        let err = m.apply(None, &event("a", EventType::View, "nope", 0), pos(0), 0).unwrap_err();
+        assert_eq!(err, UpdateError::UnknownProduct("nope".into()));
+        let mut search = event("s", EventType::Search, "x", 0);
+        search.product_id = None;
+        search.query = Some("coffee".into());
+        let s = m.apply(None, &search, pos(0), 0).unwrap();
+        let v = Array1::from_vec(s.vector);
+        let coffee = m.catalog().products().iter().position(|p| p.category == "coffee").unwrap();
+        let garden = m.catalog().products().iter().position(|p| p.category == "garden").unwrap();
+        assert!(v.dot(&m.catalog().embedding(coffee)) > v.dot(&m.catalog().embedding(garden)));
+        search.query = Some("zzz".into());
+        let s = m.apply(None, &search, pos(0), 0).unwrap();
+        assert!(s.vector.iter().all(|&x| x == 0.0));
+    }
+}

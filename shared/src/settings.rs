@@ -1,0 +1,335 @@
+//! Configuration: `configuration/base.yaml`, then `configuration/<service>.yaml` if present,
+//! then `RECPIPE_...` environment variables (`RECPIPE_KAFKA__BROKERS=host:9092` sets
+//! `kafka.brokers`). Every field has a default, so a partial file is fine.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::events::EventType;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub store: StoreSettings,
+    pub catalog: CatalogSettings,
+    pub model: ModelSettings,
+    pub api: ApiSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            kafka: KafkaSettings::default(),
+            store: StoreSettings::default(),
+            catalog: CatalogSettings::default(),
+            model: ModelSettings::default(),
+            api: ApiSettings::default(),
+            telemetry: TelemetrySettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer groups are `<group_prefix>-<service>`.
+    pub group_prefix: String,
+    /// Partitions of each topic when `recpipe-admin topics create` makes them.
+    pub partitions: i32,
+    pub topics: Topics,
+    /// Most records handled as one batch (one commit per batch).
+    pub batch_max: usize,
+    /// How long a produced record may wait for delivery before the batch fails.
+    pub delivery_timeout_ms: u64,
+    /// Extra librdkafka properties for every client (e.g. `security.protocol`, `sasl.*`).
+    pub client: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:19092".into(),
+            group_prefix: "recpipe".into(),
+            partitions: 4,
+            topics: Topics::default(),
+            batch_max: 500,
+            delivery_timeout_ms: 30_000,
+            client: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topics {
+    pub events: String,
+    pub user_vectors: String,
+    pub recommendations: String,
+    pub dead_letters: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            events: "events".into(),
+            user_vectors: "user-vectors".into(),
+            recommendations: "recommendations".into(),
+            dead_letters: "dead-letters".into(),
+        }
+    }
+}
+
+impl Topics {
+    pub fn all(&self) -> [&str; 4] {
+        [
+            &self.events,
+            &self.user_vectors,
+            &self.recommendations,
+            &self.dead_letters,
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `sqlite://<path>` (embedded, the default) or `scylla://host:9042/keyspace`.
+    pub url: String,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://.run/recpipe.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CatalogSettings {
+    /// Directory with `products.jsonl` and `embeddings.npy`.
+    pub dir: PathBuf,
+}
+
+impl Default for CatalogSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(".run/catalog"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventWeights {
+    pub view: f32,
+    pub click: f32,
+    pub add_to_cart: f32,
+    pub purchase: f32,
+    pub search: f32,
+}
+
+impl Default for EventWeights {
+    fn default() -> Self {
+        Self {
+            view: 1.0,
+            click: 2.0,
+            add_to_cart: 4.0,
+            purchase: 6.0,
+            search: 1.5,
+        }
+    }
+}
+
+impl EventWeights {
+    pub fn of(&self, t: EventType) -> f32 {
+        match t {
+            EventType::View => self.view,
+            EventType::Click => self.click,
+            EventType::AddToCart => self.add_to_cart,
+            EventType::Purchase => self.purchase,
+            EventType::Search => self.search,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HnswSettings {
+    pub max_connections: usize,
+    pub ef_construction: usize,
+    pub ef_search: usize,
+    /// Catalogs up to this size are searched exactly instead (faster, and exact).
+    pub exact_below: usize,
+}
+
+impl Default for HnswSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            ef_construction: 200,
+            ef_search: 64,
+            exact_below: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Written into every recommendation list.
+    pub version: String,
+    pub weights: EventWeights,
+    /// A user's past interest halves every this many hours of event time.
+    pub half_life_hours: f64,
+    /// Products kept in a user's recent history (excluded from their lists).
+    pub recent_limit: usize,
+    /// Purchases kept per user (excluded from their lists).
+    pub purchased_limit: usize,
+    /// Products in a recommendation list.
+    pub list_len: usize,
+    pub hnsw: HnswSettings,
+    /// Popularity counts halve every this many hours of event time.
+    pub popularity_half_life_hours: f64,
+    /// How often gen-recommendations publishes the popularity list.
+    pub popularity_publish_ms: u64,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            version: "synthetic-v1".into(),
+            weights: EventWeights::default(),
+            half_life_hours: 24.0 * 7.0,
+            recent_limit: 50,
+            purchased_limit: 100,
+            list_len: 20,
+            hnsw: HnswSettings::default(),
+            popularity_half_life_hours: 24.0,
+            popularity_publish_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    pub host: String,
+    pub port: u16,
+    pub max_body_bytes: usize,
+    /// Most events in one `POST /v1/events`.
+    pub max_batch: usize,
+    /// Largest `k` a GET may ask for.
+    pub max_k: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 1 << 20,
+            max_batch: 1000,
+            max_k: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `RUST_LOG`-style filter, used when `RUST_LOG` is unset.
+    pub level: String,
+    /// JSON lines instead of human-readable logs.
+    pub json: bool,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            json: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration error: {0} (files are read from {1:?}; set RECPIPE_CONFIG_DIR to use another directory)")]
+    Load(config::ConfigError, PathBuf),
+}
+
+impl Settings {
+    /// The directory holding `base.yaml`: `$RECPIPE_CONFIG_DIR`, else `./configuration`.
+    pub fn config_dir() -> PathBuf {
+        std::env::var_os("RECPIPE_CONFIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("configuration"))
+    }
+
+    /// Loads `base.yaml` and `<service>.yaml` from `dir` (each optional), then the environment.
+    pub fn load_from(dir: &Path, service: &str) -> Result<Settings, SettingsError> {
+        let env = config::Environment::with_prefix("RECPIPE")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true);
+        config::Config::builder()
+            .add_source(config::File::from(dir.join("base.yaml")).required(false))
+            .add_source(config::File::from(dir.join(format!("{service}.yaml"))).required(false))
+            .add_source(env)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| SettingsError::Load(e, dir.to_path_buf()))
+    }
+
+    pub fn load(service: &str) -> Result<Settings, SettingsError> {
+        Self::load_from(&Self::config_dir(), service)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_then_env_override() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("base.yaml"),
+            "kafka:\n  brokers: filehost:9092\n  partitions: 8\napi:\n  port: 9000\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("query-api.yaml"), "api:\n  port: 9100\n").unwrap();
+        // The only test in this crate that sets RECPIPE_ variables, so no other test races it.
+        std::env::set_var("RECPIPE_KAFKA__BROKERS", "envhost:9092");
+        let s = Settings::load_from(dir.path(), "query-api").unwrap();
+        std::env::remove_var("RECPIPE_KAFKA__BROKERS");
+        assert_eq!(s.kafka.brokers, "envhost:9092");
+        assert_eq!(s.kafka.partitions, 8);
+        assert_eq!(s.api.port, 9100);
+        assert_eq!(s.model, ModelSettings::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error_that_names_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.yaml"), "kafka:\n  brokrs: x\n").unwrap();
+        let err = Settings::load_from(dir.path(), "x").unwrap_err().to_string();
+        assert!(err.contains("brokrs"), "{err}");
+    }
+
+    #[test]
+    fn shipped_configuration_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
+        for service in ["update-embeddings", "gen-recommendations", "save-worker", "query-api"] {
+            Settings::load_from(&dir, service).unwrap();
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Where recommendations, events and user state are kept. One trait, chosen by URL:
+//! `sqlite://<path>` is the embedded default (several processes may use the same file:
+//! the save-worker writes while the query-api reads); the ScyllaDB backend plugs in
+//! behind the same trait.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::events::{Event, RecommendationRecord, UserVectorRecord};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported store URL {0:?}: use sqlite://<path> (embedded) or scylla://<host>:<port>/<keyspace>")]
+    UnsupportedUrl(String),
+    #[error("the scylla backend is not built into this binary yet; use sqlite://<path>")]
+    ScyllaUnavailable,
+    #[error("cannot open the store at {location}: {message}")]
+    Open { location: String, message: String },
+    #[error("store query failed: {0}")]
+    Query(String),
+    #[error("a stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// What the save-worker writes in one go. Every write is idempotent: replaying a batch
+/// leaves the store as it was.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct WriteBatch {
+    pub events: Vec<Event>,
+    pub user_states: Vec<UserVectorRecord>,
+    pub recommendations: Vec<RecommendationRecord>,
+}
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.user_states.is_empty() && self.recommendations.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len() + self.user_states.len() + self.recommendations.len()
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Writes a batch atomically where the backend can.
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
+    /// The newest list for a user (highest user-state version, then newest).
+    async fn latest_recommendations(&self, user_id: &str) -> Result<Option<RecommendationRecord>, StoreError>;
+    /// A user's events, newest event time first.
+    async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
+    async fn user_state(&self, user_id: &str) -> Result<Option<UserVectorRecord>, StoreError>;
+    /// Succeeds when the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a URL names.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = std::path::PathBuf::from(path);
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+            .await
+            .map_err(|e| StoreError::Open {
+                location: url.to_string(),
+                message: e.to_string(),
+            })??;
+        return Ok(Arc::new(store));
+    }
+    if url.starts_with("scylla://") {
+        return Err(StoreError::ScyllaUnavailable);
+    }
+    Err(StoreError::UnsupportedUrl(url.to_string()))
+}
+
+/// One behavioural suite for every backend, so each is held to the same promises.
+#[cfg(any(test, feature = "testkit"))]
+pub mod suite {
+    use super::*;
+    use crate::events::{EventType, Fallback, LastEvent, ScoredProduct, SourcePosition};
+
+    fn event(user: &str, id: &str, ts: i64) -> Event {
+        Event {
+            event_id: id.into(),
+            user_id: user.into(),
+            event_type: EventType::View,
+            product_id: Some("p-1".into()),
+            query: None,
+            ts,
+            recommendation_id: None,
+        }
+    }
+
+    fn state(user: &str, version: u64) -> UserVectorRecord {
+        UserVectorRecord {
+            user_id: user.into(),
+            vector: vec![version as f32, 0.5],
+            anchor_ts: version as i64,
+            version,
+            recent_products: vec!["p-1".into()],
+            purchased: vec![],
+            last_event: LastEvent { event_id: format!("e{version}"), event_type: EventType::View, product_id: Some("p-1".into()), ts: 1 },
+            source: SourcePosition { partition: 0, offset: version as i64 },
+            updated_at: 1,
+        }
+    }
+
+    fn list(user: &str, version: u64, generated_at: i64) -> RecommendationRecord {
+        RecommendationRecord {
+            recommendation_id: crate::model::recommendation_id(user, version, "v1"),
+            user_id: user.into(),
+            model_version: "v1".into(),
+            fallback: None,
+            items: vec![ScoredProduct { product_id: format!("p-{version}"), score: 0.5 }],
+            user_version: version,
+            source_event_id: Some(format!("e{version}")),
+            source_event_ts: Some(1),
+            generated_at,
+        }
+    }
+
+    /// Runs every check against `store`, which must be empty.
+    pub async fn run_all(store: &dyn Store) {
+        store.ping().await.unwrap();
+        assert_eq!(store.latest_recommendations("nobody").await.unwrap(), None);
+        assert_eq!(store.user_state("nobody").await.unwrap(), None);
+        assert!(store.user_events("nobody", 10).await.unwrap().is_empty());
+
+        // Events: newest first, a replayed event stored once, users kept apart.
+        let batch = WriteBatch {
+            events: vec![event("a", "e1", 10), event("a", "e2", 30), event("a", "e3", 20), event("b", "e1", 5)],
+            ..Default::default()
+        };
+        store.write(batch.clone()).await.unwrap();
+        store.write(batch).await.unwrap();
+        let ids: Vec<String> = store.user_events("a", 10).await.unwrap().into_iter().map(|e| e.event_id).collect();
+        assert_eq!(ids, vec!["e2", "e3", "e1"]);
+        assert_eq!(store.user_events("a", 2).await.unwrap().len(), 2);
+        assert_eq!(store.user_events("b", 10).await.unwrap(), vec![event("b", "e1", 5)]);
+
+        // User state: a replayed older version never overwrites a newer one.
+        store.write(WriteBatch { user_states: vec![state("a", 2)], ..Default::default() }).await.unwrap();
+        store.write(WriteBatch { user_states: vec![state("a", 1)], ..Default::default() }).await.unwrap();
+        assert_eq!(store.user_state("a").await.unwrap(), Some(state("a", 2)));
+        store.write(WriteBatch { user_states: vec![state("a", 3)], ..Default::default() }).await.unwrap();
+        assert_eq!(store.user_state("a").await.unwrap(), Some(state("a", 3)));
+
+        // Recommendations: the newest user version wins, whatever the write order, and a
+        // replay changes nothing.
+        let (l1, l2) = (list("a", 1, 100), list("a", 2, 50));
+        store.write(WriteBatch { recommendations: vec![l2.clone(), l1.clone()], ..Default::default() }).await.unwrap();
+        store.write(WriteBatch { recommendations: vec![l1.clone()], ..Default::default() }).await.unwrap();
+        assert_eq!(store.latest_recommendations("a").await.unwrap(), Some(l2.clone()));
+        // Lists of no user version (popularity) go by generation time.
+        let mut p1 = list(crate::events::POPULAR_USER_ID, 0, 10);
+        p1.fallback = Some(Fallback::Popularity);
+        let mut p2 = p1.clone();
+        p2.recommendation_id = "pop-2".into();
+        p2.generated_at = 20;
+        store.write(WriteBatch { recommendations: vec![p2.clone(), p1], ..Default::default() }).await.unwrap();
+        assert_eq!(store.latest_recommendations(crate::events::POPULAR_USER_ID).await.unwrap(), Some(p2));
+        assert_eq!(store.latest_recommendations("b").await.unwrap(), None);
+    }
+}

@@ -1,0 +1,231 @@
+//! The embedded store: one SQLite file in WAL mode, so one process writes while others
+//! read. Calls run on tokio's blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Store, StoreError, WriteBatch};
+use crate::events::{Event, RecommendationRecord, UserVectorRecord};
+
+const SCHEMA_V1: &str = include_str!("../../../schemas/sqlite/V1__init.sql");
+const SCHEMA_VERSION: i64 = 1;
+/// Read connections; GETs take whichever is free.
+const READERS: usize = 4;
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<Vec<Mutex<Connection>>>,
+    next_reader: AtomicUsize,
+}
+
+fn query_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Query(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies the schema.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+            location: path.display().to_string(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
+        }
+        let connect = || -> Result<Connection, StoreError> {
+            let c = Connection::open(path).map_err(|e| open_err(&e))?;
+            c.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| open_err(&e))?;
+            // WAL lets readers in other processes run alongside the writer; NORMAL sync
+            // survives a process crash (not an OS crash) and keeps commits cheap.
+            c.pragma_update(None, "journal_mode", "WAL").map_err(|e| open_err(&e))?;
+            c.pragma_update(None, "synchronous", "NORMAL").map_err(|e| open_err(&e))?;
+            Ok(c)
+        };
+        let writer = connect()?;
+        let version: i64 = writer
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| open_err(&e))?;
+        if version > SCHEMA_VERSION {
+            return Err(open_err(&format!(
+                "the database has schema version {version}, newer than this binary's {SCHEMA_VERSION}: upgrade recpipe"
+            )));
+        }
+        if version < SCHEMA_VERSION {
+            writer.execute_batch(SCHEMA_V1).map_err(|e| open_err(&e))?;
+            writer
+                .pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(|e| open_err(&e))?;
+        }
+        let readers = (0..READERS).map(|_| connect().map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer: Arc::new(Mutex::new(writer)),
+            readers: Arc::new(readers),
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a free read connection on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            // Take the first idle connection, else wait for our round-robin one.
+            for i in 0..readers.len() {
+                if let Ok(c) = readers[(start + i) % readers.len()].try_lock() {
+                    return f(&c);
+                }
+            }
+            let c = readers[start % readers.len()].lock().map_err(query_err)?;
+            f(&c)
+        })
+        .await
+        .map_err(query_err)?
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(query_err)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = writer.lock().map_err(query_err)?;
+            let tx = c.transaction().map_err(query_err)?;
+            {
+                let mut insert_event = tx
+                    .prepare_cached("INSERT OR IGNORE INTO events (user_id, event_id, ts, body) VALUES (?1, ?2, ?3, ?4)")
+                    .map_err(query_err)?;
+                for e in &batch.events {
+                    insert_event.execute(params![e.user_id, e.event_id, e.ts, encode(e)?]).map_err(query_err)?;
+                }
+                let mut upsert_state = tx
+                    .prepare_cached(
+                        "INSERT INTO user_state (user_id, version, body) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (user_id) DO UPDATE SET version = excluded.version, body = excluded.body
+                         WHERE excluded.version >= user_state.version",
+                    )
+                    .map_err(query_err)?;
+                for s in &batch.user_states {
+                    upsert_state.execute(params![s.user_id, s.version as i64, encode(s)?]).map_err(query_err)?;
+                }
+                let mut insert_list = tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO recommendations (user_id, recommendation_id, user_version, generated_at, body)
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(query_err)?;
+                for r in &batch.recommendations {
+                    insert_list
+                        .execute(params![r.user_id, r.recommendation_id, r.user_version as i64, r.generated_at, encode(r)?])
+                        .map_err(query_err)?;
+                }
+            }
+            tx.commit().map_err(query_err)
+        })
+        .await
+        .map_err(query_err)?
+    }
+
+    async fn latest_recommendations(&self, user_id: &str) -> Result<Option<RecommendationRecord>, StoreError> {
+        let user_id = user_id.to_string();
+        self.read(move |c| {
+            let body: Option<String> = c
+                .prepare_cached(
+                    "SELECT body FROM recommendations WHERE user_id = ?1
+                     ORDER BY user_version DESC, generated_at DESC LIMIT 1",
+                )
+                .map_err(query_err)?
+                .query_row([&user_id], |r| r.get(0))
+                .optional()
+                .map_err(query_err)?;
+            body.as_deref().map(decode).transpose()
+        })
+        .await
+    }
+
+    async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let user_id = user_id.to_string();
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT body FROM events WHERE user_id = ?1 ORDER BY ts DESC, event_id DESC LIMIT ?2")
+                .map_err(query_err)?;
+            let rows = stmt
+                .query_map(params![user_id, limit as i64], |r| r.get::<_, String>(0))
+                .map_err(query_err)?;
+            rows.map(|b| decode(&b.map_err(query_err)?)).collect()
+        })
+        .await
+    }
+
+    async fn user_state(&self, user_id: &str) -> Result<Option<UserVectorRecord>, StoreError> {
+        let user_id = user_id.to_string();
+        self.read(move |c| {
+            let body: Option<String> = c
+                .prepare_cached("SELECT body FROM user_state WHERE user_id = ?1")
+                .map_err(query_err)?
+                .query_row([&user_id], |r| r.get(0))
+                .optional()
+                .map_err(query_err)?;
+            body.as_deref().map(decode).transpose()
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(query_err)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_passes_the_store_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(&format!("sqlite://{}", dir.path().join("s.db").display())).await.unwrap();
+        crate::store::suite::run_all(store.as_ref()).await;
+    }
+
+    #[tokio::test]
+    async fn a_second_handle_sees_the_first_ones_writes_and_reopening_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dir/s.db");
+        let writer = SqliteStore::open(&path).unwrap();
+        let reader = SqliteStore::open(&path).unwrap();
+        let e = crate::events::Event::from_json(br#"{"event_id":"e","user_id":"u","type":"view","product_id":"p","ts":1}"#).unwrap();
+        writer.write(WriteBatch { events: vec![e.clone()], ..Default::default() }).await.unwrap();
+        assert_eq!(reader.user_events("u", 5).await.unwrap(), vec![e.clone()]);
+        drop((writer, reader));
+        assert_eq!(SqliteStore::open(&path).unwrap().user_events("u", 5).await.unwrap(), vec![e]);
+    }
+
+    #[tokio::test]
+    async fn unknown_urls_say_what_is_supported() {
+        let err = crate::store::open("postgres://x").await.err().unwrap().to_string();
+        assert!(err.contains("sqlite://"), "{err}");
+    }
+}

@@ -1,0 +1,198 @@
+//! Test helpers: a real tansu broker per test (never a mock), and topic readers.
+//!
+//! The broker binary comes from `$TANSU_BIN`, else `<workspace>/.tools/bin/tansu`, which
+//! `scripts/install-tansu.sh` installs (the test command runs it first).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::settings::KafkaSettings;
+
+/// The tansu binary, or a panic that says how to install it.
+pub fn tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/tansu");
+    assert!(
+        path.exists(),
+        "the tansu broker is not installed at {}: run scripts/install-tansu.sh (or scripts/test.sh, which does it), or set TANSU_BIN",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released: the broker must advertise its real port).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A tansu broker on 127.0.0.1 owned by one test; killed on drop.
+pub struct TestBroker {
+    child: Option<Child>,
+    port: u16,
+    storage: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    /// An in-memory broker.
+    pub async fn start() -> TestBroker {
+        Self::start_with("memory://tansu/".into()).await
+    }
+
+    /// A broker whose data survives [`TestBroker::kill`] and [`TestBroker::restart`].
+    pub async fn start_durable() -> TestBroker {
+        Self::start_with("sqlite://tansu.db".into()).await
+    }
+
+    async fn start_with(storage: String) -> TestBroker {
+        let mut broker = TestBroker {
+            child: None,
+            port: free_port(),
+            storage,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        broker.spawn().await;
+        broker
+    }
+
+    async fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .unwrap();
+        let mut cmd = Command::new(tansu_binary());
+        cmd.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &self.storage])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // tansu reads these from the environment; every setting comes from flags instead.
+        for var in ["CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE"] {
+            cmd.env_remove(var);
+        }
+        self.child = Some(cmd.spawn().expect("start tansu"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {} within 30 s; log: {}", self.port, self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kafka settings pointing at this broker, with small batches for quick tests.
+    pub fn kafka_settings(&self) -> KafkaSettings {
+        KafkaSettings {
+            brokers: self.brokers(),
+            delivery_timeout_ms: 20_000,
+            ..KafkaSettings::default()
+        }
+    }
+
+    /// Creates the pipeline's topics.
+    pub async fn create_topics(&self, settings: &KafkaSettings) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match crate::kafka::ensure_topics(settings, &settings.topics.all(), settings.partitions).await {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "topic creation not ready");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot create topics: {e}; log: {}", self.log()),
+            }
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port and storage.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Produces one record and waits for its acknowledgement.
+pub async fn produce(brokers: &str, topic: &str, key: &str, payload: &[u8]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    producer
+        .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(20))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
+
+/// Reads every partition of `topic` from the start until `at_least` records arrived (or
+/// `timeout` passed, returning what came).
+pub async fn read_topic(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -> Vec<OwnedMessage> {
+    let brokers = brokers.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "recpipe-testkit-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in metadata.topics()[0].partitions() {
+            tpl.add_partition_offset(&topic, p.id(), Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < at_least && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                out.push(m.detach());
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// The value of header `name` on `m`, as text.
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+}
