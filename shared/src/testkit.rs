@@ -196,3 +196,65 @@ pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
         .find(|h| h.key == name)
         .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
 }
+
+/// A broker with the pipeline's topics, a generated catalog and a store location, all
+/// private to one test.
+pub struct TestEnv {
+    pub broker: TestBroker,
+    pub dir: tempfile::TempDir,
+    pub settings: crate::settings::Settings,
+}
+
+impl TestEnv {
+    pub async fn start() -> TestEnv {
+        Self::with_broker(TestBroker::start().await).await
+    }
+
+    pub async fn with_broker(broker: TestBroker) -> TestEnv {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::settings::Settings::default();
+        settings.kafka = broker.kafka_settings();
+        settings.catalog.dir = dir.path().join("catalog");
+        settings.store.url = format!("sqlite://{}", dir.path().join("recpipe.db").display());
+        settings.model.popularity_publish_ms = 100;
+        settings.api.port = 0;
+        crate::catalog::generate(crate::catalog::SyntheticCatalog { products: 1_000, dim: 16, ..Default::default() })
+            .save(&settings.catalog.dir)
+            .unwrap();
+        broker.create_topics(&settings.kafka).await;
+        TestEnv { broker, dir, settings }
+    }
+
+    pub fn catalog(&self) -> crate::catalog::Catalog {
+        crate::catalog::Catalog::load(&self.settings.catalog.dir).unwrap()
+    }
+}
+
+/// An event with a product, as JSON-ready struct.
+pub fn event(id: &str, user: &str, t: crate::events::EventType, product: &str, ts: i64) -> crate::events::Event {
+    crate::events::Event {
+        event_id: id.into(),
+        user_id: user.into(),
+        event_type: t,
+        product_id: Some(product.into()),
+        query: None,
+        ts,
+        recommendation_id: None,
+    }
+}
+
+/// Waits until `check` returns Some, polling every 50 ms, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

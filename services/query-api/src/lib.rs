@@ -1,0 +1,14 @@
+//! query-api: the storefront's HTTP API.
+//! - `GET /v1/users/{user_id}/recommendations?k=10` → the user's latest list, or the
+//!   popularity list (marked `fallback`) for a user with none yet;
+//! - `GET /v1/users/{user_id}/events?limit=20` → the user's stored events, newest first;
+//! - `POST /v1/events` (one event or an array) → validated against
+//!   `schemas/event.v1.schema.json`, produced to Kafka keyed by user, 202;
+//! - `/healthz` (the process is up), `/readyz` (store and Kafka answer).
+
+pub mod routes;
+pub mod startup;
+
+pub use startup::{run, serve, AppState};
+
+pub const SERVICE: &str = "query-api";

@@ -1,0 +1,192 @@
+//! update-embeddings: consumes `events`, moves each user's vector toward the products
+//! they touch, and emits the new state to `user-vectors`.
+//!
+//! State is kept per user in memory and made durable by the output itself: every state
+//! is produced to `user-vectors` on the *same partition* as its event before the event's
+//! offset is committed, so `user-vectors` is this service's changelog. When a partition
+//! is assigned (start-up, restart, rebalance) its states are restored from the changelog,
+//! and an event at or below a user's recorded source offset is a replay and is skipped:
+//! each event moves the vector exactly once, even across crashes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use recpipe_shared::catalog::Catalog;
+use recpipe_shared::events::{now_ms, Event, SourcePosition, UserVectorRecord};
+use recpipe_shared::kafka::framework::{self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats};
+use recpipe_shared::kafka::client_config;
+use recpipe_shared::model::UserModel;
+use recpipe_shared::settings::{KafkaSettings, Settings};
+use tokio_util::sync::CancellationToken;
+
+pub const SERVICE: &str = "update-embeddings";
+
+/// Longest a partition's state restore may take before it is retried.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct UpdateEmbeddings {
+    model: UserModel,
+    users: HashMap<String, UserVectorRecord>,
+    kafka: KafkaSettings,
+}
+
+impl UpdateEmbeddings {
+    pub fn new(catalog: Arc<Catalog>, settings: &Settings) -> Self {
+        UpdateEmbeddings {
+            model: UserModel::new(catalog, settings.model.clone()),
+            users: HashMap::new(),
+            kafka: settings.kafka.clone(),
+        }
+    }
+
+    /// The state of `user_id`, if known.
+    pub fn user(&self, user_id: &str) -> Option<&UserVectorRecord> {
+        self.users.get(user_id)
+    }
+
+    /// Applies one event read at `meta`; None when it is a replay already applied.
+    fn apply(&mut self, meta: &RecordMeta, event: &Event) -> Result<Option<Output>, String> {
+        let before = self.users.get(&event.user_id);
+        if let Some(b) = before {
+            if b.source.partition == meta.partition && meta.offset <= b.source.offset {
+                tracing::debug!(user = %event.user_id, offset = meta.offset, "replayed event skipped");
+                return Ok(None);
+            }
+        }
+        let source = SourcePosition {
+            partition: meta.partition,
+            offset: meta.offset,
+        };
+        let after = self
+            .model
+            .apply(before, event, source, now_ms())
+            .map_err(|e| e.to_string())?;
+        let payload = serde_json::to_vec(&after).map_err(|e| e.to_string())?;
+        self.users.insert(event.user_id.clone(), after);
+        Ok(Some(Output {
+            topic: self.kafka.topics.user_vectors.clone(),
+            key: event.user_id.clone(),
+            payload,
+            partition: Some(meta.partition),
+        }))
+    }
+}
+
+#[async_trait]
+impl Processor for UpdateEmbeddings {
+    type Input = Event;
+
+    fn name(&self) -> &str {
+        SERVICE
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![self.kafka.topics.events.clone()]
+    }
+
+    fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<Event, String> {
+        Event::from_json(payload).map_err(|e| format!("invalid event: {e}"))
+    }
+
+    async fn process(&mut self, batch: Vec<Decoded<Event>>) -> Result<Vec<Outcome>, RetryableError> {
+        Ok(batch
+            .iter()
+            .map(|d| match self.apply(&d.meta, &d.input) {
+                Ok(out) => Outcome::Emit(out.into_iter().collect()),
+                Err(reason) => Outcome::Reject(reason),
+            })
+            .collect())
+    }
+
+    async fn prepare_partition(&mut self, _topic: &str, partition: i32) -> Result<(), RetryableError> {
+        let kafka = self.kafka.clone();
+        let restored = tokio::task::spawn_blocking(move || restore_partition(&kafka, partition))
+            .await
+            .map_err(|e| RetryableError(e.to_string()))??;
+        tracing::info!(partition, users = restored.len(), "user states restored from the changelog");
+        self.users.retain(|_, s| s.source.partition != partition);
+        self.users.extend(restored);
+        Ok(())
+    }
+}
+
+/// Reads partition `partition` of `user-vectors` from the start to its end: the latest
+/// state of every user whose events live on that partition.
+///
+/// The end is found by librdkafka's partition-EOF signal rather than by the high
+/// watermark, which tansu 0.6 under-reports after a multi-record batch.
+fn restore_partition(kafka: &KafkaSettings, partition: i32) -> Result<HashMap<String, UserVectorRecord>, RetryableError> {
+    let err = |e: &dyn std::fmt::Display| RetryableError(format!("restoring partition {partition}: {e}"));
+    let topic = &kafka.topics.user_vectors;
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", format!("{}-{SERVICE}-restore", kafka.group_prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(|e| err(&e))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning).map_err(|e| err(&e))?;
+    consumer.assign(&tpl).map_err(|e| err(&e))?;
+    let deadline = std::time::Instant::now() + RESTORE_TIMEOUT;
+    let mut users: HashMap<String, UserVectorRecord> = HashMap::new();
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(err(&format!("the end of the partition was not reached in {RESTORE_TIMEOUT:?}")));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let Some(payload) = m.payload() else { continue };
+                match serde_json::from_slice::<UserVectorRecord>(payload) {
+                    Ok(state) => {
+                        let newer = users.get(&state.user_id).is_none_or(|old| state.version >= old.version);
+                        if newer {
+                            users.insert(state.user_id.clone(), state);
+                        }
+                    }
+                    Err(e) => tracing::warn!(offset = m.offset(), error = %e, "unreadable changelog record skipped"),
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(users),
+            Some(Err(e)) => return Err(err(&e)),
+            None => {}
+        }
+    }
+}
+
+/// Checks that `user-vectors` can hold every `events` partition (states go to the same
+/// partition number as their events).
+pub async fn check_topics(kafka: &KafkaSettings) -> anyhow::Result<()> {
+    let kafka = kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client_config(&kafka).create()?;
+        let count = |topic: &str| -> anyhow::Result<usize> {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            let n = md.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+            anyhow::ensure!(n > 0, "topic {topic:?} does not exist on {}: create it with `recpipe-admin topics create`", kafka.brokers);
+            Ok(n)
+        };
+        let (events, states) = (count(&kafka.topics.events)?, count(&kafka.topics.user_vectors)?);
+        anyhow::ensure!(
+            states >= events,
+            "topic {:?} has {states} partitions but {:?} has {events}: it needs at least as many, since each user's state goes to the partition of their events",
+            kafka.topics.user_vectors,
+            kafka.topics.events
+        );
+        Ok(())
+    })
+    .await?
+}
+
+/// Runs the service until `shutdown` is cancelled.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
+    let catalog = Arc::new(Catalog::load(&settings.catalog.dir)?);
+    tracing::info!(products = catalog.len(), dim = catalog.dim(), "catalog loaded");
+    check_topics(&settings.kafka).await?;
+    let processor = UpdateEmbeddings::new(catalog, &settings);
+    Ok(framework::run(&settings.kafka, processor, shutdown).await?)
+}

@@ -1,0 +1,304 @@
+//! The HTTP handlers. Every error is JSON: `{"error": "...", "details": [...]}`.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rdkafka::producer::{FutureRecord, Producer};
+use recpipe_shared::events::{Event, Fallback, RecommendationRecord, MAX_ID_LEN, POPULAR_USER_ID};
+use recpipe_shared::schema::event_validator;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::startup::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/users/{user_id}/recommendations", get(recommendations))
+        .route("/v1/users/{user_id}/events", get(user_events))
+        .route("/v1/events", post(post_events))
+}
+
+/// An error answer: status, message, and optional details (e.g. one per bad event).
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    details: Vec<Value>,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if !self.details.is_empty() {
+            body["details"] = Value::Array(self.details);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let mut problems = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(format!("store: {e}")),
+        Err(_) => problems.push("store: no answer within 2 s".to_string()),
+    }
+    let producer = state.producer.clone();
+    let topic = state.settings.kafka.topics.events.clone();
+    let kafka = tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(2))
+            .map(|md| md.topics().first().map(|t| t.partitions().len()).unwrap_or(0))
+    })
+    .await;
+    match kafka {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(Ok(_)) => problems.push(format!("kafka: topic {:?} does not exist", state.settings.kafka.topics.events)),
+        Ok(Err(e)) => problems.push(format!("kafka: {e}")),
+        Err(e) => problems.push(format!("kafka: {e}")),
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "problems": problems }))).into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RecommendationsQuery {
+    k: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct RecommendedItem {
+    pub product_id: String,
+    pub score: f32,
+    pub title: String,
+    pub category: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct RecommendationsResponse {
+    pub user_id: String,
+    pub recommendation_id: String,
+    pub model_version: String,
+    /// Null for a personalised list; else why it is not.
+    pub fallback: Option<Fallback>,
+    /// Milliseconds since the epoch.
+    pub generated_at: i64,
+    pub items: Vec<RecommendedItem>,
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.chars().count() > MAX_ID_LEN {
+        return Err(ApiError::bad_request(format!("{what} must be 1 to {MAX_ID_LEN} characters")));
+    }
+    Ok(())
+}
+
+async fn recommendations(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    query: Result<Query<RecommendationsQuery>, QueryRejection>,
+) -> Result<Json<RecommendationsResponse>, ApiError> {
+    check_id("user_id", &user_id)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let max_k = state.settings.api.max_k;
+    let k = query.k.unwrap_or(10);
+    if k == 0 || k > max_k {
+        return Err(ApiError::bad_request(format!("k must be between 1 and {max_k}, got {k}")));
+    }
+    let store_err = |e: recpipe_shared::store::StoreError| ApiError::unavailable(format!("store unavailable: {e}"));
+    let mut list = state.store.latest_recommendations(&user_id).await.map_err(store_err)?;
+    let mut fallback = None;
+    if list.is_none() {
+        // Never seen this user: the popularity list, marked as such.
+        list = state.store.latest_recommendations(POPULAR_USER_ID).await.map_err(store_err)?;
+        fallback = Some(Fallback::Popularity);
+    }
+    let list = match list {
+        Some(l) if !l.items.is_empty() => l,
+        _ => catalog_fallback(&state),
+    };
+    let catalog = &state.catalog;
+    let items = list
+        .items
+        .iter()
+        .filter_map(|s| {
+            let p = catalog.get(&s.product_id)?;
+            p.available.then(|| RecommendedItem {
+                product_id: s.product_id.clone(),
+                score: s.score,
+                title: p.title.clone(),
+                category: p.category.clone(),
+            })
+        })
+        .take(k)
+        .collect();
+    Ok(Json(RecommendationsResponse {
+        user_id,
+        recommendation_id: list.recommendation_id,
+        model_version: list.model_version,
+        fallback: list.fallback.or(fallback),
+        generated_at: list.generated_at,
+        items,
+    }))
+}
+
+/// Before any traffic: available products in catalog order.
+fn catalog_fallback(state: &AppState) -> RecommendationRecord {
+    let max_k = state.settings.api.max_k;
+    RecommendationRecord {
+        recommendation_id: "catalog".into(),
+        user_id: POPULAR_USER_ID.into(),
+        model_version: state.settings.model.version.clone(),
+        fallback: Some(Fallback::Catalog),
+        items: state
+            .catalog
+            .products()
+            .iter()
+            .filter(|p| p.available)
+            .take(max_k)
+            .map(|p| recpipe_shared::events::ScoredProduct {
+                product_id: p.product_id.clone(),
+                score: 0.0,
+            })
+            .collect(),
+        user_version: 0,
+        source_event_id: None,
+        source_event_ts: None,
+        generated_at: 0,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    limit: Option<usize>,
+}
+
+async fn user_events(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    check_id("user_id", &user_id)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let limit = query.limit.unwrap_or(20).clamp(1, 1000);
+    let events = state
+        .store
+        .user_events(&user_id, limit)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("store unavailable: {e}")))?;
+    Ok(Json(json!({ "user_id": user_id, "events": events })))
+}
+
+/// Checks every event of the body; all or nothing.
+fn parse_events(state: &AppState, body: &[u8]) -> Result<Vec<Event>, ApiError> {
+    let doc: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
+    let (docs, batch) = match doc {
+        Value::Array(items) => (items, true),
+        one @ Value::Object(_) => (vec![one], false),
+        _ => return Err(ApiError::bad_request("the body must be one event object or an array of events")),
+    };
+    let max = state.settings.api.max_batch;
+    if docs.is_empty() || docs.len() > max {
+        return Err(ApiError::bad_request(format!("a batch must hold 1 to {max} events, got {}", docs.len())));
+    }
+    let mut events = Vec::with_capacity(docs.len());
+    let mut details = Vec::new();
+    for (index, doc) in docs.into_iter().enumerate() {
+        let at = |path: &str, message: String| {
+            if batch {
+                json!({ "index": index, "path": path, "message": message })
+            } else {
+                json!({ "path": path, "message": message })
+            }
+        };
+        let violations = event_validator().violations(&doc);
+        if !violations.is_empty() {
+            details.extend(violations.into_iter().map(|v| at(&v.path, v.message)));
+            continue;
+        }
+        match serde_json::from_value::<Event>(doc).map_err(|e| e.to_string()).and_then(|e| e.validate().map(|_| e).map_err(|e| e.to_string())) {
+            Ok(event) => {
+                if let Some(p) = &event.product_id {
+                    if state.catalog.index_of(p).is_none() {
+                        details.push(at("/product_id", format!("unknown product {p:?}")));
+                        continue;
+                    }
+                }
+                events.push(event);
+            }
+            Err(message) => details.push(at("", message)),
+        }
+    }
+    if !details.is_empty() {
+        let mut err = ApiError::bad_request(format!(
+            "{} problem(s) in the request; nothing was accepted",
+            details.len()
+        ));
+        err.details = details;
+        return Err(err);
+    }
+    Ok(events)
+}
+
+async fn post_events(State(state): State<AppState>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let events = parse_events(&state, &body)?;
+    let topic = &state.settings.kafka.topics.events;
+    let mut deliveries = Vec::with_capacity(events.len());
+    for event in &events {
+        let payload = serde_json::to_vec(event).expect("event serialises");
+        let record = FutureRecord::to(topic).key(event.user_id.as_bytes()).payload(&payload);
+        let delivery = state
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| ApiError::unavailable(format!("cannot queue events for Kafka: {e}; retry later (event ids make retries safe)")))?;
+        deliveries.push(delivery);
+    }
+    for result in futures::future::join_all(deliveries).await {
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => {
+                return Err(ApiError::unavailable(format!(
+                    "Kafka did not accept the events: {e}; retry later (event ids make retries safe)"
+                )))
+            }
+            Err(_) => return Err(ApiError::unavailable("Kafka producer shut down; retry later")),
+        }
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": events.len(), "event_ids": ids }))))
+}

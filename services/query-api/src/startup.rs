@@ -1,0 +1,73 @@
+//! Building the application from settings, and serving it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use rdkafka::producer::FutureProducer;
+use recpipe_shared::catalog::Catalog;
+use recpipe_shared::settings::Settings;
+use recpipe_shared::store::{self, Store};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::trace::TraceLayer;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub producer: FutureProducer,
+    pub catalog: Arc<Catalog>,
+    pub settings: Arc<Settings>,
+}
+
+impl AppState {
+    /// Opens the store, loads the catalog (for titles and product checks) and creates the
+    /// Kafka producer.
+    pub async fn build(settings: Settings) -> anyhow::Result<AppState> {
+        let store = store::open(&settings.store.url).await?;
+        let dir = settings.catalog.dir.clone();
+        let catalog = Arc::new(tokio::task::spawn_blocking(move || Catalog::load(&dir)).await??);
+        let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
+        Ok(AppState {
+            store,
+            producer,
+            catalog,
+            settings: Arc::new(settings),
+        })
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.api.max_body_bytes;
+    crate::routes::routes()
+        .with_state(state)
+        .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(TraceLayer::new_for_http())
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight
+/// requests finish.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+    let producer = state.producer.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    // Accepted events must reach Kafka before the process exits.
+    use rdkafka::producer::Producer;
+    let _ = producer.flush(Duration::from_secs(10));
+    Ok(())
+}
+
+/// Binds the configured address and serves until `shutdown`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let address = format!("{}:{}", settings.api.host, settings.api.port);
+    let listener = TcpListener::bind(&address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e} (set RECPIPE_API__PORT to use another port)"))?;
+    let state = AppState::build(settings).await?;
+    tracing::info!(address = %listener.local_addr()?, "query-api listening");
+    serve(listener, state, shutdown).await?;
+    Ok(())
+}
