@@ -63,7 +63,10 @@ pub struct Catalog {
 
 impl Catalog {
     /// Builds a catalog, checking shapes and values, and normalising rows to unit length.
-    pub fn new(products: Vec<Product>, mut embeddings: Array2<f32>) -> Result<Catalog, CatalogError> {
+    pub fn new(
+        products: Vec<Product>,
+        mut embeddings: Array2<f32>,
+    ) -> Result<Catalog, CatalogError> {
         let path = PathBuf::from(EMBEDDINGS_FILE);
         if products.is_empty() {
             return Err(CatalogError::Empty);
@@ -84,7 +87,10 @@ impl Catalog {
             if let Some(j) = row.iter().position(|v| !v.is_finite()) {
                 return Err(CatalogError::BadEmbeddings {
                     path,
-                    message: format!("row {i} ({}) has a non-finite value at column {j}", products[i].product_id),
+                    message: format!(
+                        "row {i} ({}) has a non-finite value at column {j}",
+                        products[i].product_id
+                    ),
                 });
             }
             let norm = row.dot(&row).sqrt();
@@ -150,12 +156,11 @@ impl Catalog {
             path: emb_path.clone(),
             source,
         })?;
-        let embeddings: Array2<f32> = ndarray_npy::ReadNpyExt::read_npy(file).map_err(|e| {
-            CatalogError::BadEmbeddings {
+        let embeddings: Array2<f32> =
+            ndarray_npy::ReadNpyExt::read_npy(file).map_err(|e| CatalogError::BadEmbeddings {
                 path: emb_path.clone(),
                 message: format!("{e} (expected a 2-D float32 array, one row per product)"),
-            }
-        })?;
+            })?;
         Catalog::new(products, embeddings).map_err(|e| match e {
             CatalogError::BadEmbeddings { message, .. } => CatalogError::BadEmbeddings {
                 path: emb_path,
@@ -177,7 +182,8 @@ impl Catalog {
         }
         out.flush().map_err(|e| w(&e))?;
         let file = std::fs::File::create(dir.join(EMBEDDINGS_FILE)).map_err(|e| w(&e))?;
-        ndarray_npy::WriteNpyExt::write_npy(&self.embeddings, BufWriter::new(file)).map_err(|e| w(&e))
+        ndarray_npy::WriteNpyExt::write_npy(&self.embeddings, BufWriter::new(file))
+            .map_err(|e| w(&e))
     }
 
     pub fn len(&self) -> usize {
@@ -222,12 +228,21 @@ impl Catalog {
     pub fn search(&self, query: &str, limit: usize) -> Vec<usize> {
         let mut hits: HashMap<usize, usize> = HashMap::new();
         for term in tokenize(query) {
-            for &i in self.by_token.get(&term).map(Vec::as_slice).unwrap_or_default() {
+            for &i in self
+                .by_token
+                .get(&term)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
                 *hits.entry(i).or_default() += 1;
             }
         }
         let best = hits.values().copied().max().unwrap_or(0);
-        let mut top: Vec<usize> = hits.into_iter().filter(|&(_, n)| n == best).map(|(i, _)| i).collect();
+        let mut top: Vec<usize> = hits
+            .into_iter()
+            .filter(|&(_, n)| n == best)
+            .map(|(i, _)| i)
+            .collect();
         top.sort_unstable();
         top.truncate(limit);
         top
@@ -265,20 +280,156 @@ impl Default for SyntheticCatalog {
 
 /// Categories and the kinds of product in each: readable names for the demo.
 pub const CATEGORIES: &[(&str, &[&str])] = &[
-    ("kitchen", &["Saucepan", "Skillet", "Kettle", "Chef Knife", "Cutting Board", "Colander", "Whisk", "Dutch Oven"]),
-    ("garden", &["Trowel", "Watering Can", "Hose Reel", "Pruning Shears", "Planter", "Rake", "Seed Tray", "Wheelbarrow"]),
-    ("outdoor", &["Tent", "Sleeping Bag", "Headlamp", "Backpack", "Camping Stove", "Trekking Poles", "Water Filter", "Hammock"]),
-    ("fitness", &["Yoga Mat", "Dumbbell", "Kettlebell", "Jump Rope", "Resistance Band", "Foam Roller", "Pull-up Bar", "Exercise Ball"]),
-    ("audio", &["Headphones", "Earbuds", "Bookshelf Speaker", "Soundbar", "Turntable", "Microphone", "Amplifier", "Radio"]),
-    ("office", &["Desk Lamp", "Notebook", "Fountain Pen", "Monitor Stand", "Desk Chair", "Stapler", "Paper Tray", "Whiteboard"]),
-    ("toys", &["Puzzle", "Building Blocks", "Teddy Bear", "Kite", "Board Game", "Toy Train", "Yo-yo", "Marble Run"]),
-    ("bath", &["Towel", "Bath Mat", "Soap Dish", "Shower Caddy", "Toothbrush Holder", "Bathrobe", "Loofah", "Mirror"]),
-    ("pets", &["Dog Bed", "Cat Tree", "Leash", "Pet Bowl", "Chew Toy", "Litter Box", "Bird Feeder", "Aquarium"]),
-    ("coffee", &["Espresso Machine", "Grinder", "French Press", "Pour-over Kettle", "Mug", "Milk Frother", "Coffee Scale", "Moka Pot"]),
+    (
+        "kitchen",
+        &[
+            "Saucepan",
+            "Skillet",
+            "Kettle",
+            "Chef Knife",
+            "Cutting Board",
+            "Colander",
+            "Whisk",
+            "Dutch Oven",
+        ],
+    ),
+    (
+        "garden",
+        &[
+            "Trowel",
+            "Watering Can",
+            "Hose Reel",
+            "Pruning Shears",
+            "Planter",
+            "Rake",
+            "Seed Tray",
+            "Wheelbarrow",
+        ],
+    ),
+    (
+        "outdoor",
+        &[
+            "Tent",
+            "Sleeping Bag",
+            "Headlamp",
+            "Backpack",
+            "Camping Stove",
+            "Trekking Poles",
+            "Water Filter",
+            "Hammock",
+        ],
+    ),
+    (
+        "fitness",
+        &[
+            "Yoga Mat",
+            "Dumbbell",
+            "Kettlebell",
+            "Jump Rope",
+            "Resistance Band",
+            "Foam Roller",
+            "Pull-up Bar",
+            "Exercise Ball",
+        ],
+    ),
+    (
+        "audio",
+        &[
+            "Headphones",
+            "Earbuds",
+            "Bookshelf Speaker",
+            "Soundbar",
+            "Turntable",
+            "Microphone",
+            "Amplifier",
+            "Radio",
+        ],
+    ),
+    (
+        "office",
+        &[
+            "Desk Lamp",
+            "Notebook",
+            "Fountain Pen",
+            "Monitor Stand",
+            "Desk Chair",
+            "Stapler",
+            "Paper Tray",
+            "Whiteboard",
+        ],
+    ),
+    (
+        "toys",
+        &[
+            "Puzzle",
+            "Building Blocks",
+            "Teddy Bear",
+            "Kite",
+            "Board Game",
+            "Toy Train",
+            "Yo-yo",
+            "Marble Run",
+        ],
+    ),
+    (
+        "bath",
+        &[
+            "Towel",
+            "Bath Mat",
+            "Soap Dish",
+            "Shower Caddy",
+            "Toothbrush Holder",
+            "Bathrobe",
+            "Loofah",
+            "Mirror",
+        ],
+    ),
+    (
+        "pets",
+        &[
+            "Dog Bed",
+            "Cat Tree",
+            "Leash",
+            "Pet Bowl",
+            "Chew Toy",
+            "Litter Box",
+            "Bird Feeder",
+            "Aquarium",
+        ],
+    ),
+    (
+        "coffee",
+        &[
+            "Espresso Machine",
+            "Grinder",
+            "French Press",
+            "Pour-over Kettle",
+            "Mug",
+            "Milk Frother",
+            "Coffee Scale",
+            "Moka Pot",
+        ],
+    ),
 ];
 
-const ADJECTIVES: &[&str] = &["Classic", "Compact", "Deluxe", "Eco", "Essential", "Premium", "Pro", "Rustic", "Smart", "Vintage", "Ultra", "Everyday"];
-const FINISHES: &[&str] = &["Oak", "Steel", "Copper", "Ceramic", "Blue", "Black", "Red", "Green", "Walnut", "Bamboo", "White", "Slate"];
+const ADJECTIVES: &[&str] = &[
+    "Classic",
+    "Compact",
+    "Deluxe",
+    "Eco",
+    "Essential",
+    "Premium",
+    "Pro",
+    "Rustic",
+    "Smart",
+    "Vintage",
+    "Ultra",
+    "Everyday",
+];
+const FINISHES: &[&str] = &[
+    "Oak", "Steel", "Copper", "Ceramic", "Blue", "Black", "Red", "Green", "Walnut", "Bamboo",
+    "White", "Slate",
+];
 
 /// A deterministic catalog of clustered embeddings: products of a category lie near the
 /// category's centre, and products of the same kind nearer still.
@@ -286,7 +437,9 @@ pub fn generate(spec: SyntheticCatalog) -> Catalog {
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let dim = spec.dim.max(2);
     let gaussian = |rng: &mut ChaCha8Rng, scale: f32| -> Array1<f32> {
-        let v: Array1<f32> = (0..dim).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+        let v: Array1<f32> = (0..dim)
+            .map(|_| rng.sample::<f32, _>(StandardNormal))
+            .collect();
         let n = v.dot(&v).sqrt().max(1e-6);
         v * (scale / n)
     };
@@ -325,7 +478,11 @@ mod tests {
 
     #[test]
     fn generated_catalog_saves_and_loads_the_same() {
-        let catalog = generate(SyntheticCatalog { products: 300, dim: 16, ..Default::default() });
+        let catalog = generate(SyntheticCatalog {
+            products: 300,
+            dim: 16,
+            ..Default::default()
+        });
         let dir = tempfile::tempdir().unwrap();
         catalog.save(dir.path()).unwrap();
         let loaded = Catalog::load(dir.path()).unwrap();
@@ -363,7 +520,11 @@ mod tests {
         let hits = c.search("espresso machine", 50);
         assert!(!hits.is_empty());
         for i in hits {
-            assert!(c.product(i).title.contains("Espresso Machine"), "{:?}", c.product(i));
+            assert!(
+                c.product(i).title.contains("Espresso Machine"),
+                "{:?}",
+                c.product(i)
+            );
         }
         assert!(c.search("zzzz", 10).is_empty());
     }
@@ -372,16 +533,32 @@ mod tests {
     fn bad_files_give_errors_that_say_what_is_wrong() {
         let dir = tempfile::tempdir().unwrap();
         let err = Catalog::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("products.jsonl") && err.contains("recpipe-admin catalog generate"), "{err}");
+        assert!(
+            err.contains("products.jsonl") && err.contains("recpipe-admin catalog generate"),
+            "{err}"
+        );
 
-        let c = generate(SyntheticCatalog { products: 10, dim: 4, ..Default::default() });
+        let c = generate(SyntheticCatalog {
+            products: 10,
+            dim: 4,
+            ..Default::default()
+        });
         c.save(dir.path()).unwrap();
         // One product fewer than embedding rows.
         let text = std::fs::read_to_string(dir.path().join(PRODUCTS_FILE)).unwrap();
         let short: Vec<&str> = text.lines().take(9).collect();
         std::fs::write(dir.path().join(PRODUCTS_FILE), short.join("\n")).unwrap();
         let err = Catalog::load(dir.path()).unwrap_err();
-        assert!(matches!(err, CatalogError::CountMismatch { products: 9, rows: 10 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CatalogError::CountMismatch {
+                    products: 9,
+                    rows: 10
+                }
+            ),
+            "{err}"
+        );
 
         // A NaN in the embeddings.
         std::fs::write(dir.path().join(PRODUCTS_FILE), text).unwrap();

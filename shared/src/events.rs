@@ -222,7 +222,10 @@ mod tests {
         e.user_id = "x".repeat(MAX_ID_LEN + 1);
         assert!(matches!(
             e.validate(),
-            Err(InvalidEvent::BadLength { field: "user_id", .. })
+            Err(InvalidEvent::BadLength {
+                field: "user_id",
+                ..
+            })
         ));
         let mut e = view();
         e.ts = -5;

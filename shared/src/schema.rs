@@ -5,8 +5,7 @@ use std::sync::OnceLock;
 
 pub const EVENT_SCHEMA: &str = include_str!("../../schemas/event.v1.schema.json");
 pub const USER_VECTOR_SCHEMA: &str = include_str!("../../schemas/user-vector.v1.schema.json");
-pub const RECOMMENDATION_SCHEMA: &str =
-    include_str!("../../schemas/recommendation.v1.schema.json");
+pub const RECOMMENDATION_SCHEMA: &str = include_str!("../../schemas/recommendation.v1.schema.json");
 
 /// One way a document breaks its schema.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -44,7 +43,9 @@ impl SchemaValidator {
 /// The event schema, compiled once.
 pub fn event_validator() -> &'static SchemaValidator {
     static V: OnceLock<SchemaValidator> = OnceLock::new();
-    V.get_or_init(|| SchemaValidator::new(EVENT_SCHEMA).expect("schemas/event.v1.schema.json compiles"))
+    V.get_or_init(|| {
+        SchemaValidator::new(EVENT_SCHEMA).expect("schemas/event.v1.schema.json compiles")
+    })
 }
 
 #[cfg(test)]
@@ -72,11 +73,16 @@ mod tests {
     fn check<T: DeserializeOwned + Serialize>(schema: &str, prefix: &str) {
         let validator = SchemaValidator::new(schema).unwrap();
         for (name, doc) in examples(prefix) {
-            assert_eq!(validator.violations(&doc), vec![], "{name} breaks its schema");
+            assert_eq!(
+                validator.violations(&doc),
+                vec![],
+                "{name} breaks its schema"
+            );
             let typed: T = serde_json::from_value(doc.clone())
                 .unwrap_or_else(|e| panic!("{name} does not decode: {e}"));
             // Through text, as on the wire (f32 scores print as written).
-            let back: serde_json::Value = serde_json::from_str(&serde_json::to_string(&typed).unwrap()).unwrap();
+            let back: serde_json::Value =
+                serde_json::from_str(&serde_json::to_string(&typed).unwrap()).unwrap();
             assert_eq!(back, doc, "{name} does not round-trip");
             assert_eq!(validator.violations(&back), vec![]);
         }
@@ -102,11 +108,19 @@ mod tests {
         ];
         for doc in bad {
             let value: serde_json::Value = serde_json::from_str(doc).unwrap();
-            assert!(!event_validator().violations(&value).is_empty(), "schema accepts {doc}");
-            assert!(Event::from_json(doc.as_bytes()).is_err(), "Rust accepts {doc}");
+            assert!(
+                !event_validator().violations(&value).is_empty(),
+                "schema accepts {doc}"
+            );
+            assert!(
+                Event::from_json(doc.as_bytes()).is_err(),
+                "Rust accepts {doc}"
+            );
         }
         let good = r#"{"event_id":"e","user_id":"u","type":"search","query":"red shoes","ts":1}"#;
-        assert!(event_validator().violations(&serde_json::from_str(good).unwrap()).is_empty());
+        assert!(event_validator()
+            .violations(&serde_json::from_str(good).unwrap())
+            .is_empty());
         assert!(Event::from_json(good.as_bytes()).is_ok());
     }
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::events::EventType;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub kafka: KafkaSettings,
@@ -18,19 +18,6 @@ pub struct Settings {
     pub model: ModelSettings,
     pub api: ApiSettings,
     pub telemetry: TelemetrySettings,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            kafka: KafkaSettings::default(),
-            store: StoreSettings::default(),
-            catalog: CatalogSettings::default(),
-            model: ModelSettings::default(),
-            api: ApiSettings::default(),
-            telemetry: TelemetrySettings::default(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -321,14 +308,21 @@ mod tests {
     fn unknown_keys_are_an_error_that_names_them() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("base.yaml"), "kafka:\n  brokrs: x\n").unwrap();
-        let err = Settings::load_from(dir.path(), "x").unwrap_err().to_string();
+        let err = Settings::load_from(dir.path(), "x")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("brokrs"), "{err}");
     }
 
     #[test]
     fn shipped_configuration_parses() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
-        for service in ["update-embeddings", "gen-recommendations", "save-worker", "query-api"] {
+        for service in [
+            "update-embeddings",
+            "gen-recommendations",
+            "save-worker",
+            "query-api",
+        ] {
             Settings::load_from(&dir, service).unwrap();
         }
     }

@@ -32,7 +32,11 @@ pub fn tansu_binary() -> PathBuf {
 
 /// A free loopback port (bound and released: the broker must advertise its real port).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A tansu broker on 127.0.0.1 owned by one test; killed on drop.
@@ -73,19 +77,40 @@ impl TestBroker {
             .open(self.dir.path().join("tansu.log"))
             .unwrap();
         let mut cmd = Command::new(tansu_binary());
-        cmd.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &self.storage])
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            &self.storage,
+        ])
+        .current_dir(self.dir.path())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
         // tansu reads these from the environment; every setting comes from flags instead.
-        for var in ["CLUSTER_ID", "LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE"] {
+        for var in [
+            "CLUSTER_ID",
+            "LISTENER_URL",
+            "ADVERTISED_LISTENER_URL",
+            "STORAGE_ENGINE",
+        ] {
             cmd.env_remove(var);
         }
         self.child = Some(cmd.spawn().expect("start tansu"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {} within 30 s; log: {}", self.port, self.log());
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {} within 30 s; log: {}",
+                self.port,
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -107,7 +132,9 @@ impl TestBroker {
     pub async fn create_topics(&self, settings: &KafkaSettings) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match crate::kafka::ensure_topics(settings, &settings.topics.all(), settings.partitions).await {
+            match crate::kafka::ensure_topics(settings, &settings.topics.all(), settings.partitions)
+                .await
+            {
                 Ok(()) => return,
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!(error = %e, "topic creation not ready");
@@ -151,7 +178,10 @@ pub async fn produce(brokers: &str, topic: &str, key: &str, payload: &[u8]) {
         .create()
         .unwrap();
     producer
-        .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(20))
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(20),
+        )
         .await
         .map_err(|(e, _)| e)
         .expect("produce");
@@ -159,7 +189,12 @@ pub async fn produce(brokers: &str, topic: &str, key: &str, payload: &[u8]) {
 
 /// Reads every partition of `topic` from the start until `at_least` records arrived (or
 /// `timeout` passed, returning what came).
-pub async fn read_topic(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -> Vec<OwnedMessage> {
+pub async fn read_topic(
+    brokers: &str,
+    topic: &str,
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
@@ -169,10 +204,13 @@ pub async fn read_topic(brokers: &str, topic: &str, at_least: usize, timeout: Du
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();
-        let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in metadata.topics()[0].partitions() {
-            tpl.add_partition_offset(&topic, p.id(), Offset::Beginning).unwrap();
+            tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)
+                .unwrap();
         }
         consumer.assign(&tpl).unwrap();
         let deadline = Instant::now() + timeout;
@@ -212,17 +250,27 @@ impl TestEnv {
 
     pub async fn with_broker(broker: TestBroker) -> TestEnv {
         let dir = tempfile::tempdir().unwrap();
-        let mut settings = crate::settings::Settings::default();
-        settings.kafka = broker.kafka_settings();
+        let mut settings = crate::settings::Settings {
+            kafka: broker.kafka_settings(),
+            ..Default::default()
+        };
         settings.catalog.dir = dir.path().join("catalog");
         settings.store.url = format!("sqlite://{}", dir.path().join("recpipe.db").display());
         settings.model.popularity_publish_ms = 100;
         settings.api.port = 0;
-        crate::catalog::generate(crate::catalog::SyntheticCatalog { products: 1_000, dim: 16, ..Default::default() })
-            .save(&settings.catalog.dir)
-            .unwrap();
+        crate::catalog::generate(crate::catalog::SyntheticCatalog {
+            products: 1_000,
+            dim: 16,
+            ..Default::default()
+        })
+        .save(&settings.catalog.dir)
+        .unwrap();
         broker.create_topics(&settings.kafka).await;
-        TestEnv { broker, dir, settings }
+        TestEnv {
+            broker,
+            dir,
+            settings,
+        }
     }
 
     pub fn catalog(&self) -> crate::catalog::Catalog {
@@ -231,7 +279,13 @@ impl TestEnv {
 }
 
 /// An event with a product, as JSON-ready struct.
-pub fn event(id: &str, user: &str, t: crate::events::EventType, product: &str, ts: i64) -> crate::events::Event {
+pub fn event(
+    id: &str,
+    user: &str,
+    t: crate::events::EventType,
+    product: &str,
+    ts: i64,
+) -> crate::events::Event {
     crate::events::Event {
         event_id: id.into(),
         user_id: user.into(),
@@ -254,7 +308,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use recpipe_shared::catalog::Catalog;
-use recpipe_shared::events::{now_ms, Fallback, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID};
-use recpipe_shared::kafka::framework::{self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats};
+use recpipe_shared::events::{
+    now_ms, Fallback, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID,
+};
+use recpipe_shared::kafka::framework::{
+    self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
+};
 use recpipe_shared::model::{recommendation_id, Popularity, Recommender};
 use recpipe_shared::settings::{Settings, Topics};
 use tokio_util::sync::CancellationToken;
@@ -33,7 +37,10 @@ impl GenRecommendations {
     pub fn new(recommender: Arc<Recommender>, settings: &Settings) -> Self {
         GenRecommendations {
             recommender,
-            popularity: Popularity::new(settings.model.popularity_half_life_hours, settings.model.weights.clone()),
+            popularity: Popularity::new(
+                settings.model.popularity_half_life_hours,
+                settings.model.weights.clone(),
+            ),
             model_version: settings.model.version.clone(),
             list_len: settings.model.list_len,
             topics: settings.kafka.topics.clone(),
@@ -55,7 +62,9 @@ impl GenRecommendations {
                     .chain(&user.purchased)
                     .filter_map(|p| catalog.index_of(p))
                     .collect();
-                let items = self.popularity.top(catalog, self.list_len, &|i| seen.contains(&i));
+                let items = self
+                    .popularity
+                    .top(catalog, self.list_len, &|i| seen.contains(&i));
                 (items, Some(Fallback::Popularity))
             }
         };
@@ -84,11 +93,17 @@ impl GenRecommendations {
     fn popular_list(&self) -> RecommendationRecord {
         let generated_at = now_ms();
         RecommendationRecord {
-            recommendation_id: recommendation_id(POPULAR_USER_ID, generated_at as u64, &self.model_version),
+            recommendation_id: recommendation_id(
+                POPULAR_USER_ID,
+                generated_at as u64,
+                &self.model_version,
+            ),
             user_id: POPULAR_USER_ID.to_string(),
             model_version: self.model_version.clone(),
             fallback: Some(Fallback::Popularity),
-            items: self.popularity.top(self.recommender.catalog(), self.list_len, &|_| false),
+            items: self
+                .popularity
+                .top(self.recommender.catalog(), self.list_len, &|_| false),
             user_version: 0,
             source_event_id: None,
             source_event_ts: None,
@@ -110,10 +125,14 @@ impl Processor for GenRecommendations {
     }
 
     fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<UserVectorRecord, String> {
-        let state: UserVectorRecord = serde_json::from_slice(payload).map_err(|e| format!("invalid user vector: {e}"))?;
+        let state: UserVectorRecord =
+            serde_json::from_slice(payload).map_err(|e| format!("invalid user vector: {e}"))?;
         let dim = self.recommender.catalog().dim();
         if state.vector.len() != dim {
-            return Err(format!("user vector has {} dimensions, the catalog {dim}", state.vector.len()));
+            return Err(format!(
+                "user vector has {} dimensions, the catalog {dim}",
+                state.vector.len()
+            ));
         }
         if state.vector.iter().any(|v| !v.is_finite()) {
             return Err("user vector has a non-finite value".into());
@@ -121,14 +140,24 @@ impl Processor for GenRecommendations {
         Ok(state)
     }
 
-    async fn process(&mut self, batch: Vec<Decoded<UserVectorRecord>>) -> Result<Vec<Outcome>, RetryableError> {
+    async fn process(
+        &mut self,
+        batch: Vec<Decoded<UserVectorRecord>>,
+    ) -> Result<Vec<Outcome>, RetryableError> {
         // Every state counts toward popularity, but only a user's latest state in the
         // batch needs a list: earlier ones would be overwritten at once.
         let mut latest: HashMap<&str, usize> = HashMap::new();
         for (i, d) in batch.iter().enumerate() {
             latest.insert(&d.input.user_id, i);
-            if let Some(p) = d.input.last_event.product_id.as_deref().and_then(|p| self.recommender.catalog().index_of(p)) {
-                self.popularity.record(p, d.input.last_event.event_type, d.input.last_event.ts);
+            if let Some(p) = d
+                .input
+                .last_event
+                .product_id
+                .as_deref()
+                .and_then(|p| self.recommender.catalog().index_of(p))
+            {
+                self.popularity
+                    .record(p, d.input.last_event.event_type, d.input.last_event.ts);
                 self.popularity_changed = true;
             }
         }
@@ -146,7 +175,9 @@ impl Processor for GenRecommendations {
     }
 
     fn tick(&mut self) -> Vec<Output> {
-        let due = self.last_publish.is_none_or(|t| t.elapsed() >= self.publish_every);
+        let due = self
+            .last_publish
+            .is_none_or(|t| t.elapsed() >= self.publish_every);
         if !(self.popularity_changed && due) {
             return Vec::new();
         }

@@ -79,19 +79,31 @@ async fn readyz(State(state): State<AppState>) -> Response {
         producer
             .client()
             .fetch_metadata(Some(&topic), Duration::from_secs(2))
-            .map(|md| md.topics().first().map(|t| t.partitions().len()).unwrap_or(0))
+            .map(|md| {
+                md.topics()
+                    .first()
+                    .map(|t| t.partitions().len())
+                    .unwrap_or(0)
+            })
     })
     .await;
     match kafka {
         Ok(Ok(n)) if n > 0 => {}
-        Ok(Ok(_)) => problems.push(format!("kafka: topic {:?} does not exist", state.settings.kafka.topics.events)),
+        Ok(Ok(_)) => problems.push(format!(
+            "kafka: topic {:?} does not exist",
+            state.settings.kafka.topics.events
+        )),
         Ok(Err(e)) => problems.push(format!("kafka: {e}")),
         Err(e) => problems.push(format!("kafka: {e}")),
     }
     if problems.is_empty() {
         (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "problems": problems }))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "problems": problems })),
+        )
+            .into_response()
     }
 }
 
@@ -117,12 +129,17 @@ pub struct RecommendationsResponse {
     pub fallback: Option<Fallback>,
     /// Milliseconds since the epoch.
     pub generated_at: i64,
+    /// The event whose processing produced this list (absent for fallbacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_event_id: Option<String>,
     pub items: Vec<RecommendedItem>,
 }
 
 fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.chars().count() > MAX_ID_LEN {
-        return Err(ApiError::bad_request(format!("{what} must be 1 to {MAX_ID_LEN} characters")));
+        return Err(ApiError::bad_request(format!(
+            "{what} must be 1 to {MAX_ID_LEN} characters"
+        )));
     }
     Ok(())
 }
@@ -133,18 +150,31 @@ async fn recommendations(
     query: Result<Query<RecommendationsQuery>, QueryRejection>,
 ) -> Result<Json<RecommendationsResponse>, ApiError> {
     check_id("user_id", &user_id)?;
-    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
     let max_k = state.settings.api.max_k;
     let k = query.k.unwrap_or(10);
     if k == 0 || k > max_k {
-        return Err(ApiError::bad_request(format!("k must be between 1 and {max_k}, got {k}")));
+        return Err(ApiError::bad_request(format!(
+            "k must be between 1 and {max_k}, got {k}"
+        )));
     }
-    let store_err = |e: recpipe_shared::store::StoreError| ApiError::unavailable(format!("store unavailable: {e}"));
-    let mut list = state.store.latest_recommendations(&user_id).await.map_err(store_err)?;
+    let store_err = |e: recpipe_shared::store::StoreError| {
+        ApiError::unavailable(format!("store unavailable: {e}"))
+    };
+    let mut list = state
+        .store
+        .latest_recommendations(&user_id)
+        .await
+        .map_err(store_err)?;
     let mut fallback = None;
     if list.is_none() {
         // Never seen this user: the popularity list, marked as such.
-        list = state.store.latest_recommendations(POPULAR_USER_ID).await.map_err(store_err)?;
+        list = state
+            .store
+            .latest_recommendations(POPULAR_USER_ID)
+            .await
+            .map_err(store_err)?;
         fallback = Some(Fallback::Popularity);
     }
     let list = match list {
@@ -172,6 +202,11 @@ async fn recommendations(
         model_version: list.model_version,
         fallback: list.fallback.or(fallback),
         generated_at: list.generated_at,
+        source_event_id: if fallback.is_some() {
+            None
+        } else {
+            list.source_event_id
+        },
         items,
     }))
 }
@@ -213,7 +248,8 @@ async fn user_events(
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     check_id("user_id", &user_id)?;
-    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
     let limit = query.limit.unwrap_or(20).clamp(1, 1000);
     let events = state
         .store
@@ -230,11 +266,18 @@ fn parse_events(state: &AppState, body: &[u8]) -> Result<Vec<Event>, ApiError> {
     let (docs, batch) = match doc {
         Value::Array(items) => (items, true),
         one @ Value::Object(_) => (vec![one], false),
-        _ => return Err(ApiError::bad_request("the body must be one event object or an array of events")),
+        _ => {
+            return Err(ApiError::bad_request(
+                "the body must be one event object or an array of events",
+            ))
+        }
     };
     let max = state.settings.api.max_batch;
     if docs.is_empty() || docs.len() > max {
-        return Err(ApiError::bad_request(format!("a batch must hold 1 to {max} events, got {}", docs.len())));
+        return Err(ApiError::bad_request(format!(
+            "a batch must hold 1 to {max} events, got {}",
+            docs.len()
+        )));
     }
     let mut events = Vec::with_capacity(docs.len());
     let mut details = Vec::new();
@@ -251,7 +294,10 @@ fn parse_events(state: &AppState, body: &[u8]) -> Result<Vec<Event>, ApiError> {
             details.extend(violations.into_iter().map(|v| at(&v.path, v.message)));
             continue;
         }
-        match serde_json::from_value::<Event>(doc).map_err(|e| e.to_string()).and_then(|e| e.validate().map(|_| e).map_err(|e| e.to_string())) {
+        match serde_json::from_value::<Event>(doc)
+            .map_err(|e| e.to_string())
+            .and_then(|e| e.validate().map(|_| e).map_err(|e| e.to_string()))
+        {
             Ok(event) => {
                 if let Some(p) = &event.product_id {
                     if state.catalog.index_of(p).is_none() {
@@ -275,17 +321,23 @@ fn parse_events(state: &AppState, body: &[u8]) -> Result<Vec<Event>, ApiError> {
     Ok(events)
 }
 
-async fn post_events(State(state): State<AppState>, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn post_events(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let events = parse_events(&state, &body)?;
     let topic = &state.settings.kafka.topics.events;
     let mut deliveries = Vec::with_capacity(events.len());
     for event in &events {
         let payload = serde_json::to_vec(event).expect("event serialises");
-        let record = FutureRecord::to(topic).key(event.user_id.as_bytes()).payload(&payload);
-        let delivery = state
-            .producer
-            .send_result(record)
-            .map_err(|(e, _)| ApiError::unavailable(format!("cannot queue events for Kafka: {e}; retry later (event ids make retries safe)")))?;
+        let record = FutureRecord::to(topic)
+            .key(event.user_id.as_bytes())
+            .payload(&payload);
+        let delivery = state.producer.send_result(record).map_err(|(e, _)| {
+            ApiError::unavailable(format!(
+                "cannot queue events for Kafka: {e}; retry later (event ids make retries safe)"
+            ))
+        })?;
         deliveries.push(delivery);
     }
     for result in futures::future::join_all(deliveries).await {
@@ -293,12 +345,19 @@ async fn post_events(State(state): State<AppState>, body: Bytes) -> Result<(Stat
             Ok(Ok(_)) => {}
             Ok(Err((e, _))) => {
                 return Err(ApiError::unavailable(format!(
-                    "Kafka did not accept the events: {e}; retry later (event ids make retries safe)"
-                )))
+                "Kafka did not accept the events: {e}; retry later (event ids make retries safe)"
+            )))
             }
-            Err(_) => return Err(ApiError::unavailable("Kafka producer shut down; retry later")),
+            Err(_) => {
+                return Err(ApiError::unavailable(
+                    "Kafka producer shut down; retry later",
+                ))
+            }
         }
     }
     let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": events.len(), "event_ids": ids }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "accepted": events.len(), "event_ids": ids })),
+    ))
 }

@@ -49,7 +49,11 @@ pub fn router(state: AppState) -> Router {
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight
 /// requests finish.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let producer = state.producer.clone();
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -63,9 +67,11 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
 /// Binds the configured address and serves until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let address = format!("{}:{}", settings.api.host, settings.api.port);
-    let listener = TcpListener::bind(&address)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e} (set RECPIPE_API__PORT to use another port)"))?;
+    let listener = TcpListener::bind(&address).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {address}: {e} (set RECPIPE_API__PORT to use another port)"
+        )
+    })?;
     let state = AppState::build(settings).await?;
     tracing::info!(address = %listener.local_addr()?, "query-api listening");
     serve(listener, state, shutdown).await?;

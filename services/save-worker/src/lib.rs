@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use recpipe_shared::events::{Event, RecommendationRecord, UserVectorRecord};
-use recpipe_shared::kafka::framework::{self, Decoded, Outcome, Processor, RecordMeta, RetryableError, RunStats};
+use recpipe_shared::kafka::framework::{
+    self, Decoded, Outcome, Processor, RecordMeta, RetryableError, RunStats,
+};
 use recpipe_shared::settings::{Settings, Topics};
 use recpipe_shared::store::{self, Store, WriteBatch};
 use tokio_util::sync::CancellationToken;
@@ -50,9 +52,13 @@ impl Processor for SaveWorker {
     fn decode(&self, meta: &RecordMeta, payload: &[u8]) -> Result<Record, String> {
         let t = &meta.topic;
         if *t == self.topics.events {
-            Event::from_json(payload).map(Record::Event).map_err(|e| format!("invalid event: {e}"))
+            Event::from_json(payload)
+                .map(Record::Event)
+                .map_err(|e| format!("invalid event: {e}"))
         } else if *t == self.topics.user_vectors {
-            serde_json::from_slice(payload).map(Record::UserState).map_err(|e| format!("invalid user vector: {e}"))
+            serde_json::from_slice(payload)
+                .map(Record::UserState)
+                .map_err(|e| format!("invalid user vector: {e}"))
         } else if *t == self.topics.recommendations {
             serde_json::from_slice(payload)
                 .map(Record::Recommendation)
@@ -62,7 +68,10 @@ impl Processor for SaveWorker {
         }
     }
 
-    async fn process(&mut self, batch: Vec<Decoded<Record>>) -> Result<Vec<Outcome>, RetryableError> {
+    async fn process(
+        &mut self,
+        batch: Vec<Decoded<Record>>,
+    ) -> Result<Vec<Outcome>, RetryableError> {
         let n = batch.len();
         let mut writes = WriteBatch::default();
         for d in batch {

@@ -18,8 +18,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use recpipe_shared::catalog::Catalog;
 use recpipe_shared::events::{now_ms, Event, SourcePosition, UserVectorRecord};
-use recpipe_shared::kafka::framework::{self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats};
 use recpipe_shared::kafka::client_config;
+use recpipe_shared::kafka::framework::{
+    self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
+};
 use recpipe_shared::model::UserModel;
 use recpipe_shared::settings::{KafkaSettings, Settings};
 use tokio_util::sync::CancellationToken;
@@ -93,7 +95,10 @@ impl Processor for UpdateEmbeddings {
         Event::from_json(payload).map_err(|e| format!("invalid event: {e}"))
     }
 
-    async fn process(&mut self, batch: Vec<Decoded<Event>>) -> Result<Vec<Outcome>, RetryableError> {
+    async fn process(
+        &mut self,
+        batch: Vec<Decoded<Event>>,
+    ) -> Result<Vec<Outcome>, RetryableError> {
         Ok(batch
             .iter()
             .map(|d| match self.apply(&d.meta, &d.input) {
@@ -103,59 +108,114 @@ impl Processor for UpdateEmbeddings {
             .collect())
     }
 
-    async fn prepare_partition(&mut self, _topic: &str, partition: i32) -> Result<(), RetryableError> {
+    async fn prepare_partitions(
+        &mut self,
+        partitions: &[(String, i32)],
+    ) -> Result<(), RetryableError> {
         let kafka = self.kafka.clone();
-        let restored = tokio::task::spawn_blocking(move || restore_partition(&kafka, partition))
-            .await
-            .map_err(|e| RetryableError(e.to_string()))??;
-        tracing::info!(partition, users = restored.len(), "user states restored from the changelog");
-        self.users.retain(|_, s| s.source.partition != partition);
+        let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        let started = std::time::Instant::now();
+        let restored = {
+            let numbers = numbers.clone();
+            tokio::task::spawn_blocking(move || restore_partitions(&kafka, &numbers))
+                .await
+                .map_err(|e| RetryableError(e.to_string()))??
+        };
+        tracing::info!(
+            partitions = ?numbers,
+            users = restored.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "user states restored from the changelog"
+        );
+        self.users
+            .retain(|_, s| !numbers.contains(&s.source.partition));
         self.users.extend(restored);
         Ok(())
     }
 }
 
-/// Reads partition `partition` of `user-vectors` from the start to its end: the latest
-/// state of every user whose events live on that partition.
+/// Client context for the restore consumer: reaching the end of a partition is how a
+/// restore ends, not an error worth logging.
+struct RestoreContext;
+
+impl rdkafka::ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let end_of_partition = matches!(
+            error,
+            KafkaError::PartitionEOF(_)
+                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end_of_partition {
+            tracing::error!(%error, reason, "restore consumer error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for RestoreContext {}
+
+/// Reads the given partitions of `user-vectors` from the start to their end: the latest
+/// state of every user whose events live on them.
 ///
 /// The end is found by librdkafka's partition-EOF signal rather than by the high
 /// watermark, which tansu 0.6 under-reports after a multi-record batch.
-fn restore_partition(kafka: &KafkaSettings, partition: i32) -> Result<HashMap<String, UserVectorRecord>, RetryableError> {
-    let err = |e: &dyn std::fmt::Display| RetryableError(format!("restoring partition {partition}: {e}"));
+fn restore_partitions(
+    kafka: &KafkaSettings,
+    partitions: &[i32],
+) -> Result<HashMap<String, UserVectorRecord>, RetryableError> {
+    let err = |e: &dyn std::fmt::Display| {
+        RetryableError(format!("restoring partitions {partitions:?}: {e}"))
+    };
     let topic = &kafka.topics.user_vectors;
-    let consumer: BaseConsumer = client_config(kafka)
-        .set("group.id", format!("{}-{SERVICE}-restore", kafka.group_prefix))
+    let consumer: BaseConsumer<RestoreContext> = client_config(kafka)
+        .set(
+            "group.id",
+            format!("{}-{SERVICE}-restore", kafka.group_prefix),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .create()
+        .set("fetch.wait.max.ms", "10")
+        .create_with_context(RestoreContext)
         .map_err(|e| err(&e))?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning).map_err(|e| err(&e))?;
+    for &p in partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(|e| err(&e))?;
+    }
     consumer.assign(&tpl).map_err(|e| err(&e))?;
     let deadline = std::time::Instant::now() + RESTORE_TIMEOUT;
     let mut users: HashMap<String, UserVectorRecord> = HashMap::new();
-    loop {
+    let mut open: std::collections::HashSet<i32> = partitions.iter().copied().collect();
+    while !open.is_empty() {
         if std::time::Instant::now() > deadline {
-            return Err(err(&format!("the end of the partition was not reached in {RESTORE_TIMEOUT:?}")));
+            return Err(err(&format!(
+                "partitions {open:?} not read to the end in {RESTORE_TIMEOUT:?}"
+            )));
         }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let Some(payload) = m.payload() else { continue };
                 match serde_json::from_slice::<UserVectorRecord>(payload) {
                     Ok(state) => {
-                        let newer = users.get(&state.user_id).is_none_or(|old| state.version >= old.version);
+                        let newer = users
+                            .get(&state.user_id)
+                            .is_none_or(|old| state.version >= old.version);
                         if newer {
                             users.insert(state.user_id.clone(), state);
                         }
                     }
-                    Err(e) => tracing::warn!(offset = m.offset(), error = %e, "unreadable changelog record skipped"),
+                    Err(e) => {
+                        tracing::warn!(offset = m.offset(), error = %e, "unreadable changelog record skipped")
+                    }
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(users),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
             Some(Err(e)) => return Err(err(&e)),
             None => {}
         }
     }
+    Ok(users)
 }
 
 /// Checks that `user-vectors` can hold every `events` partition (states go to the same
@@ -185,7 +245,11 @@ pub async fn check_topics(kafka: &KafkaSettings) -> anyhow::Result<()> {
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
     let catalog = Arc::new(Catalog::load(&settings.catalog.dir)?);
-    tracing::info!(products = catalog.len(), dim = catalog.dim(), "catalog loaded");
+    tracing::info!(
+        products = catalog.len(),
+        dim = catalog.dim(),
+        "catalog loaded"
+    );
     check_topics(&settings.kafka).await?;
     let processor = UpdateEmbeddings::new(catalog, &settings);
     Ok(framework::run(&settings.kafka, processor, shutdown).await?)

@@ -4,12 +4,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::Message;
 use recpipe_shared::catalog::Catalog;
 use recpipe_shared::events::{EventType, UserVectorRecord};
 use recpipe_shared::kafka::framework::{dlq_headers, RunStats};
 use recpipe_shared::settings::Settings;
 use recpipe_shared::testkit::{event, header, produce, read_topic, TestEnv};
-use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 use update_embeddings::UpdateEmbeddings;
 
@@ -21,50 +21,100 @@ fn start(settings: &Settings) -> (CancellationToken, tokio::task::JoinHandle<Run
     let catalog = Arc::new(Catalog::load(&settings.catalog.dir).unwrap());
     let processor = UpdateEmbeddings::new(catalog, settings);
     let (kafka, t) = (settings.kafka.clone(), token.clone());
-    let handle = tokio::spawn(async move { recpipe_shared::kafka::framework::run(&kafka, processor, t).await.unwrap() });
+    let handle = tokio::spawn(async move {
+        recpipe_shared::kafka::framework::run(&kafka, processor, t)
+            .await
+            .unwrap()
+    });
     (token, handle)
 }
 
 async fn send(env: &TestEnv, events: &[recpipe_shared::events::Event]) {
     for e in events {
-        produce(&env.broker.brokers(), &env.settings.kafka.topics.events, &e.user_id, &serde_json::to_vec(e).unwrap()).await;
+        produce(
+            &env.broker.brokers(),
+            &env.settings.kafka.topics.events,
+            &e.user_id,
+            &serde_json::to_vec(e).unwrap(),
+        )
+        .await;
     }
 }
 
 async fn states(env: &TestEnv, at_least: usize) -> Vec<UserVectorRecord> {
-    read_topic(&env.broker.brokers(), &env.settings.kafka.topics.user_vectors, at_least, WAIT)
-        .await
-        .iter()
-        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
-        .collect()
+    read_topic(
+        &env.broker.brokers(),
+        &env.settings.kafka.topics.user_vectors,
+        at_least,
+        WAIT,
+    )
+    .await
+    .iter()
+    .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+    .collect()
 }
 
 fn batch(from: usize, to: usize) -> Vec<recpipe_shared::events::Event> {
     (from..to)
-        .map(|i| event(&format!("e{i}"), &format!("u{}", i % 3), EventType::View, &format!("p-{:05}", i * 7), 1_000 * i as i64))
+        .map(|i| {
+            event(
+                &format!("e{i}"),
+                &format!("u{}", i % 3),
+                EventType::View,
+                &format!("p-{:05}", i * 7),
+                1_000 * i as i64,
+            )
+        })
         .collect()
 }
 
 #[tokio::test]
 async fn malformed_records_go_to_the_dead_letter_topic_and_the_next_good_one_is_processed() {
     let env = TestEnv::start().await;
-    let bad: [&[u8]; 3] = [b"{not json", b"\xff\xfe\x00", br#"{"event_id":"x","user_id":"u9","type":"view","product_id":"no-such-product","ts":5}"#];
+    let bad: [&[u8]; 3] = [
+        b"{not json",
+        b"\xff\xfe\x00",
+        br#"{"event_id":"x","user_id":"u9","type":"view","product_id":"no-such-product","ts":5}"#,
+    ];
     for b in bad {
-        produce(&env.broker.brokers(), &env.settings.kafka.topics.events, "u9", b).await;
+        produce(
+            &env.broker.brokers(),
+            &env.settings.kafka.topics.events,
+            "u9",
+            b,
+        )
+        .await;
     }
     send(&env, &[event("good", "u9", EventType::View, "p-00001", 10)]).await;
     let (stop, handle) = start(&env.settings);
 
-    let dead = read_topic(&env.broker.brokers(), &env.settings.kafka.topics.dead_letters, 3, WAIT).await;
+    let dead = read_topic(
+        &env.broker.brokers(),
+        &env.settings.kafka.topics.dead_letters,
+        3,
+        WAIT,
+    )
+    .await;
     assert_eq!(dead.len(), 3);
     for (m, original) in dead.iter().zip(bad) {
-        assert_eq!(m.payload().unwrap(), original, "the original bytes are kept");
-        assert_eq!(header(m, dlq_headers::SERVICE).as_deref(), Some("update-embeddings"));
+        assert_eq!(
+            m.payload().unwrap(),
+            original,
+            "the original bytes are kept"
+        );
+        assert_eq!(
+            header(m, dlq_headers::SERVICE).as_deref(),
+            Some("update-embeddings")
+        );
         assert_eq!(header(m, dlq_headers::TOPIC).as_deref(), Some("events"));
         assert!(header(m, dlq_headers::OFFSET).is_some());
     }
-    assert!(header(&dead[0], dlq_headers::REASON).unwrap().starts_with("invalid event"));
-    assert!(header(&dead[2], dlq_headers::REASON).unwrap().contains("unknown product"));
+    assert!(header(&dead[0], dlq_headers::REASON)
+        .unwrap()
+        .starts_with("invalid event"));
+    assert!(header(&dead[2], dlq_headers::REASON)
+        .unwrap()
+        .contains("unknown product"));
 
     let out = states(&env, 1).await;
     assert_eq!(out.len(), 1);
@@ -89,7 +139,10 @@ async fn a_restarted_service_resumes_from_its_committed_offsets() {
     let out = states(&env, 30).await;
     stop.cancel();
     let stats = handle.await.unwrap();
-    assert_eq!(stats.records, 18, "the second run reads only what the first did not commit");
+    assert_eq!(
+        stats.records, 18,
+        "the second run reads only what the first did not commit"
+    );
 
     // Every event applied exactly once, and each user's final version counts them all.
     let ids: Vec<&str> = out.iter().map(|s| s.last_event.event_id.as_str()).collect();
@@ -101,7 +154,11 @@ async fn a_restarted_service_resumes_from_its_committed_offsets() {
         let v = last.entry(s.user_id.as_str()).or_default();
         *v = (*v).max(s.version);
     }
-    assert_eq!(last, HashMap::from([("u0", 10), ("u1", 10), ("u2", 10)]), "state continued from before the restart");
+    assert_eq!(
+        last,
+        HashMap::from([("u0", 10), ("u1", 10), ("u2", 10)]),
+        "state continued from before the restart"
+    );
 }
 
 #[tokio::test]
@@ -124,20 +181,33 @@ async fn replaying_already_applied_events_changes_nothing() {
     assert_eq!(stats.records, 10, "all ten events were read again");
     // The restored changelog makes the nine replays no-ops: one new state only. (Asking
     // for 11 records returns what is there once a short wait for more has passed.)
-    let mut all_after: Vec<UserVectorRecord> =
-        read_topic(&env.broker.brokers(), &env.settings.kafka.topics.user_vectors, 11, Duration::from_secs(3))
-            .await
-            .iter()
-            .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
-            .collect();
+    let mut all_after: Vec<UserVectorRecord> = read_topic(
+        &env.broker.brokers(),
+        &env.settings.kafka.topics.user_vectors,
+        11,
+        Duration::from_secs(3),
+    )
+    .await
+    .iter()
+    .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+    .collect();
     let mut all = all;
     let by_position = |s: &UserVectorRecord| (s.source.partition, s.source.offset);
     all.sort_by_key(by_position);
     all_after.sort_by_key(by_position);
     assert_eq!(all.len(), 10);
-    assert_eq!(all_after.len(), 10, "a replayed event produced a state again");
+    assert_eq!(
+        all_after.len(),
+        10,
+        "a replayed event produced a state again"
+    );
     assert_eq!(all_after, all);
     let newest = all.iter().find(|s| s.last_event.event_id == "e9").unwrap();
-    let before = first.iter().filter(|s| s.user_id == newest.user_id).map(|s| s.version).max().unwrap();
+    let before = first
+        .iter()
+        .filter(|s| s.user_id == newest.user_id)
+        .map(|s| s.version)
+        .max()
+        .unwrap();
     assert_eq!(newest.version, before + 1);
 }

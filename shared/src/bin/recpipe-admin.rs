@@ -66,23 +66,57 @@ async fn main() -> anyhow::Result<()> {
             command: TopicsCommand::Create { partitions },
         } => {
             let partitions = partitions.unwrap_or(settings.kafka.partitions);
-            recpipe_shared::kafka::ensure_topics(&settings.kafka, &settings.kafka.topics.all(), partitions)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot create topics on {}: {e} (is the broker running?)", settings.kafka.brokers))?;
-            println!("topics ready on {}: {}", settings.kafka.brokers, settings.kafka.topics.all().join(", "));
+            recpipe_shared::kafka::ensure_topics(
+                &settings.kafka,
+                &settings.kafka.topics.all(),
+                partitions,
+            )
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create topics on {}: {e} (is the broker running?)",
+                    settings.kafka.brokers
+                )
+            })?;
+            println!(
+                "topics ready on {}: {}",
+                settings.kafka.brokers,
+                settings.kafka.topics.all().join(", ")
+            );
         }
         Command::Catalog {
-            command: CatalogCommand::Generate { out, products, dim, seed, force },
+            command:
+                CatalogCommand::Generate {
+                    out,
+                    products,
+                    dim,
+                    seed,
+                    force,
+                },
         } => {
             let out = out.unwrap_or(settings.catalog.dir);
             if out.join(recpipe_shared::catalog::PRODUCTS_FILE).exists() && !force {
-                println!("catalog already at {} (use --force to replace it)", out.display());
+                println!(
+                    "catalog already at {} (use --force to replace it)",
+                    out.display()
+                );
                 return Ok(());
             }
-            anyhow::ensure!(products > 0 && dim > 1, "--products must be > 0 and --dim > 1");
-            let catalog = generate(SyntheticCatalog { products, dim, seed, ..Default::default() });
+            anyhow::ensure!(
+                products > 0 && dim > 1,
+                "--products must be > 0 and --dim > 1"
+            );
+            let catalog = generate(SyntheticCatalog {
+                products,
+                dim,
+                seed,
+                ..Default::default()
+            });
             catalog.save(&out)?;
-            println!("wrote {products} products × {dim} dims to {}", out.display());
+            println!(
+                "wrote {products} products × {dim} dims to {}",
+                out.display()
+            );
         }
     }
     Ok(())

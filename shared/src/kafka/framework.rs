@@ -90,12 +90,12 @@ pub trait Processor: Send {
         batch: Vec<Decoded<Self::Input>>,
     ) -> Result<Vec<Outcome>, RetryableError>;
 
-    /// Called before the first record of a partition is processed after an assignment,
-    /// so a processor can restore the state that belongs to that partition.
-    async fn prepare_partition(
+    /// Called with the partitions of a batch that are new since the last assignment,
+    /// before any of their records is processed, so a processor can restore the state
+    /// that belongs to them.
+    async fn prepare_partitions(
         &mut self,
-        _topic: &str,
-        _partition: i32,
+        _partitions: &[(String, i32)],
     ) -> Result<(), RetryableError> {
         Ok(())
     }
@@ -143,8 +143,12 @@ impl ClientContext for RebalanceContext {}
 impl ConsumerContext for RebalanceContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
-            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked")
+            }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
         self.rebalanced.store(true, Ordering::SeqCst);
@@ -210,24 +214,35 @@ pub async fn run<P: Processor>(
         if rebalanced.swap(false, Ordering::SeqCst) {
             prepared.clear();
         }
-        for m in &batch {
-            let key = (m.topic().to_string(), m.partition());
-            if prepared.contains(&key) {
-                continue;
-            }
+        let mut new_partitions: Vec<(String, i32)> = batch
+            .iter()
+            .map(|m| (m.topic().to_string(), m.partition()))
+            .filter(|key| !prepared.contains(key))
+            .collect();
+        new_partitions.sort();
+        new_partitions.dedup();
+        if !new_partitions.is_empty() {
             let mut backoff = Backoff::new();
-            while let Err(e) = processor.prepare_partition(&key.0, key.1).await {
-                if !backoff.wait(&shutdown, "restoring partition state", &e).await {
+            while let Err(e) = processor.prepare_partitions(&new_partitions).await {
+                if !backoff
+                    .wait(&shutdown, "restoring partition state", &e)
+                    .await
+                {
                     // Not prepared: leave the batch uncommitted for the next owner.
                     return finish(&consumer, &producer, stats);
                 }
             }
-            prepared.insert(key);
+            prepared.extend(new_partitions);
         }
 
-        let (outputs, dead, processed_all) =
-            handle_batch(&mut processor, &service, &settings.topics.dead_letters, &batch, &shutdown)
-                .await;
+        let (outputs, dead, processed_all) = handle_batch(
+            &mut processor,
+            &service,
+            &settings.topics.dead_letters,
+            &batch,
+            &shutdown,
+        )
+        .await;
         if !processed_all {
             // Shutdown during retries: nothing of this batch is committed.
             return finish(&consumer, &producer, stats);
@@ -270,7 +285,12 @@ impl Backoff {
     }
 
     /// Logs the failure and waits; false when shutdown was requested meanwhile.
-    async fn wait(&mut self, shutdown: &CancellationToken, what: &str, error: &RetryableError) -> bool {
+    async fn wait(
+        &mut self,
+        shutdown: &CancellationToken,
+        what: &str,
+        error: &RetryableError,
+    ) -> bool {
         tracing::warn!(%error, retry_in_ms = self.delay.as_millis() as u64, "{what} failed; retrying");
         let go_on = tokio::select! {
             _ = shutdown.cancelled() => false,
@@ -302,7 +322,12 @@ async fn handle_batch<P: Processor>(
             key: m.key().map(<[u8]>::to_vec),
         };
         let Some(payload) = m.payload() else {
-            dead.push(dead_letter(service, dead_letter_topic, m, "record has no value"));
+            dead.push(dead_letter(
+                service,
+                dead_letter_topic,
+                m,
+                "record has no value",
+            ));
             continue;
         };
         match processor.decode(&meta, payload) {
@@ -417,10 +442,7 @@ fn dead_letter(service: &str, dead_letter_topic: &str, m: &OwnedMessage, reason:
 }
 
 /// Produces `records` and waits until the broker has acknowledged every one.
-async fn deliver(
-    producer: &FutureProducer,
-    records: Vec<Outgoing>,
-) -> Result<u64, FrameworkError> {
+async fn deliver(producer: &FutureProducer, records: Vec<Outgoing>) -> Result<u64, FrameworkError> {
     if records.is_empty() {
         return Ok(0);
     }
@@ -480,7 +502,9 @@ async fn deliver(
 fn commit<C: Consumer<RebalanceContext>>(consumer: &C, batch: &[OwnedMessage]) {
     let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for m in batch {
-        let e = next.entry((m.topic().to_string(), m.partition())).or_insert(0);
+        let e = next
+            .entry((m.topic().to_string(), m.partition()))
+            .or_insert(0);
         *e = (*e).max(m.offset() + 1);
     }
     let mut tpl = TopicPartitionList::new();

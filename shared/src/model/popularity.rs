@@ -47,13 +47,19 @@ impl Popularity {
             self.base_ts = Some(ts);
             exponent = 0.0;
         }
-        *self.scores.entry(product).or_default() += self.weights.of(event_type) as f64 * exponent.exp();
+        *self.scores.entry(product).or_default() +=
+            self.weights.of(event_type) as f64 * exponent.exp();
         self.latest_ts = self.latest_ts.max(ts);
     }
 
     /// The `k` most popular available products not in `exclude`, scores valued at the
     /// latest event time seen.
-    pub fn top(&self, catalog: &Catalog, k: usize, exclude: &dyn Fn(usize) -> bool) -> Vec<ScoredProduct> {
+    pub fn top(
+        &self,
+        catalog: &Catalog,
+        k: usize,
+        exclude: &dyn Fn(usize) -> bool,
+    ) -> Vec<ScoredProduct> {
         let scale = match self.base_ts {
             Some(base) => (-((self.latest_ts - base) as f64) / self.tau_ms).exp(),
             None => return Vec::new(),
@@ -84,7 +90,12 @@ mod tests {
 
     #[test]
     fn recent_interest_outranks_old_interest() {
-        let catalog = generate(SyntheticCatalog { products: 50, dim: 4, unavailable_share: 0.0, ..Default::default() });
+        let catalog = generate(SyntheticCatalog {
+            products: 50,
+            dim: 4,
+            unavailable_share: 0.0,
+            ..Default::default()
+        });
         let mut p = Popularity::new(1.0, EventWeights::default());
         let hour = 3_600_000;
         for _ in 0..4 {
@@ -96,12 +107,20 @@ mod tests {
         assert_eq!(top[0].product_id, "p-00002");
         assert_eq!(top[1].product_id, "p-00001");
         assert!((top[0].score - 2.0).abs() < 1e-4);
-        assert!(p.top(&catalog, 5, &|i| i == 2).iter().all(|s| s.product_id != "p-00002"));
+        assert!(p
+            .top(&catalog, 5, &|i| i == 2)
+            .iter()
+            .all(|s| s.product_id != "p-00002"));
     }
 
     #[test]
     fn survives_long_spans_of_event_time() {
-        let catalog = generate(SyntheticCatalog { products: 10, dim: 4, unavailable_share: 0.0, ..Default::default() });
+        let catalog = generate(SyntheticCatalog {
+            products: 10,
+            dim: 4,
+            unavailable_share: 0.0,
+            ..Default::default()
+        });
         let mut p = Popularity::new(1.0, EventWeights::default());
         let year = 365 * 24 * 3_600_000_i64;
         for i in 0..20 {

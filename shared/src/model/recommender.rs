@@ -38,7 +38,12 @@ impl Distance<f32> for UnitDot {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             lanes[i] += x[i] * y[i];
@@ -71,8 +76,17 @@ impl Recommender {
                 settings.ef_construction,
                 UnitDot,
             );
-            let rows: Vec<Vec<f32>> = catalog.embeddings().rows().into_iter().map(|r| r.to_vec()).collect();
-            let data: Vec<(&[f32], usize)> = rows.iter().enumerate().map(|(i, r)| (r.as_slice(), i)).collect();
+            let rows: Vec<Vec<f32>> = catalog
+                .embeddings()
+                .rows()
+                .into_iter()
+                .map(|r| r.to_vec())
+                .collect();
+            let data: Vec<(&[f32], usize)> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.as_slice(), i))
+                .collect();
             hnsw.parallel_insert_slice(&data);
             let mut hnsw = hnsw;
             hnsw.set_searching_mode(true);
@@ -104,7 +118,12 @@ impl Recommender {
 
     /// The `k` nearest available products to `query` that `exclude` does not reject, best
     /// first, by cosine similarity. Empty when `query` is all zeros.
-    pub fn nearest(&self, query: &[f32], k: usize, exclude: &(dyn Fn(usize) -> bool + Sync)) -> Vec<(usize, f32)> {
+    pub fn nearest(
+        &self,
+        query: &[f32],
+        k: usize,
+        exclude: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Vec<(usize, f32)> {
         let q = ArrayView1::from(query);
         let norm = q.dot(&q).sqrt();
         if norm == 0.0 || !norm.is_finite() || k == 0 {
@@ -129,9 +148,19 @@ impl Recommender {
         self.exact_nearest(&unit, k, &allowed)
     }
 
-    fn exact_nearest(&self, unit: &[f32], k: usize, allowed: &dyn Fn(usize) -> bool) -> Vec<(usize, f32)> {
+    fn exact_nearest(
+        &self,
+        unit: &[f32],
+        k: usize,
+        allowed: &dyn Fn(usize) -> bool,
+    ) -> Vec<(usize, f32)> {
         let scores = self.catalog.embeddings().dot(&ArrayView1::from(unit));
-        let mut ranked: Vec<(usize, f32)> = scores.iter().enumerate().filter(|(i, _)| allowed(*i)).map(|(i, &s)| (i, s)).collect();
+        let mut ranked: Vec<(usize, f32)> = scores
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| allowed(*i))
+            .map(|(i, &s)| (i, s))
+            .collect();
         let by_score = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if ranked.len() > k {
             ranked.select_nth_unstable_by(k - 1, by_score);
@@ -172,7 +201,11 @@ mod tests {
     use crate::catalog::{generate, SyntheticCatalog};
 
     fn catalog(n: usize) -> Arc<Catalog> {
-        Arc::new(generate(SyntheticCatalog { products: n, dim: 32, ..Default::default() }))
+        Arc::new(generate(SyntheticCatalog {
+            products: n,
+            dim: 32,
+            ..Default::default()
+        }))
     }
 
     #[test]
@@ -184,8 +217,13 @@ mod tests {
         let (mut hits, mut total) = (0, 0);
         for q in (0..catalog.len()).step_by(25) {
             // Query between two products, as a user vector is.
-            let v = (&catalog.embedding(q) + &catalog.embedding((q * 7 + 3) % catalog.len())).to_vec();
-            let truth: HashSet<usize> = exact.nearest(&v, 10, &|_| false).into_iter().map(|x| x.0).collect();
+            let v =
+                (&catalog.embedding(q) + &catalog.embedding((q * 7 + 3) % catalog.len())).to_vec();
+            let truth: HashSet<usize> = exact
+                .nearest(&v, 10, &|_| false)
+                .into_iter()
+                .map(|x| x.0)
+                .collect();
             let got = hnsw.nearest(&v, 10, &|_| false);
             assert_eq!(got.len(), 10);
             hits += got.iter().filter(|x| truth.contains(&x.0)).count();
@@ -198,11 +236,18 @@ mod tests {
     #[test]
     fn excluded_and_unavailable_products_never_come_back() {
         let catalog = catalog(1_000);
-        for rec in [Recommender::new(catalog.clone(), &HnswSettings::default()), Recommender::exact(catalog.clone())] {
+        for rec in [
+            Recommender::new(catalog.clone(), &HnswSettings::default()),
+            Recommender::exact(catalog.clone()),
+        ] {
             for q in 0..50 {
                 let v = catalog.embedding(q).to_vec();
                 // Exclude the 30 nearest: the filter must hold even when it removes the best.
-                let banned: HashSet<usize> = Recommender::exact(catalog.clone()).nearest(&v, 30, &|_| false).into_iter().map(|x| x.0).collect();
+                let banned: HashSet<usize> = Recommender::exact(catalog.clone())
+                    .nearest(&v, 30, &|_| false)
+                    .into_iter()
+                    .map(|x| x.0)
+                    .collect();
                 let got = rec.nearest(&v, 10, &|i| banned.contains(&i));
                 assert_eq!(got.len(), 10);
                 for (i, _) in got {
@@ -224,13 +269,23 @@ mod tests {
             version: 1,
             recent_products: vec!["p-00007".into()],
             purchased: vec!["p-00017".into()],
-            last_event: crate::events::LastEvent { event_id: "e".into(), event_type: crate::events::EventType::View, product_id: None, ts: 0 },
-            source: crate::events::SourcePosition { partition: 0, offset: 0 },
+            last_event: crate::events::LastEvent {
+                event_id: "e".into(),
+                event_type: crate::events::EventType::View,
+                product_id: None,
+                ts: 0,
+            },
+            source: crate::events::SourcePosition {
+                partition: 0,
+                offset: 0,
+            },
             updated_at: 0,
         };
         let list = rec.recommend(&user, 20).unwrap();
         assert_eq!(list.len(), 20);
-        assert!(list.iter().all(|s| s.product_id != "p-00007" && s.product_id != "p-00017"));
+        assert!(list
+            .iter()
+            .all(|s| s.product_id != "p-00007" && s.product_id != "p-00017"));
         assert!(list.windows(2).all(|w| w[0].score >= w[1].score));
         user.vector = vec![0.0; 32];
         assert_eq!(rec.recommend(&user, 20), None);
@@ -238,8 +293,17 @@ mod tests {
 
     #[test]
     fn recommendation_ids_are_deterministic() {
-        assert_eq!(recommendation_id("u", 3, "v1"), recommendation_id("u", 3, "v1"));
-        assert_ne!(recommendation_id("u", 3, "v1"), recommendation_id("u", 4, "v1"));
-        assert_ne!(recommendation_id("u", 3, "v1"), recommendation_id("u", 3, "v2"));
+        assert_eq!(
+            recommendation_id("u", 3, "v1"),
+            recommendation_id("u", 3, "v1")
+        );
+        assert_ne!(
+            recommendation_id("u", 3, "v1"),
+            recommendation_id("u", 4, "v1")
+        );
+        assert_ne!(
+            recommendation_id("u", 3, "v1"),
+            recommendation_id("u", 3, "v2")
+        );
     }
 }

@@ -149,7 +149,11 @@ mod tests {
     use crate::catalog::{generate, SyntheticCatalog};
 
     fn model() -> UserModel {
-        let catalog = Arc::new(generate(SyntheticCatalog { products: 200, dim: 8, ..Default::default() }));
+        let catalog = Arc::new(generate(SyntheticCatalog {
+            products: 200,
+            dim: 8,
+            ..Default::default()
+        }));
         UserModel::new(catalog, ModelSettings::default())
     }
 
@@ -166,7 +170,10 @@ mod tests {
     }
 
     fn pos(offset: i64) -> SourcePosition {
-        SourcePosition { partition: 0, offset }
+        SourcePosition {
+            partition: 0,
+            offset,
+        }
     }
 
     fn run(m: &UserModel, events: &[Event]) -> UserVectorRecord {
@@ -192,7 +199,12 @@ mod tests {
         assert_eq!(forward.anchor_ts, 30 * hour);
         assert_eq!(backward.anchor_ts, 30 * hour);
         for (x, y) in forward.vector.iter().zip(&backward.vector) {
-            assert!((x - y).abs() < 1e-5, "{:?} vs {:?}", forward.vector, backward.vector);
+            assert!(
+                (x - y).abs() < 1e-5,
+                "{:?} vs {:?}",
+                forward.vector,
+                backward.vector
+            );
         }
         assert_eq!(forward, run(&m, &events), "not deterministic");
     }
@@ -203,19 +215,47 @@ mod tests {
         let week = 7 * 24 * 3_600_000;
         let e1 = m.catalog().embedding(1).to_owned();
         let s = run(&m, &[event("a", EventType::Purchase, "p-00001", 0)]);
-        assert!((Array1::from_vec(s.vector.clone()) - &e1 * 6.0).iter().all(|d| d.abs() < 1e-5));
+        assert!((Array1::from_vec(s.vector.clone()) - &e1 * 6.0)
+            .iter()
+            .all(|d| d.abs() < 1e-5));
         // One half-life later a view of the same product: 6/2 + 1.
-        let s2 = m.apply(Some(&s), &event("b", EventType::View, "p-00001", week), pos(1), 0).unwrap();
+        let s2 = m
+            .apply(
+                Some(&s),
+                &event("b", EventType::View, "p-00001", week),
+                pos(1),
+                0,
+            )
+            .unwrap();
         let expected = &e1 * 4.0;
-        assert!((Array1::from_vec(s2.vector) - expected).iter().all(|d| d.abs() < 1e-4));
+        assert!((Array1::from_vec(s2.vector) - expected)
+            .iter()
+            .all(|d| d.abs() < 1e-4));
         assert_eq!(s2.version, 2);
     }
 
     #[test]
     fn history_is_bounded_and_purchases_kept() {
-        let m = UserModel::new(model().catalog().clone(), ModelSettings { recent_limit: 3, ..Default::default() });
+        let m = UserModel::new(
+            model().catalog().clone(),
+            ModelSettings {
+                recent_limit: 3,
+                ..Default::default()
+            },
+        );
         let events: Vec<Event> = (0..6)
-            .map(|i| event(&format!("e{i}"), if i == 1 { EventType::Purchase } else { EventType::View }, &format!("p-{:05}", i), i))
+            .map(|i| {
+                event(
+                    &format!("e{i}"),
+                    if i == 1 {
+                        EventType::Purchase
+                    } else {
+                        EventType::View
+                    },
+                    &format!("p-{:05}", i),
+                    i,
+                )
+            })
             .collect();
         let s = run(&m, &events);
         assert_eq!(s.recent_products, vec!["p-00005", "p-00004", "p-00003"]);
@@ -225,15 +265,27 @@ mod tests {
     #[test]
     fn unknown_product_is_an_error_and_search_moves_toward_matches() {
         let m = model();
-        let err = m.apply(None, &event("a", EventType::View, "nope", 0), pos(0), 0).unwrap_err();
+        let err = m
+            .apply(None, &event("a", EventType::View, "nope", 0), pos(0), 0)
+            .unwrap_err();
         assert_eq!(err, UpdateError::UnknownProduct("nope".into()));
         let mut search = event("s", EventType::Search, "x", 0);
         search.product_id = None;
         search.query = Some("coffee".into());
         let s = m.apply(None, &search, pos(0), 0).unwrap();
         let v = Array1::from_vec(s.vector);
-        let coffee = m.catalog().products().iter().position(|p| p.category == "coffee").unwrap();
-        let garden = m.catalog().products().iter().position(|p| p.category == "garden").unwrap();
+        let coffee = m
+            .catalog()
+            .products()
+            .iter()
+            .position(|p| p.category == "coffee")
+            .unwrap();
+        let garden = m
+            .catalog()
+            .products()
+            .iter()
+            .position(|p| p.category == "garden")
+            .unwrap();
         assert!(v.dot(&m.catalog().embedding(coffee)) > v.dot(&m.catalog().embedding(garden)));
         search.query = Some("zzz".into());
         let s = m.apply(None, &search, pos(0), 0).unwrap();

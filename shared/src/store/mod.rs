@@ -51,7 +51,10 @@ pub trait Store: Send + Sync {
     /// Writes a batch atomically where the backend can.
     async fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
     /// The newest list for a user (highest user-state version, then newest).
-    async fn latest_recommendations(&self, user_id: &str) -> Result<Option<RecommendationRecord>, StoreError>;
+    async fn latest_recommendations(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<RecommendationRecord>, StoreError>;
     /// A user's events, newest event time first.
     async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
     async fn user_state(&self, user_id: &str) -> Result<Option<UserVectorRecord>, StoreError>;
@@ -103,8 +106,16 @@ pub mod suite {
             version,
             recent_products: vec!["p-1".into()],
             purchased: vec![],
-            last_event: LastEvent { event_id: format!("e{version}"), event_type: EventType::View, product_id: Some("p-1".into()), ts: 1 },
-            source: SourcePosition { partition: 0, offset: version as i64 },
+            last_event: LastEvent {
+                event_id: format!("e{version}"),
+                event_type: EventType::View,
+                product_id: Some("p-1".into()),
+                ts: 1,
+            },
+            source: SourcePosition {
+                partition: 0,
+                offset: version as i64,
+            },
             updated_at: 1,
         }
     }
@@ -115,7 +126,10 @@ pub mod suite {
             user_id: user.into(),
             model_version: "v1".into(),
             fallback: None,
-            items: vec![ScoredProduct { product_id: format!("p-{version}"), score: 0.5 }],
+            items: vec![ScoredProduct {
+                product_id: format!("p-{version}"),
+                score: 0.5,
+            }],
             user_version: version,
             source_event_id: Some(format!("e{version}")),
             source_event_ts: Some(1),
@@ -132,37 +146,96 @@ pub mod suite {
 
         // Events: newest first, a replayed event stored once, users kept apart.
         let batch = WriteBatch {
-            events: vec![event("a", "e1", 10), event("a", "e2", 30), event("a", "e3", 20), event("b", "e1", 5)],
+            events: vec![
+                event("a", "e1", 10),
+                event("a", "e2", 30),
+                event("a", "e3", 20),
+                event("b", "e1", 5),
+            ],
             ..Default::default()
         };
         store.write(batch.clone()).await.unwrap();
         store.write(batch).await.unwrap();
-        let ids: Vec<String> = store.user_events("a", 10).await.unwrap().into_iter().map(|e| e.event_id).collect();
+        let ids: Vec<String> = store
+            .user_events("a", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
         assert_eq!(ids, vec!["e2", "e3", "e1"]);
         assert_eq!(store.user_events("a", 2).await.unwrap().len(), 2);
-        assert_eq!(store.user_events("b", 10).await.unwrap(), vec![event("b", "e1", 5)]);
+        assert_eq!(
+            store.user_events("b", 10).await.unwrap(),
+            vec![event("b", "e1", 5)]
+        );
 
         // User state: a replayed older version never overwrites a newer one.
-        store.write(WriteBatch { user_states: vec![state("a", 2)], ..Default::default() }).await.unwrap();
-        store.write(WriteBatch { user_states: vec![state("a", 1)], ..Default::default() }).await.unwrap();
+        store
+            .write(WriteBatch {
+                user_states: vec![state("a", 2)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        store
+            .write(WriteBatch {
+                user_states: vec![state("a", 1)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(store.user_state("a").await.unwrap(), Some(state("a", 2)));
-        store.write(WriteBatch { user_states: vec![state("a", 3)], ..Default::default() }).await.unwrap();
+        store
+            .write(WriteBatch {
+                user_states: vec![state("a", 3)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(store.user_state("a").await.unwrap(), Some(state("a", 3)));
 
         // Recommendations: the newest user version wins, whatever the write order, and a
         // replay changes nothing.
         let (l1, l2) = (list("a", 1, 100), list("a", 2, 50));
-        store.write(WriteBatch { recommendations: vec![l2.clone(), l1.clone()], ..Default::default() }).await.unwrap();
-        store.write(WriteBatch { recommendations: vec![l1.clone()], ..Default::default() }).await.unwrap();
-        assert_eq!(store.latest_recommendations("a").await.unwrap(), Some(l2.clone()));
+        store
+            .write(WriteBatch {
+                recommendations: vec![l2.clone(), l1.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        store
+            .write(WriteBatch {
+                recommendations: vec![l1.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            store.latest_recommendations("a").await.unwrap(),
+            Some(l2.clone())
+        );
         // Lists of no user version (popularity) go by generation time.
         let mut p1 = list(crate::events::POPULAR_USER_ID, 0, 10);
         p1.fallback = Some(Fallback::Popularity);
         let mut p2 = p1.clone();
         p2.recommendation_id = "pop-2".into();
         p2.generated_at = 20;
-        store.write(WriteBatch { recommendations: vec![p2.clone(), p1], ..Default::default() }).await.unwrap();
-        assert_eq!(store.latest_recommendations(crate::events::POPULAR_USER_ID).await.unwrap(), Some(p2));
+        store
+            .write(WriteBatch {
+                recommendations: vec![p2.clone(), p1],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .latest_recommendations(crate::events::POPULAR_USER_ID)
+                .await
+                .unwrap(),
+            Some(p2)
+        );
         assert_eq!(store.latest_recommendations("b").await.unwrap(), None);
     }
 }

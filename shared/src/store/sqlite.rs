@@ -39,11 +39,14 @@ impl SqliteStore {
         }
         let connect = || -> Result<Connection, StoreError> {
             let c = Connection::open(path).map_err(|e| open_err(&e))?;
-            c.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| open_err(&e))?;
+            c.busy_timeout(std::time::Duration::from_secs(10))
+                .map_err(|e| open_err(&e))?;
             // WAL lets readers in other processes run alongside the writer; NORMAL sync
             // survives a process crash (not an OS crash) and keeps commits cheap.
-            c.pragma_update(None, "journal_mode", "WAL").map_err(|e| open_err(&e))?;
-            c.pragma_update(None, "synchronous", "NORMAL").map_err(|e| open_err(&e))?;
+            c.pragma_update(None, "journal_mode", "WAL")
+                .map_err(|e| open_err(&e))?;
+            c.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(|e| open_err(&e))?;
             Ok(c)
         };
         let writer = connect()?;
@@ -61,7 +64,9 @@ impl SqliteStore {
                 .pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(|e| open_err(&e))?;
         }
-        let readers = (0..READERS).map(|_| connect().map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
+        let readers = (0..READERS)
+            .map(|_| connect().map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             writer: Arc::new(Mutex::new(writer)),
@@ -149,7 +154,10 @@ impl Store for SqliteStore {
         .map_err(query_err)?
     }
 
-    async fn latest_recommendations(&self, user_id: &str) -> Result<Option<RecommendationRecord>, StoreError> {
+    async fn latest_recommendations(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<RecommendationRecord>, StoreError> {
         let user_id = user_id.to_string();
         self.read(move |c| {
             let body: Option<String> = c
@@ -195,7 +203,8 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(query_err)).await
+        self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(query_err))
+            .await
     }
 }
 
@@ -206,7 +215,9 @@ mod tests {
     #[tokio::test]
     async fn sqlite_passes_the_store_suite() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(&format!("sqlite://{}", dir.path().join("s.db").display())).await.unwrap();
+        let store = crate::store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
+            .await
+            .unwrap();
         crate::store::suite::run_all(store.as_ref()).await;
     }
 
@@ -216,16 +227,36 @@ mod tests {
         let path = dir.path().join("nested/dir/s.db");
         let writer = SqliteStore::open(&path).unwrap();
         let reader = SqliteStore::open(&path).unwrap();
-        let e = crate::events::Event::from_json(br#"{"event_id":"e","user_id":"u","type":"view","product_id":"p","ts":1}"#).unwrap();
-        writer.write(WriteBatch { events: vec![e.clone()], ..Default::default() }).await.unwrap();
+        let e = crate::events::Event::from_json(
+            br#"{"event_id":"e","user_id":"u","type":"view","product_id":"p","ts":1}"#,
+        )
+        .unwrap();
+        writer
+            .write(WriteBatch {
+                events: vec![e.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(reader.user_events("u", 5).await.unwrap(), vec![e.clone()]);
         drop((writer, reader));
-        assert_eq!(SqliteStore::open(&path).unwrap().user_events("u", 5).await.unwrap(), vec![e]);
+        assert_eq!(
+            SqliteStore::open(&path)
+                .unwrap()
+                .user_events("u", 5)
+                .await
+                .unwrap(),
+            vec![e]
+        );
     }
 
     #[tokio::test]
     async fn unknown_urls_say_what_is_supported() {
-        let err = crate::store::open("postgres://x").await.err().unwrap().to_string();
+        let err = crate::store::open("postgres://x")
+            .await
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("sqlite://"), "{err}");
     }
 }

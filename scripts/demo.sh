@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole pipeline on the embedded defaults: builds, starts a tansu
+# broker and the four services, sends a burst of synthetic shopping traffic, prints a
+# few users' recommendations, and leaves the API up until Ctrl-C stops everything.
+#   scripts/demo.sh            run, then wait for Ctrl-C
+#   scripts/demo.sh --no-wait  run, print, stop (for scripts)
+# Ports: RECPIPE_DEMO_KAFKA_PORT (19092), RECPIPE_DEMO_API_PORT (8080).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+wait_for_ctrl_c=1
+[ "${1:-}" = "--no-wait" ] && wait_for_ctrl_c=0
+kafka_port="${RECPIPE_DEMO_KAFKA_PORT:-19092}"
+api_port="${RECPIPE_DEMO_API_PORT:-8080}"
+run="$root/.run"
+logs="$run/logs"
+bin="$root/target/release"
+
+say() { printf '\033[1m== %s\033[0m\n' "$*"; }
+in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+for port in "$kafka_port" "$api_port"; do
+  if in_use "$port"; then
+    echo "port $port on 127.0.0.1 is already in use (another demo still running?)." >&2
+    echo "Stop it, or pick other ports: RECPIPE_DEMO_KAFKA_PORT=29092 RECPIPE_DEMO_API_PORT=8081 scripts/demo.sh" >&2
+    exit 1
+  fi
+done
+
+say "1/6 installing the tansu broker (cached after the first run)"
+scripts/install-tansu.sh
+
+say "2/6 building recpipe (release)"
+cargo build --release --workspace --bins --quiet
+
+say "3/6 starting the broker on 127.0.0.1:$kafka_port"
+rm -rf "$run/broker" "$run"/recpipe.db*
+mkdir -p "$run/broker" "$logs"
+pids=()
+stop_all() {
+  trap - INT TERM EXIT
+  echo
+  say "stopping"
+  for pid in "${pids[@]:1}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]:1}"; do wait "$pid" 2>/dev/null || true; done
+  kill -TERM "${pids[0]}" 2>/dev/null || true
+  wait "${pids[0]}" 2>/dev/null || true
+  echo "stopped; logs are in $logs"
+}
+trap stop_all EXIT
+trap 'exit 0' INT TERM
+url="tcp://127.0.0.1:$kafka_port"
+# tansu reads settings from the environment and a .env file: run it in an empty directory
+# with every setting given as a flag.
+(cd "$run/broker" && exec env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
+  "$root/.tools/bin/tansu" broker --listener-url "$url" --advertised-listener-url "$url" \
+  --storage-engine memory://tansu/ >"$logs/tansu.log" 2>&1) &
+pids+=($!)
+for _ in $(seq 1 100); do in_use "$kafka_port" && break; sleep 0.1; done
+in_use "$kafka_port" || { echo "the broker did not start; see $logs/tansu.log" >&2; exit 1; }
+
+export RECPIPE_KAFKA__BROKERS="127.0.0.1:$kafka_port"
+export RECPIPE_API__PORT="$api_port"
+export RECPIPE_STORE__URL="sqlite://$run/recpipe.db"
+export RECPIPE_CATALOG__DIR="$run/catalog"
+"$bin/recpipe-admin" topics create
+"$bin/recpipe-admin" catalog generate --products 2000 --dim 32
+
+say "4/6 starting update-embeddings, gen-recommendations, save-worker, query-api"
+for service in update-embeddings gen-recommendations save-worker query-api; do
+  "$bin/$service" >"$logs/$service.log" 2>&1 &
+  pids+=($!)
+done
+api="http://127.0.0.1:$api_port"
+for _ in $(seq 1 300); do
+  curl -fsS "$api/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fsS "$api/readyz" >/dev/null || { echo "query-api is not ready; see $logs/query-api.log" >&2; exit 1; }
+
+say "5/6 sending 3,000 events from 60 synthetic shoppers (each has a favourite category)"
+"$bin/recpipe-loadtest" --api "$api" --catalog "$run/catalog" events --users 60 --events 3000 --rate 1500
+
+say "6/6 what the pipeline recommends"
+"$bin/recpipe-loadtest" --api "$api" --catalog "$run/catalog" show --users user-0001,user-0002,user-0003 --k 5
+echo
+echo "A user never seen gets the popularity list:"
+curl -fsS "$api/v1/users/someone-new/recommendations?k=3"; echo
+echo
+say "the API is up at $api"
+cat <<EOT
+  curl '$api/v1/users/user-0004/recommendations?k=5'
+  curl '$api/v1/users/user-0004/events?limit=5'
+  curl -X POST $api/v1/events -H 'content-type: application/json' \\
+       -d '{"event_id":"my-1","user_id":"me","type":"view","product_id":"p-00004","ts":$(date +%s000)}'
+  logs: $logs
+EOT
+if [ "$wait_for_ctrl_c" = 1 ]; then
+  echo "Press Ctrl-C to stop everything."
+  wait "${pids[0]}"
+fi

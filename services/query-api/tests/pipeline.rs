@@ -1,0 +1,267 @@
+//! The whole pipeline, end to end: a real tansu broker, the four services in this
+//! process, the embedded store, and HTTP calls as a storefront makes them.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use query_api::routes::RecommendationsResponse;
+use recpipe_shared::events::{Event, EventType, Fallback};
+use recpipe_shared::settings::Settings;
+use recpipe_shared::testkit::{event, eventually, TestEnv};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct TestApp {
+    env: TestEnv,
+    address: SocketAddr,
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+    services: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts a broker, the three pipeline services and the API on port 0.
+async fn spawn_app() -> TestApp {
+    let env = TestEnv::start().await;
+    let shutdown = CancellationToken::new();
+    let mut services = Vec::new();
+    let settings: Settings = env.settings.clone();
+    let (s, t) = (settings.clone(), shutdown.clone());
+    services.push(tokio::spawn(async move {
+        update_embeddings::run(s, t).await.map(drop).unwrap()
+    }));
+    let (s, t) = (settings.clone(), shutdown.clone());
+    services.push(tokio::spawn(async move {
+        gen_recommendations::run(s, t).await.map(drop).unwrap()
+    }));
+    let (s, t) = (settings.clone(), shutdown.clone());
+    services.push(tokio::spawn(async move {
+        save_worker::run(s, t).await.map(drop).unwrap()
+    }));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let state = query_api::AppState::build(settings).await.unwrap();
+    let t = shutdown.clone();
+    services.push(tokio::spawn(async move {
+        query_api::serve(listener, state, t).await.unwrap()
+    }));
+    TestApp {
+        env,
+        address,
+        client: reqwest::Client::new(),
+        shutdown,
+        services,
+    }
+}
+
+impl TestApp {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    async fn post_events(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/events"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn recommendations(&self, user: &str, k: usize) -> RecommendationsResponse {
+        let r = self
+            .client
+            .get(self.url(&format!("/v1/users/{user}/recommendations?k={k}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// Stops every service and checks they all ended cleanly.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for s in self.services {
+            tokio::time::timeout(Duration::from_secs(30), s)
+                .await
+                .expect("service stops")
+                .expect("service did not panic");
+        }
+    }
+}
+
+/// A user who views products of one category, then buys one of them.
+fn shopper(app: &TestApp, user: &str, category: &str, views: usize) -> (Vec<Event>, String) {
+    let catalog = app.env.catalog();
+    let products: Vec<&str> = catalog
+        .products()
+        .iter()
+        .filter(|p| p.category == category && p.available)
+        .map(|p| p.product_id.as_str())
+        .take(views + 1)
+        .collect();
+    let mut events: Vec<Event> = products[..views]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            event(
+                &format!("{user}-v{i}"),
+                user,
+                EventType::View,
+                p,
+                1_700_000_000_000 + i as i64 * 1_000,
+            )
+        })
+        .collect();
+    let bought = products[views].to_string();
+    events.push(event(
+        &format!("{user}-buy"),
+        user,
+        EventType::Purchase,
+        &bought,
+        1_700_000_100_000,
+    ));
+    (events, bought)
+}
+
+#[tokio::test]
+async fn events_in_recommendations_out() {
+    let app = spawn_app().await;
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+
+    let (kitchen, kitchen_bought) = shopper(&app, "alice", "kitchen", 12);
+    let (audio, audio_bought) = shopper(&app, "bob", "audio", 12);
+    let all: Vec<Event> = kitchen.iter().chain(&audio).cloned().collect();
+    let r = app.post_events(&serde_json::to_value(&all).unwrap()).await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.json::<Value>().await.unwrap()["accepted"], 26);
+
+    for (user, events, bought, category) in [
+        ("alice", &kitchen, &kitchen_bought, "kitchen"),
+        ("bob", &audio, &audio_bought, "audio"),
+    ] {
+        // The list made from the user's last event is the one to judge.
+        let list = eventually(WAIT, &format!("{user}'s recommendations"), || async {
+            let list = app.recommendations(user, 10).await;
+            (list.fallback.is_none()
+                && list.items.len() == 10
+                && list.recommendation_id
+                    == recpipe_shared::model::recommendation_id(user, 13, "synthetic-v1"))
+            .then_some(list)
+        })
+        .await;
+        let touched: HashSet<&str> = events
+            .iter()
+            .filter_map(|e| e.product_id.as_deref())
+            .collect();
+        for item in &list.items {
+            assert_ne!(
+                &item.product_id, bought,
+                "{user} was recommended what they bought"
+            );
+            assert!(
+                !touched.contains(item.product_id.as_str()),
+                "{user} was recommended {} they already saw",
+                item.product_id
+            );
+        }
+        let same = list.items.iter().filter(|i| i.category == category).count();
+        assert!(
+            same >= 7,
+            "{user} viewed only {category} but got {same}/10 of it: {:?}",
+            list.items
+        );
+        assert!(list.items.windows(2).all(|w| w[0].score >= w[1].score));
+        assert!(list.items.iter().all(|i| !i.title.is_empty()));
+    }
+
+    // Every event is stored, newest first.
+    let stored = eventually(WAIT, "stored events", || async {
+        let v: Value = app
+            .client
+            .get(app.url("/v1/users/alice/events?limit=100"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (v["events"].as_array().unwrap().len() == 13).then_some(v)
+    })
+    .await;
+    assert_eq!(stored["events"][0]["event_id"], "alice-buy");
+
+    // A user never seen gets the popularity list, marked as such, not an error.
+    let stranger = eventually(WAIT, "the popularity list", || async {
+        let l = app.recommendations("stranger", 5).await;
+        (l.fallback == Some(Fallback::Popularity) && !l.items.is_empty()).then_some(l)
+    })
+    .await;
+    let popular: HashSet<&str> = all.iter().filter_map(|e| e.product_id.as_deref()).collect();
+    assert!(stranger
+        .items
+        .iter()
+        .all(|i| popular.contains(i.product_id.as_str())));
+    assert_eq!(stranger.items.len(), 5);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_400_that_says_what_is_wrong() {
+    let app = spawn_app().await;
+    let cases = [
+        (
+            json!({"event_id": "e", "user_id": "u", "type": "view", "ts": 1}),
+            "product_id",
+        ),
+        (
+            json!({"event_id": "e", "user_id": "u", "type": "fly", "product_id": "p-00001", "ts": 1}),
+            "fly",
+        ),
+        (
+            json!({"event_id": "e", "user_id": "u", "type": "view", "product_id": "nope", "ts": 1}),
+            "unknown product",
+        ),
+        (
+            json!([{"event_id": "e", "user_id": "u", "type": "view", "product_id": "p-00001", "ts": "yesterday"}]),
+            "\"index\":0",
+        ),
+        (json!([]), "1 to 1000"),
+        (json!(42), "event object"),
+    ];
+    for (body, expected) in cases {
+        let r = app.post_events(&body).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(expected), "{body} → {text}");
+        assert!(serde_json::from_str::<Value>(&text).unwrap()["error"].is_string());
+    }
+    let r = app
+        .client
+        .post(app.url("/v1/events"))
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("not valid JSON"));
+    for query in ["k=0", "k=100000", "k=ten"] {
+        let r = app
+            .client
+            .get(app.url(&format!("/v1/users/u/recommendations?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+    }
+    // Before any traffic an unknown user still gets a list: the catalog fallback.
+    let list = app.recommendations("nobody", 3).await;
+    assert_eq!(list.fallback, Some(Fallback::Catalog));
+    assert_eq!(list.items.len(), 3);
+    app.stop().await;
+}
