@@ -263,10 +263,15 @@ impl Settings {
 
     /// Loads `base.yaml` and `<service>.yaml` from `dir` (each optional), then the environment.
     pub fn load_from(dir: &Path, service: &str) -> Result<Settings, SettingsError> {
+        // RECPIPE_CONFIG_DIR names the directory; it is not a setting.
+        let vars = std::env::vars()
+            .filter(|(k, _)| k.starts_with("RECPIPE_") && k != "RECPIPE_CONFIG_DIR")
+            .collect();
         let env = config::Environment::with_prefix("RECPIPE")
             .prefix_separator("_")
             .separator("__")
-            .try_parsing(true);
+            .try_parsing(true)
+            .source(Some(vars));
         config::Config::builder()
             .add_source(config::File::from(dir.join("base.yaml")).required(false))
             .add_source(config::File::from(dir.join(format!("{service}.yaml"))).required(false))
@@ -296,8 +301,11 @@ mod tests {
         std::fs::write(dir.path().join("query-api.yaml"), "api:\n  port: 9100\n").unwrap();
         // The only test in this crate that sets RECPIPE_ variables, so no other test races it.
         std::env::set_var("RECPIPE_KAFKA__BROKERS", "envhost:9092");
+        // Names the directory, and must not be taken for a setting.
+        std::env::set_var("RECPIPE_CONFIG_DIR", dir.path());
         let s = Settings::load_from(dir.path(), "query-api").unwrap();
         std::env::remove_var("RECPIPE_KAFKA__BROKERS");
+        std::env::remove_var("RECPIPE_CONFIG_DIR");
         assert_eq!(s.kafka.brokers, "envhost:9092");
         assert_eq!(s.kafka.partitions, 8);
         assert_eq!(s.api.port, 9100);

@@ -211,3 +211,38 @@ async fn replaying_already_applied_events_changes_nothing() {
         .unwrap();
     assert_eq!(newest.version, before + 1);
 }
+
+#[tokio::test]
+async fn sigterm_finishes_commits_and_exits_zero() {
+    let env = TestEnv::start().await;
+    send(&env, &batch(0, 5)).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_update-embeddings"))
+        .env("RECPIPE_CONFIG_DIR", config_dir.path())
+        .env("RECPIPE_KAFKA__BROKERS", env.broker.brokers())
+        .env("RECPIPE_CATALOG__DIR", &env.settings.catalog.dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(states(&env, 5).await.len(), 5);
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status =
+        recpipe_shared::testkit::eventually(Duration::from_secs(20), "the process to exit", || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        })
+        .await;
+    assert!(status.success(), "exit status {status:?}");
+
+    // Its offsets were committed: a new run reads only the new event.
+    send(&env, &batch(5, 6)).await;
+    let (stop, handle) = start(&env.settings);
+    assert_eq!(states(&env, 6).await.len(), 6);
+    stop.cancel();
+    assert_eq!(handle.await.unwrap().records, 1);
+}
