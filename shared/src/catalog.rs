@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 
 pub const PRODUCTS_FILE: &str = "products.jsonl";
 pub const EMBEDDINGS_FILE: &str = "embeddings.npy";
+/// Alternative to `products.jsonl` for imported models: one product id per line, in row
+/// order (titles default to the id, every product available).
+pub const IDS_FILE: &str = "ids.txt";
+/// Written by the trainer; its `version` names the model in every list.
+pub const MODEL_METADATA_FILE: &str = "metadata.json";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +60,7 @@ pub enum CatalogError {
 /// Products with unit-length embeddings, and the look-ups the services need.
 #[derive(Debug)]
 pub struct Catalog {
+    model_version: Option<String>,
     products: Vec<Product>,
     embeddings: Array2<f32>,
     by_id: HashMap<String, usize>,
@@ -124,6 +130,7 @@ impl Catalog {
             }
         }
         Ok(Catalog {
+            model_version: None,
             products,
             embeddings,
             by_id,
@@ -131,26 +138,16 @@ impl Catalog {
         })
     }
 
-    /// Reads `products.jsonl` and `embeddings.npy` from `dir`.
+    /// Reads `products.jsonl` (or `ids.txt`) and `embeddings.npy` from `dir`, and the
+    /// model version from `metadata.json` when present.
     pub fn load(dir: &Path) -> Result<Catalog, CatalogError> {
         let products_path = dir.join(PRODUCTS_FILE);
-        let file = std::fs::File::open(&products_path).map_err(|source| CatalogError::Missing {
-            path: products_path.clone(),
-            source,
-        })?;
-        let mut products = Vec::new();
-        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let bad = |message: String| CatalogError::BadProduct {
-                path: products_path.clone(),
-                line: i + 1,
-                message,
-            };
-            let line = line.map_err(|e| bad(e.to_string()))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            products.push(serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?);
-        }
+        let ids_path = dir.join(IDS_FILE);
+        let products = if !products_path.exists() && ids_path.exists() {
+            Self::read_ids(&ids_path)?
+        } else {
+            Self::read_products(&products_path)?
+        };
         let emb_path = dir.join(EMBEDDINGS_FILE);
         let file = std::fs::File::open(&emb_path).map_err(|source| CatalogError::Missing {
             path: emb_path.clone(),
@@ -161,13 +158,81 @@ impl Catalog {
                 path: emb_path.clone(),
                 message: format!("{e} (expected a 2-D float32 array, one row per product)"),
             })?;
-        Catalog::new(products, embeddings).map_err(|e| match e {
+        let mut catalog = Catalog::new(products, embeddings).map_err(|e| match e {
             CatalogError::BadEmbeddings { message, .. } => CatalogError::BadEmbeddings {
                 path: emb_path,
                 message,
             },
             other => other,
-        })
+        })?;
+        let metadata_path = dir.join(MODEL_METADATA_FILE);
+        if metadata_path.exists() {
+            let bad = |message: String| CatalogError::BadProduct {
+                path: metadata_path.clone(),
+                line: 1,
+                message,
+            };
+            let text = std::fs::read_to_string(&metadata_path).map_err(|e| bad(e.to_string()))?;
+            let meta: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let version = meta["version"]
+                .as_str()
+                .ok_or_else(|| bad("no \"version\" string".into()))?;
+            catalog.model_version = Some(version.to_string());
+        }
+        Ok(catalog)
+    }
+
+    fn read_ids(path: &Path) -> Result<Vec<Product>, CatalogError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Missing {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        text.lines()
+            .enumerate()
+            .map(|(i, line)| {
+                let id = line.trim();
+                if id.is_empty() {
+                    return Err(CatalogError::BadProduct {
+                        path: path.to_path_buf(),
+                        line: i + 1,
+                        message: "missing id (empty line)".into(),
+                    });
+                }
+                Ok(Product {
+                    product_id: id.to_string(),
+                    title: id.to_string(),
+                    category: String::new(),
+                    available: true,
+                })
+            })
+            .collect()
+    }
+
+    fn read_products(path: &Path) -> Result<Vec<Product>, CatalogError> {
+        let file = std::fs::File::open(path).map_err(|source| CatalogError::Missing {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut products = Vec::new();
+        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let bad = |message: String| CatalogError::BadProduct {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message,
+            };
+            let line = line.map_err(|e| bad(e.to_string()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            products.push(serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?);
+        }
+        Ok(products)
+    }
+
+    /// The version named by the model's `metadata.json`, if it has one.
+    pub fn model_version(&self) -> Option<&str> {
+        self.model_version.as_deref()
     }
 
     /// Writes the two files into `dir` (created if missing).
@@ -527,6 +592,38 @@ mod tests {
             );
         }
         assert!(c.search("zzzz", 10).is_empty());
+    }
+
+    #[test]
+    fn an_imported_model_needs_only_ids_and_embeddings() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(IDS_FILE), "a\nb\nc\n").unwrap();
+        let e = ndarray::arr2(&[[1.0f32, 0.0], [0.0, 2.0], [3.0, 4.0]]);
+        ndarray_npy::write_npy(dir.path().join(EMBEDDINGS_FILE), &e).unwrap();
+        let c = Catalog::load(dir.path()).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.get("c").unwrap().title, "c");
+        assert!(
+            (c.embedding(2)[0] - 0.6).abs() < 1e-6,
+            "rows are normalised"
+        );
+        assert_eq!(c.model_version(), None);
+        std::fs::write(
+            dir.path().join(MODEL_METADATA_FILE),
+            r#"{"version": "imported-1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            Catalog::load(dir.path()).unwrap().model_version(),
+            Some("imported-1")
+        );
+        // A blank line is a missing id, reported with its line.
+        std::fs::write(dir.path().join(IDS_FILE), "a\n\nc\n").unwrap();
+        let err = Catalog::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2") && err.contains("missing id"),
+            "{err}"
+        );
     }
 
     #[test]

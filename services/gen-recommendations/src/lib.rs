@@ -36,17 +36,22 @@ pub struct GenRecommendations {
 impl GenRecommendations {
     pub fn new(recommender: Arc<Recommender>, settings: &Settings) -> Self {
         GenRecommendations {
-            recommender,
             popularity: Popularity::new(
                 settings.model.popularity_half_life_hours,
                 settings.model.weights.clone(),
             ),
-            model_version: settings.model.version.clone(),
+            // A trained model names its own version; a bare catalog takes the configured one.
+            model_version: recommender
+                .catalog()
+                .model_version()
+                .unwrap_or(&settings.model.version)
+                .to_string(),
             list_len: settings.model.list_len,
             topics: settings.kafka.topics.clone(),
             publish_every: Duration::from_millis(settings.model.popularity_publish_ms),
             last_publish: None,
             popularity_changed: false,
+            recommender,
         }
     }
 
