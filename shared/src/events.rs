@@ -161,6 +161,9 @@ pub enum Fallback {
 pub struct ScoredProduct {
     pub product_id: String,
     pub score: f32,
+    /// The product of the user's history this one is closest to ("because you viewed").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub because: Option<String>,
 }
 
 /// A recommendation list (schemas/recommendation.v1.schema.json).

@@ -23,6 +23,7 @@ pub fn routes() -> Router<AppState> {
         .route("/readyz", get(readyz))
         .route("/v1/users/{user_id}/recommendations", get(recommendations))
         .route("/v1/users/{user_id}/events", get(user_events))
+        .route("/v1/products/{product_id}/similar", get(similar_products))
         .route("/v1/events", post(post_events))
 }
 
@@ -110,6 +111,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
 #[derive(Debug, Deserialize)]
 pub struct RecommendationsQuery {
     k: Option<usize>,
+    /// Only products of this category.
+    category: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Because {
+    pub product_id: String,
+    pub title: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -118,6 +127,9 @@ pub struct RecommendedItem {
     pub score: f32,
     pub title: String,
     pub category: String,
+    /// "Because you viewed …": the product of the user's history this one is closest to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub because: Option<Because>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -162,6 +174,9 @@ async fn recommendations(
     let store_err = |e: recpipe_shared::store::StoreError| {
         ApiError::unavailable(format!("store unavailable: {e}"))
     };
+    if let Some(category) = &query.category {
+        return category_list(&state, user_id, category, k).await;
+    }
     let mut list = state
         .store
         .latest_recommendations(&user_id)
@@ -179,8 +194,19 @@ async fn recommendations(
     }
     let list = match list {
         Some(l) if !l.items.is_empty() => l,
-        _ => catalog_fallback(&state),
+        _ => catalog_fallback(&state, &|_| true),
     };
+    Ok(Json(respond(&state, user_id, list, fallback, k)))
+}
+
+/// The stored list as an answer: current titles, unavailable products dropped, `k` kept.
+fn respond(
+    state: &AppState,
+    user_id: String,
+    list: RecommendationRecord,
+    fallback: Option<Fallback>,
+    k: usize,
+) -> RecommendationsResponse {
     let catalog = &state.catalog;
     let items = list
         .items
@@ -192,15 +218,22 @@ async fn recommendations(
                 score: s.score,
                 title: p.title.clone(),
                 category: p.category.clone(),
+                because: s.because.as_deref().and_then(|b| {
+                    catalog.get(b).map(|bp| Because {
+                        product_id: b.to_string(),
+                        title: bp.title.clone(),
+                    })
+                }),
             })
         })
         .take(k)
         .collect();
-    Ok(Json(RecommendationsResponse {
+    let fallback = list.fallback.or(fallback);
+    RecommendationsResponse {
         user_id,
         recommendation_id: list.recommendation_id,
         model_version: list.model_version,
-        fallback: list.fallback.or(fallback),
+        fallback,
         generated_at: list.generated_at,
         source_event_id: if fallback.is_some() {
             None
@@ -208,26 +241,179 @@ async fn recommendations(
             list.source_event_id
         },
         items,
+    }
+}
+
+/// A list restricted to one category, computed now from the user's stored state (the
+/// stored list holds too few of any one category to filter it).
+async fn category_list(
+    state: &AppState,
+    user_id: String,
+    category: &str,
+    k: usize,
+) -> Result<Json<RecommendationsResponse>, ApiError> {
+    let catalog = &state.catalog;
+    if !catalog.products().iter().any(|p| p.category == category) {
+        let mut known: Vec<&str> = catalog
+            .products()
+            .iter()
+            .map(|p| p.category.as_str())
+            .collect();
+        known.sort();
+        known.dedup();
+        return Err(ApiError::bad_request(format!(
+            "unknown category {category:?}; known: {}",
+            known.join(", ")
+        )));
+    }
+    let in_category = |i: usize| catalog.product(i).category == category;
+    let store_err = |e: recpipe_shared::store::StoreError| {
+        ApiError::unavailable(format!("store unavailable: {e}"))
+    };
+    let user = state.store.user_state(&user_id).await.map_err(store_err)?;
+    if let Some(user) = &user {
+        let recommender = state.recommender.clone();
+        let (u, c) = (user.clone(), category.to_string());
+        let catalog2 = catalog.clone();
+        let items = tokio::task::spawn_blocking(move || {
+            recommender.recommend_where(&u, k, &|i| catalog2.product(i).category == c)
+        })
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        if let Some(items) = items {
+            let list = RecommendationRecord {
+                recommendation_id: recpipe_shared::model::recommendation_id(
+                    &user.user_id,
+                    user.version,
+                    &format!("{}+category:{category}", state.settings.model.version),
+                ),
+                user_id: user_id.clone(),
+                model_version: catalog
+                    .model_version()
+                    .unwrap_or(&state.settings.model.version)
+                    .to_string(),
+                fallback: None,
+                items,
+                user_version: user.version,
+                source_event_id: Some(user.last_event.event_id.clone()),
+                source_event_ts: Some(user.last_event.ts),
+                generated_at: recpipe_shared::events::now_ms(),
+            };
+            return Ok(Json(respond(state, user_id, list, None, k)));
+        }
+    }
+    // No personal signal: popular products of the category, then the rest of it.
+    let popular = state
+        .store
+        .latest_recommendations(POPULAR_USER_ID)
+        .await
+        .map_err(store_err)?;
+    let mut list = catalog_fallback(state, &in_category);
+    if let Some(p) = popular {
+        let mut items: Vec<_> = p
+            .items
+            .into_iter()
+            .filter(|s| {
+                catalog
+                    .get(&s.product_id)
+                    .is_some_and(|x| x.category == category)
+            })
+            .collect();
+        let have: std::collections::HashSet<String> =
+            items.iter().map(|s| s.product_id.clone()).collect();
+        items.extend(
+            list.items
+                .into_iter()
+                .filter(|s| !have.contains(&s.product_id)),
+        );
+        list.items = items;
+        list.fallback = Some(Fallback::Popularity);
+    }
+    Ok(Json(respond(state, user_id, list, None, k)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SimilarQuery {
+    k: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct SimilarResponse {
+    pub product_id: String,
+    pub title: String,
+    pub items: Vec<RecommendedItem>,
+}
+
+async fn similar_products(
+    State(state): State<AppState>,
+    Path(product_id): Path<String>,
+    query: Result<Query<SimilarQuery>, QueryRejection>,
+) -> Result<Json<SimilarResponse>, ApiError> {
+    check_id("product_id", &product_id)?;
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let max_k = state.settings.api.max_k;
+    let k = query.k.unwrap_or(10);
+    if k == 0 || k > max_k {
+        return Err(ApiError::bad_request(format!(
+            "k must be between 1 and {max_k}, got {k}"
+        )));
+    }
+    let Some(index) = state.catalog.index_of(&product_id) else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("unknown product {product_id:?}"),
+            details: Vec::new(),
+        });
+    };
+    let recommender = state.recommender.clone();
+    let similar = tokio::task::spawn_blocking(move || recommender.similar(index, k))
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let items = similar
+        .into_iter()
+        .map(|(j, score)| {
+            let p = state.catalog.product(j);
+            RecommendedItem {
+                product_id: p.product_id.clone(),
+                score,
+                title: p.title.clone(),
+                category: p.category.clone(),
+                because: None,
+            }
+        })
+        .collect();
+    Ok(Json(SimilarResponse {
+        title: state.catalog.product(index).title.clone(),
+        product_id,
+        items,
     }))
 }
 
 /// Before any traffic: available products in catalog order.
-fn catalog_fallback(state: &AppState) -> RecommendationRecord {
+fn catalog_fallback(state: &AppState, keep: &dyn Fn(usize) -> bool) -> RecommendationRecord {
     let max_k = state.settings.api.max_k;
     RecommendationRecord {
         recommendation_id: "catalog".into(),
         user_id: POPULAR_USER_ID.into(),
-        model_version: state.settings.model.version.clone(),
+        model_version: state
+            .catalog
+            .model_version()
+            .unwrap_or(&state.settings.model.version)
+            .to_string(),
         fallback: Some(Fallback::Catalog),
         items: state
             .catalog
             .products()
             .iter()
-            .filter(|p| p.available)
+            .enumerate()
+            .filter(|&(i, p)| p.available && keep(i))
+            .map(|(_, p)| p)
             .take(max_k)
             .map(|p| recpipe_shared::events::ScoredProduct {
                 product_id: p.product_id.clone(),
                 score: 0.0,
+                because: None,
             })
             .collect(),
         user_version: 0,

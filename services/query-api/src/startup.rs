@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::Router;
 use rdkafka::producer::FutureProducer;
 use recpipe_shared::catalog::Catalog;
+use recpipe_shared::model::Recommender;
 use recpipe_shared::settings::Settings;
 use recpipe_shared::store::{self, Store};
 use tokio::net::TcpListener;
@@ -19,6 +20,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub producer: FutureProducer,
     pub catalog: Arc<Catalog>,
+    /// For similar products and category-filtered lists, computed at request time.
+    pub recommender: Arc<Recommender>,
     pub settings: Arc<Settings>,
 }
 
@@ -28,12 +31,19 @@ impl AppState {
     pub async fn build(settings: Settings) -> anyhow::Result<AppState> {
         let store = store::open(&settings.store.url).await?;
         let dir = settings.catalog.dir.clone();
-        let catalog = Arc::new(tokio::task::spawn_blocking(move || Catalog::load(&dir)).await??);
+        let hnsw = settings.model.hnsw.clone();
+        let (catalog, recommender) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let catalog = Arc::new(Catalog::load(&dir)?);
+            let recommender = Arc::new(Recommender::new(catalog.clone(), &hnsw));
+            Ok((catalog, recommender))
+        })
+        .await??;
         let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
         Ok(AppState {
             store,
             producer,
             catalog,
+            recommender,
             settings: Arc::new(settings),
         })
     }

@@ -178,7 +178,90 @@ async fn events_in_recommendations_out() {
         );
         assert!(list.items.windows(2).all(|w| w[0].score >= w[1].score));
         assert!(list.items.iter().all(|i| !i.title.is_empty()));
+        // Each item is explained by a product the user viewed.
+        for item in &list.items {
+            let because = item.because.as_ref().expect("an explanation");
+            assert!(touched.contains(because.product_id.as_str()), "{because:?}");
+        }
     }
+
+    // Category filter, computed from the user's stored state.
+    let garden: RecommendationsResponse = app
+        .client
+        .get(app.url("/v1/users/alice/recommendations?k=5&category=garden"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(garden.items.len(), 5);
+    assert!(garden.items.iter().all(|i| i.category == "garden"));
+    assert_eq!(garden.fallback, None);
+    let r = app
+        .client
+        .get(app.url("/v1/users/alice/recommendations?category=spaceships"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("known: audio"));
+
+    // Similar products.
+    let similar: Value = app
+        .client
+        .get(app.url(&format!("/v1/products/{kitchen_bought}/similar?k=5")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = similar["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5);
+    assert!(items
+        .iter()
+        .all(|i| i["product_id"] != kitchen_bought.as_str()));
+    assert!(
+        items.iter().filter(|i| i["category"] == "kitchen").count() >= 4,
+        "{similar}"
+    );
+    let r = app
+        .client
+        .get(app.url("/v1/products/nope/similar"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // A new user is personalised from their first event.
+    let first = event(
+        "carol-1",
+        "carol",
+        EventType::View,
+        &kitchen_bought,
+        1_700_000_200_000,
+    );
+    assert_eq!(
+        app.post_events(&serde_json::to_value(&first).unwrap())
+            .await
+            .status(),
+        202
+    );
+    let carol = eventually(WAIT, "carol's first list", || async {
+        let l = app.recommendations("carol", 10).await;
+        (l.source_event_id.as_deref() == Some("carol-1")).then_some(l)
+    })
+    .await;
+    assert_eq!(carol.fallback, None);
+    assert!(
+        carol
+            .items
+            .iter()
+            .filter(|i| i.category == "kitchen")
+            .count()
+            >= 7
+    );
 
     // Every event is stored, newest first.
     let stored = eventually(WAIT, "stored events", || async {

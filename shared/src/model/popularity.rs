@@ -78,6 +78,7 @@ impl Popularity {
             .map(|(i, s)| ScoredProduct {
                 product_id: catalog.product(i).product_id.clone(),
                 score: (s * scale) as f32,
+                because: None,
             })
             .collect()
     }

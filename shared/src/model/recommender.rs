@@ -12,6 +12,9 @@ use crate::catalog::Catalog;
 use crate::events::{ScoredProduct, UserVectorRecord};
 use crate::settings::HnswSettings;
 
+/// Recent products an explanation may name.
+const EXPLAIN_FROM: usize = 20;
+
 /// Layers of the HNSW graph (hnsw_rs caps it at 16).
 const HNSW_LAYERS: usize = 16;
 
@@ -173,25 +176,68 @@ impl Recommender {
     /// The user's list: nearest products excluding what they touched or bought. None when
     /// the user's vector carries no signal yet (the caller falls back to popularity).
     pub fn recommend(&self, user: &UserVectorRecord, k: usize) -> Option<Vec<ScoredProduct>> {
+        self.recommend_where(user, k, &|_| true)
+    }
+
+    /// As [`Recommender::recommend`], among the products `keep` accepts (e.g. one category).
+    pub fn recommend_where(
+        &self,
+        user: &UserVectorRecord,
+        k: usize,
+        keep: &(dyn Fn(usize) -> bool + Sync),
+    ) -> Option<Vec<ScoredProduct>> {
         let excluded: HashSet<usize> = user
             .recent_products
             .iter()
             .chain(&user.purchased)
             .filter_map(|p| self.catalog.index_of(p))
             .collect();
-        let nearest = self.nearest(&user.vector, k, &|i| excluded.contains(&i));
+        let nearest = self.nearest(&user.vector, k, &|i| excluded.contains(&i) || !keep(i));
         if nearest.is_empty() {
             return None;
         }
+        let history: Vec<usize> = user
+            .recent_products
+            .iter()
+            .take(EXPLAIN_FROM)
+            .filter_map(|p| self.catalog.index_of(p))
+            .collect();
         Some(
             nearest
                 .into_iter()
                 .map(|(i, score)| ScoredProduct {
                     product_id: self.catalog.product(i).product_id.clone(),
                     score,
+                    because: self
+                        .closest(i, &history)
+                        .map(|h| self.catalog.product(h).product_id.clone()),
                 })
                 .collect(),
         )
+    }
+
+    /// The product of `among` most similar to product `i`.
+    fn closest(&self, i: usize, among: &[usize]) -> Option<usize> {
+        let e = self.catalog.embedding(i);
+        among
+            .iter()
+            .map(|&h| {
+                (
+                    h,
+                    dot(
+                        e.as_slice().unwrap_or_default(),
+                        self.catalog.embedding(h).as_slice().unwrap_or_default(),
+                    ),
+                )
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(h, _)| h)
+    }
+
+    /// Products most similar to product `i` (itself and unavailable ones excluded).
+    pub fn similar(&self, i: usize, k: usize) -> Vec<(usize, f32)> {
+        let query = self.catalog.embedding(i).to_vec();
+        self.nearest(&query, k, &|j| j == i)
     }
 }
 
@@ -289,6 +335,61 @@ mod tests {
         assert!(list.windows(2).all(|w| w[0].score >= w[1].score));
         user.vector = vec![0.0; 32];
         assert_eq!(rec.recommend(&user, 20), None);
+    }
+
+    #[test]
+    fn lists_explain_themselves_and_similar_excludes_the_product() {
+        let catalog = catalog(500);
+        let rec = Recommender::new(catalog.clone(), &HnswSettings::default());
+        let coffee: Vec<usize> = (0..500)
+            .filter(|&i| catalog.product(i).category == "coffee")
+            .take(3)
+            .collect();
+        let garden: Vec<usize> = (0..500)
+            .filter(|&i| catalog.product(i).category == "garden")
+            .take(3)
+            .collect();
+        let user = UserVectorRecord {
+            user_id: "u".into(),
+            vector: (&catalog.embedding(coffee[0]) + &catalog.embedding(garden[0])).to_vec(),
+            anchor_ts: 0,
+            version: 2,
+            recent_products: vec![
+                catalog.product(coffee[0]).product_id.clone(),
+                catalog.product(garden[0]).product_id.clone(),
+            ],
+            purchased: vec![],
+            last_event: crate::events::LastEvent {
+                event_id: "e".into(),
+                event_type: crate::events::EventType::View,
+                product_id: None,
+                ts: 0,
+            },
+            source: crate::events::SourcePosition {
+                partition: 0,
+                offset: 0,
+            },
+            updated_at: 0,
+        };
+        let list = rec.recommend(&user, 10).unwrap();
+        for item in &list {
+            let p = catalog.get(&item.product_id).unwrap();
+            let because = catalog.get(item.because.as_deref().unwrap()).unwrap();
+            // A coffee product is explained by the coffee the user viewed, and so on.
+            assert_eq!(p.category, because.category, "{item:?}");
+        }
+        let only_garden = rec
+            .recommend_where(&user, 5, &|i| catalog.product(i).category == "garden")
+            .unwrap();
+        assert!(only_garden
+            .iter()
+            .all(|s| catalog.get(&s.product_id).unwrap().category == "garden"));
+        let similar = rec.similar(coffee[1], 5);
+        assert_eq!(similar.len(), 5);
+        assert!(similar.iter().all(|&(j, _)| j != coffee[1]));
+        assert!(similar
+            .iter()
+            .all(|&(j, _)| catalog.product(j).category == "coffee"));
     }
 
     #[test]

@@ -129,6 +129,7 @@ pub mod suite {
             items: vec![ScoredProduct {
                 product_id: format!("p-{version}"),
                 score: 0.5,
+                because: None,
             }],
             user_version: version,
             source_event_id: Some(format!("e{version}")),
