@@ -86,14 +86,55 @@ impl Topics {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSettings {
-    /// `sqlite://<path>` (embedded, the default) or `scylla://host:9042/keyspace`.
+    /// `sqlite://<path>` (embedded, the default) or
+    /// `scylla://host1:9042,host2:9042/<keyspace>` (ScyllaDB or Cassandra).
     pub url: String,
+    pub scylla: ScyllaSettings,
 }
 
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             url: "sqlite://.run/recpipe.db".into(),
+            scylla: ScyllaSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScyllaSettings {
+    /// CQL replication map of the keyspace, used when it is created.
+    pub replication: String,
+    /// `one`, `quorum`, `local_quorum`, `all`, ...
+    pub consistency: String,
+    /// Apply `schemas/cql` at start-up; when false, check and name what is missing.
+    pub migrate: bool,
+    pub request_timeout_ms: u64,
+    /// Send a second copy of a read that has not answered after this long (0: never).
+    pub speculative_after_ms: u64,
+    /// Time to live of rows, in seconds (0: forever).
+    pub events_ttl_secs: u64,
+    pub recommendations_ttl_secs: u64,
+    pub user_state_ttl_secs: u64,
+    pub username: Option<String>,
+    /// Prefer RECPIPE_STORE__SCYLLA__PASSWORD (or a secret file mounted as env) to a file.
+    pub password: Option<String>,
+}
+
+impl Default for ScyllaSettings {
+    fn default() -> Self {
+        Self {
+            replication: "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}".into(),
+            consistency: "local_quorum".into(),
+            migrate: true,
+            request_timeout_ms: 2_000,
+            speculative_after_ms: 0,
+            events_ttl_secs: 0,
+            recommendations_ttl_secs: 30 * 24 * 3600,
+            user_state_ttl_secs: 0,
+            username: None,
+            password: None,
         }
     }
 }

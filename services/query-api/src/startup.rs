@@ -29,7 +29,7 @@ impl AppState {
     /// Opens the store, loads the catalog (for titles and product checks) and creates the
     /// Kafka producer.
     pub async fn build(settings: Settings) -> anyhow::Result<AppState> {
-        let store = store::open(&settings.store.url).await?;
+        let store = store::open_with(&settings.store.url, &settings.store).await?;
         let dir = settings.catalog.dir.clone();
         let hnsw = settings.model.hnsw.clone();
         let (catalog, recommender) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

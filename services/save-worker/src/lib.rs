@@ -91,7 +91,7 @@ impl Processor for SaveWorker {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
-    let store = store::open(&settings.store.url).await?;
+    let store = store::open_with(&settings.store.url, &settings.store).await?;
     tracing::info!(url = %settings.store.url, "store opened");
     let processor = SaveWorker::new(store, settings.kafka.topics.clone());
     Ok(framework::run(&settings.kafka, processor, shutdown).await?)

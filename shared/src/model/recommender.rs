@@ -115,6 +115,11 @@ impl Recommender {
         &self.catalog
     }
 
+    /// Candidates examined per HNSW query (recall against speed).
+    pub fn set_ef_search(&mut self, ef: usize) {
+        self.ef_search = ef;
+    }
+
     pub fn is_exact(&self) -> bool {
         matches!(self.index, Index::Exact)
     }

@@ -3,6 +3,8 @@
 //! the save-worker writes while the query-api reads); the ScyllaDB backend plugs in
 //! behind the same trait.
 
+#[cfg(feature = "scylla")]
+pub mod scylla;
 mod sqlite;
 
 use std::sync::Arc;
@@ -17,7 +19,9 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     #[error("unsupported store URL {0:?}: use sqlite://<path> (embedded) or scylla://<host>:<port>/<keyspace>")]
     UnsupportedUrl(String),
-    #[error("the scylla backend is not built into this binary yet; use sqlite://<path>")]
+    #[error(
+        "this binary was built without the scylla feature; rebuild with it, or use sqlite://<path>"
+    )]
     ScyllaUnavailable,
     #[error("cannot open the store at {location}: {message}")]
     Open { location: String, message: String },
@@ -62,8 +66,16 @@ pub trait Store: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
-/// Opens the store a URL names.
+/// Opens the store a URL names, with the embedded defaults for backend settings.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    open_with(url, &crate::settings::StoreSettings::default()).await
+}
+
+/// Opens the store a URL names.
+pub async fn open_with(
+    url: &str,
+    settings: &crate::settings::StoreSettings,
+) -> Result<Arc<dyn Store>, StoreError> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let path = std::path::PathBuf::from(path);
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
@@ -75,6 +87,11 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         return Ok(Arc::new(store));
     }
     if url.starts_with("scylla://") {
+        #[cfg(feature = "scylla")]
+        return Ok(Arc::new(
+            scylla::ScyllaStore::connect(url, &settings.scylla).await?,
+        ));
+        #[cfg(not(feature = "scylla"))]
         return Err(StoreError::ScyllaUnavailable);
     }
     Err(StoreError::UnsupportedUrl(url.to_string()))

@@ -1,0 +1,127 @@
+//! One nearest-neighbour query at 100k products × 64 dims: HNSW at several `ef_search`
+//! values, each with the recall@10 it reaches against exact search (printed), and exact
+//! search beside it. Run: `cargo bench -p recpipe-shared --bench ann`
+//! (RECPIPE_BENCH_PRODUCTS changes the catalog size, RECPIPE_BENCH_M the graph degree;
+//! the index build takes about 25 s at M=16).
+//!
+//! Two query sets: "one-interest" queries (a product's embedding plus noise, the usual ANN
+//! benchmark query; these are timed) and "two-interest" queries (the sum of two products
+//! of different categories, as the vector of a user with two interests is), whose recall
+//! is printed too: a graph search that starts in one cluster tends to stay there.
+
+use std::collections::HashSet;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use recpipe_shared::catalog::{generate, SyntheticCatalog};
+use recpipe_shared::model::Recommender;
+use recpipe_shared::settings::HnswSettings;
+
+const QUERIES: usize = 500;
+const K: usize = 10;
+
+fn recall(rec: &Recommender, queries: &[Vec<f32>], truth: &[HashSet<usize>]) -> f64 {
+    let hits: usize = queries
+        .iter()
+        .zip(truth)
+        .map(|(q, t)| {
+            rec.nearest(q, K, &|_| false)
+                .iter()
+                .filter(|x| t.contains(&x.0))
+                .count()
+        })
+        .sum();
+    hits as f64 / (queries.len() * K) as f64
+}
+
+fn ann(c: &mut Criterion) {
+    let products = std::env::var("RECPIPE_BENCH_PRODUCTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let catalog = Arc::new(generate(SyntheticCatalog {
+        products,
+        dim: 64,
+        seed: 1,
+        unavailable_share: 0.0,
+    }));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let one_interest: Vec<Vec<f32>> = (0..QUERIES)
+        .map(|q| {
+            catalog
+                .embedding(q * 37 % products)
+                .iter()
+                .map(|v| v + 0.05 * rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        })
+        .collect();
+    // Products i and i+1 are of different categories (the generator deals them round).
+    let two_interest: Vec<Vec<f32>> = (0..QUERIES)
+        .map(|q| {
+            (&catalog.embedding(q * 37 % products) + &catalog.embedding((q * 37 + 1) % products))
+                .to_vec()
+        })
+        .collect();
+    let exact = Recommender::exact(catalog.clone());
+    let truth_of = |qs: &[Vec<f32>]| -> Vec<HashSet<usize>> {
+        qs.iter()
+            .map(|q| {
+                exact
+                    .nearest(q, K, &|_| false)
+                    .into_iter()
+                    .map(|x| x.0)
+                    .collect()
+            })
+            .collect()
+    };
+    let (truth_one, truth_two) = (truth_of(&one_interest), truth_of(&two_interest));
+
+    let m = std::env::var("RECPIPE_BENCH_M")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let settings = HnswSettings {
+        max_connections: m,
+        ..HnswSettings::default()
+    };
+    let started = Instant::now();
+    let mut hnsw = Recommender::new(catalog.clone(), &settings);
+    eprintln!(
+        "HNSW build: {products} × 64, M={m}, ef_construction={}: {:.1} s",
+        settings.ef_construction,
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut group = c.benchmark_group(format!("ann_{products}x64"));
+    group.sample_size(20);
+    for ef in [16, 64, 128, 256] {
+        hnsw.set_ef_search(ef);
+        eprintln!(
+            "HNSW ef_search={ef}: recall@{K} {:.3} on one-interest queries, {:.3} on two-interest queries",
+            recall(&hnsw, &one_interest, &truth_one),
+            recall(&hnsw, &two_interest, &truth_two)
+        );
+        let mut i = 0;
+        group.bench_function(format!("hnsw_ef{ef}"), |b| {
+            b.iter(|| {
+                i = (i + 1) % QUERIES;
+                black_box(hnsw.nearest(&one_interest[i], K, &|_| false))
+            })
+        });
+    }
+    let mut i = 0;
+    group.bench_function("exact", |b| {
+        b.iter(|| {
+            i = (i + 1) % QUERIES;
+            black_box(exact.nearest(&one_interest[i], K, &|_| false))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, ann);
+criterion_main!(benches);

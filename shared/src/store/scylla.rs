@@ -1,0 +1,371 @@
+//! The ScyllaDB / Cassandra store: the same promises as the embedded one, with prepared
+//! statements, configurable consistency, retries and speculative execution, and the
+//! schema of `schemas/cql/V1__init.cql` applied (or checked) at start-up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::policies::retry::DefaultRetryPolicy;
+use scylla::policies::speculative_execution::SimpleSpeculativeExecutionPolicy;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Consistency;
+
+use super::{Store, StoreError, WriteBatch};
+use crate::events::{Event, RecommendationRecord, UserVectorRecord};
+use crate::settings::ScyllaSettings;
+
+const SCHEMA_V1: &str = include_str!("../../../schemas/cql/V1__init.cql");
+const TABLES: [&str; 3] = ["events", "recommendations", "user_state"];
+
+fn query_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Query(e.to_string())
+}
+
+pub struct ScyllaStore {
+    session: Session,
+    insert_event: PreparedStatement,
+    insert_list: PreparedStatement,
+    upsert_state: PreparedStatement,
+    latest_list: PreparedStatement,
+    events_of: PreparedStatement,
+    state_of: PreparedStatement,
+}
+
+/// `scylla://host1:9042,host2:9042/keyspace` → (nodes, keyspace).
+pub fn parse_url(url: &str) -> Result<(Vec<String>, String), StoreError> {
+    let bad = || StoreError::UnsupportedUrl(url.to_string());
+    let rest = url.strip_prefix("scylla://").ok_or_else(bad)?;
+    let (hosts, keyspace) = rest.split_once('/').ok_or_else(bad)?;
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .collect();
+    let valid = !keyspace.is_empty()
+        && keyspace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if nodes.is_empty() || !valid {
+        return Err(bad());
+    }
+    Ok((nodes, keyspace.to_string()))
+}
+
+fn consistency(name: &str) -> Result<Consistency, StoreError> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "any" => Consistency::Any,
+        "one" => Consistency::One,
+        "two" => Consistency::Two,
+        "three" => Consistency::Three,
+        "quorum" => Consistency::Quorum,
+        "all" => Consistency::All,
+        "local_quorum" => Consistency::LocalQuorum,
+        "each_quorum" => Consistency::EachQuorum,
+        "local_one" => Consistency::LocalOne,
+        other => {
+            return Err(StoreError::Open {
+                location: "store.scylla.consistency".into(),
+                message: format!("unknown consistency level {other:?}"),
+            })
+        }
+    })
+}
+
+/// The CQL statements of the schema with the settings filled in.
+pub fn schema_statements(keyspace: &str, settings: &ScyllaSettings) -> Vec<String> {
+    let text = SCHEMA_V1
+        .replace("{keyspace}", keyspace)
+        .replace("{replication}", &settings.replication)
+        .replace("{events_ttl}", &settings.events_ttl_secs.to_string())
+        .replace(
+            "{recommendations_ttl}",
+            &settings.recommendations_ttl_secs.to_string(),
+        )
+        .replace(
+            "{user_state_ttl}",
+            &settings.user_state_ttl_secs.to_string(),
+        );
+    let without_comments: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    without_comments
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+impl ScyllaStore {
+    pub async fn connect(url: &str, settings: &ScyllaSettings) -> Result<ScyllaStore, StoreError> {
+        let (nodes, keyspace) = parse_url(url)?;
+        let open_err = |message: String| StoreError::Open {
+            location: url.to_string(),
+            message,
+        };
+        let mut profile = ExecutionProfile::builder()
+            .consistency(consistency(&settings.consistency)?)
+            .request_timeout(Some(Duration::from_millis(settings.request_timeout_ms)))
+            .retry_policy(Arc::new(DefaultRetryPolicy::new()));
+        if settings.speculative_after_ms > 0 {
+            profile = profile.speculative_execution_policy(Some(Arc::new(
+                SimpleSpeculativeExecutionPolicy {
+                    max_retry_count: 1,
+                    retry_interval: Duration::from_millis(settings.speculative_after_ms),
+                },
+            )));
+        }
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&nodes)
+            .default_execution_profile_handle(profile.build().into_handle());
+        if let Some(user) = &settings.username {
+            builder = builder.user(user, settings.password.as_deref().unwrap_or_default());
+        }
+        let session = builder.build().await.map_err(|e| open_err(e.to_string()))?;
+
+        if settings.migrate {
+            for statement in schema_statements(&keyspace, settings) {
+                session
+                    .query_unpaged(statement, &[])
+                    .await
+                    .map_err(|e| open_err(format!("applying schemas/cql/V1__init.cql: {e}")))?;
+            }
+        } else {
+            let rows = session
+                .query_unpaged(
+                    "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?",
+                    (keyspace.as_str(),),
+                )
+                .await
+                .map_err(|e| open_err(e.to_string()))?
+                .into_rows_result()
+                .map_err(|e| open_err(e.to_string()))?;
+            let present: Vec<String> = rows
+                .rows::<(String,)>()
+                .map_err(|e| open_err(e.to_string()))?
+                .filter_map(Result::ok)
+                .map(|(t,)| t)
+                .collect();
+            let missing: Vec<&str> = TABLES
+                .iter()
+                .copied()
+                .filter(|t| !present.iter().any(|p| p == t))
+                .collect();
+            if !missing.is_empty() {
+                return Err(open_err(format!(
+                    "keyspace {keyspace} lacks the tables {missing:?} of schemas/cql/V1__init.cql: apply it, or set store.scylla.migrate: true"
+                )));
+            }
+        }
+
+        let prepare = |cql: String| {
+            let session = &session;
+            async move {
+                session.prepare(cql).await.map_err(|e| StoreError::Open {
+                    location: url.to_string(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let ks = &keyspace;
+        Ok(ScyllaStore {
+            insert_event: prepare(format!("INSERT INTO {ks}.events (user_id, ts, event_id, body) VALUES (?, ?, ?, ?)")).await?,
+            insert_list: prepare(format!(
+                "INSERT INTO {ks}.recommendations (user_id, user_version, generated_at, recommendation_id, body) VALUES (?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            upsert_state: prepare(format!("INSERT INTO {ks}.user_state (user_id, version, body) VALUES (?, ?, ?) USING TIMESTAMP ?")).await?,
+            latest_list: prepare(format!("SELECT body FROM {ks}.recommendations WHERE user_id = ? LIMIT 1")).await?,
+            events_of: prepare(format!("SELECT body FROM {ks}.events WHERE user_id = ? LIMIT ?")).await?,
+            state_of: prepare(format!("SELECT body FROM {ks}.user_state WHERE user_id = ?")).await?,
+            session,
+        })
+    }
+
+    async fn first_body(
+        &self,
+        statement: &PreparedStatement,
+        user_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let rows = self
+            .session
+            .execute_unpaged(statement, (user_id,))
+            .await
+            .map_err(query_err)?
+            .into_rows_result()
+            .map_err(query_err)?;
+        Ok(rows
+            .maybe_first_row::<(String,)>()
+            .map_err(query_err)?
+            .map(|(b,)| b))
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, StoreError> {
+    serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(query_err)
+}
+
+#[async_trait]
+impl Store for ScyllaStore {
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        // Rows of different users live on different nodes: concurrent single-partition
+        // writes beat a multi-partition batch.
+        let events: Vec<_> = batch
+            .events
+            .iter()
+            .map(|e| Ok((e.user_id.as_str(), e.ts, e.event_id.as_str(), encode(e)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let lists: Vec<_> = batch
+            .recommendations
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.user_id.as_str(),
+                    r.user_version as i64,
+                    r.generated_at,
+                    r.recommendation_id.as_str(),
+                    encode(r)?,
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        // The version is also the write timestamp: an older state never wins.
+        let states: Vec<_> = batch
+            .user_states
+            .iter()
+            .map(|s| {
+                Ok((
+                    s.user_id.as_str(),
+                    s.version as i64,
+                    encode(s)?,
+                    s.version as i64,
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let (a, b, c) = futures::join!(
+            futures::future::join_all(
+                events
+                    .into_iter()
+                    .map(|v| self.session.execute_unpaged(&self.insert_event, v))
+            ),
+            futures::future::join_all(
+                lists
+                    .into_iter()
+                    .map(|v| self.session.execute_unpaged(&self.insert_list, v))
+            ),
+            futures::future::join_all(
+                states
+                    .into_iter()
+                    .map(|v| self.session.execute_unpaged(&self.upsert_state, v))
+            ),
+        );
+        for result in a.into_iter().chain(b).chain(c) {
+            result.map_err(query_err)?;
+        }
+        Ok(())
+    }
+
+    async fn latest_recommendations(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<RecommendationRecord>, StoreError> {
+        self.first_body(&self.latest_list, user_id)
+            .await?
+            .as_deref()
+            .map(decode)
+            .transpose()
+    }
+
+    async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let rows = self
+            .session
+            .execute_unpaged(&self.events_of, (user_id, limit))
+            .await
+            .map_err(query_err)?
+            .into_rows_result()
+            .map_err(query_err)?;
+        rows.rows::<(String,)>()
+            .map_err(query_err)?
+            .map(|r| decode(&r.map_err(query_err)?.0))
+            .collect()
+    }
+
+    async fn user_state(&self, user_id: &str) -> Result<Option<UserVectorRecord>, StoreError> {
+        self.first_body(&self.state_of, user_id)
+            .await?
+            .as_deref()
+            .map(decode)
+            .transpose()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.session
+            .query_unpaged("SELECT now() FROM system.local", &[])
+            .await
+            .map_err(query_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_nodes_and_keyspace() {
+        assert_eq!(
+            parse_url("scylla://a:9042,b:9042/recpipe").unwrap(),
+            (
+                vec!["a:9042".to_string(), "b:9042".to_string()],
+                "recpipe".to_string()
+            )
+        );
+        assert!(parse_url("scylla://a:9042").is_err());
+        assert!(parse_url("scylla://a:9042/bad-name").is_err());
+        assert!(parse_url("scylla:///ks").is_err());
+    }
+
+    #[test]
+    fn schema_statements_fill_in_the_settings() {
+        let statements = schema_statements(
+            "shop",
+            &ScyllaSettings {
+                recommendations_ttl_secs: 60,
+                ..Default::default()
+            },
+        );
+        assert_eq!(statements.len(), 4);
+        assert!(statements[0].starts_with("CREATE KEYSPACE IF NOT EXISTS shop WITH replication = {'class': 'NetworkTopologyStrategy'"));
+        assert!(
+            statements
+                .iter()
+                .any(|s| s.contains("shop.recommendations")
+                    && s.contains("default_time_to_live = 60"))
+        );
+        assert!(statements
+            .iter()
+            .all(|s| !s.contains('{') || s.starts_with("CREATE KEYSPACE")));
+    }
+
+    #[test]
+    fn consistency_names_are_checked() {
+        assert!(matches!(
+            consistency("LOCAL_QUORUM"),
+            Ok(Consistency::LocalQuorum)
+        ));
+        assert!(consistency("most")
+            .unwrap_err()
+            .to_string()
+            .contains("most"));
+    }
+}
