@@ -1,6 +1,7 @@
 //! recpipe's common crate: the records, the Kafka framework, the catalog, the model code
 //! that the services and tools share, the store, configuration and telemetry.
 
+pub mod admin;
 pub mod catalog;
 pub mod events;
 pub mod kafka;

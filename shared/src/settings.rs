@@ -277,6 +277,9 @@ pub struct TelemetrySettings {
     pub level: String,
     /// JSON lines instead of human-readable logs.
     pub json: bool,
+    /// Where a pipeline service serves `/healthz`, `/readyz` and `/metrics`
+    /// (e.g. `0.0.0.0:9100`); none when unset. query-api serves them on its own port.
+    pub admin_address: Option<String>,
 }
 
 impl Default for TelemetrySettings {
@@ -284,6 +287,7 @@ impl Default for TelemetrySettings {
         Self {
             level: "info".into(),
             json: false,
+            admin_address: None,
         }
     }
 }

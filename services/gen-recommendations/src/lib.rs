@@ -213,5 +213,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let s = settings.clone();
     let recommender = tokio::task::spawn_blocking(move || build_recommender(&s)).await??;
     let processor = GenRecommendations::new(recommender, &settings);
-    Ok(framework::run(&settings.kafka, processor, shutdown).await?)
+    let health = recpipe_shared::admin::Health::new();
+    recpipe_shared::admin::spawn(
+        settings.telemetry.admin_address.as_deref(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(framework::run_with_health(&settings.kafka, processor, shutdown, health).await?)
 }

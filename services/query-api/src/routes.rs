@@ -21,6 +21,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(recpipe_shared::admin::render_metrics))
         .route("/v1/users/{user_id}/recommendations", get(recommendations))
         .route("/v1/users/{user_id}/events", get(user_events))
         .route("/v1/products/{product_id}/similar", get(similar_products))
@@ -196,7 +197,14 @@ async fn recommendations(
         Some(l) if !l.items.is_empty() => l,
         _ => catalog_fallback(&state, &|_| true),
     };
-    Ok(Json(respond(&state, user_id, list, fallback, k)))
+    let response = respond(&state, user_id, list, fallback, k);
+    let kind = match response.fallback {
+        None => "personalised",
+        Some(Fallback::Popularity) => "popularity",
+        Some(Fallback::Catalog) => "catalog",
+    };
+    metrics::counter!("recpipe_recommendations_served_total", "kind" => kind).increment(1);
+    Ok(Json(response))
 }
 
 /// The stored list as an answer: current titles, unavailable products dropped, `k` kept.

@@ -51,10 +51,32 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.api.max_body_bytes;
+    recpipe_shared::admin::metrics();
     crate::routes::routes()
+        .route_layer(axum::middleware::from_fn(record_request))
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(max_body))
         .layer(TraceLayer::new_for_http())
+}
+
+/// Counts requests by route and status, and times them.
+async fn record_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("recpipe_http_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("recpipe_http_request_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight

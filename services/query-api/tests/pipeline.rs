@@ -291,6 +291,30 @@ async fn events_in_recommendations_out() {
         .iter()
         .all(|i| popular.contains(i.product_id.as_str())));
     assert_eq!(stranger.items.len(), 5);
+
+    // The figures are there for Prometheus.
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"recpipe_http_requests_total{route="/v1/events",status="202"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"recpipe_recommendations_served_total{kind="popularity"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"recpipe_records_total{service="update-embeddings",outcome="processed"}"#),
+        "{metrics}"
+    );
     app.stop().await;
 }
 

@@ -94,5 +94,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let store = store::open_with(&settings.store.url, &settings.store).await?;
     tracing::info!(url = %settings.store.url, "store opened");
     let processor = SaveWorker::new(store, settings.kafka.topics.clone());
-    Ok(framework::run(&settings.kafka, processor, shutdown).await?)
+    let health = recpipe_shared::admin::Health::new();
+    recpipe_shared::admin::spawn(
+        settings.telemetry.admin_address.as_deref(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(framework::run_with_health(&settings.kafka, processor, shutdown, health).await?)
 }

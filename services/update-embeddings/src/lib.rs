@@ -252,5 +252,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     );
     check_topics(&settings.kafka).await?;
     let processor = UpdateEmbeddings::new(catalog, &settings);
-    Ok(framework::run(&settings.kafka, processor, shutdown).await?)
+    let health = recpipe_shared::admin::Health::new();
+    recpipe_shared::admin::spawn(
+        settings.telemetry.admin_address.as_deref(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(framework::run_with_health(&settings.kafka, processor, shutdown, health).await?)
 }

@@ -217,8 +217,10 @@ async fn sigterm_finishes_commits_and_exits_zero() {
     let env = TestEnv::start().await;
     send(&env, &batch(0, 5)).await;
     let config_dir = tempfile::tempdir().unwrap();
+    let admin = format!("127.0.0.1:{}", recpipe_shared::testkit::free_port());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_update-embeddings"))
         .env("RECPIPE_CONFIG_DIR", config_dir.path())
+        .env("RECPIPE_TELEMETRY__ADMIN_ADDRESS", &admin)
         .env("RECPIPE_KAFKA__BROKERS", env.broker.brokers())
         .env("RECPIPE_CATALOG__DIR", &env.settings.catalog.dir)
         .stdout(std::process::Stdio::null())
@@ -226,6 +228,17 @@ async fn sigterm_finishes_commits_and_exits_zero() {
         .spawn()
         .unwrap();
     assert_eq!(states(&env, 5).await.len(), 5);
+    // Health, readiness and metrics, as Kubernetes and Prometheus see them.
+    let get = |path: &str| reqwest::get(format!("http://{admin}{path}"));
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(
+            r#"recpipe_records_total{service="update-embeddings",outcome="processed"} 5"#
+        ),
+        "{metrics}"
+    );
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

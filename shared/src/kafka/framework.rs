@@ -28,6 +28,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::Health;
 use crate::events::now_ms;
 use crate::settings::KafkaSettings;
 
@@ -158,8 +159,19 @@ impl ConsumerContext for RebalanceContext {
 /// Runs `processor` until `shutdown` is cancelled.
 pub async fn run<P: Processor>(
     settings: &KafkaSettings,
+    processor: P,
+    shutdown: CancellationToken,
+) -> Result<RunStats, FrameworkError> {
+    run_with_health(settings, processor, shutdown, Health::new()).await
+}
+
+/// As [`run`], reporting readiness to `health`: ready while batches go through, not
+/// ready while a failing step is being retried (e.g. the store is down).
+pub async fn run_with_health<P: Processor>(
+    settings: &KafkaSettings,
     mut processor: P,
     shutdown: CancellationToken,
+    health: Arc<Health>,
 ) -> Result<RunStats, FrameworkError> {
     let service = processor.name().to_string();
     let rebalanced = Arc::new(AtomicBool::new(true));
@@ -178,6 +190,12 @@ pub async fn run<P: Processor>(
     consumer.subscribe(&topic_refs)?;
     let producer = super::producer(settings)?;
     tracing::info!(service, ?topics, "consuming");
+    health.set_ready();
+    crate::admin::metrics(); // the recorder must exist before the handles are made
+    let processed = metrics::counter!("recpipe_records_total", "service" => service.clone(), "outcome" => "processed");
+    let dead_lettered = metrics::counter!("recpipe_records_total", "service" => service.clone(), "outcome" => "dead_lettered");
+    let produced = metrics::counter!("recpipe_produced_total", "service" => service.clone());
+    let batch_seconds = metrics::histogram!("recpipe_batch_seconds", "service" => service.clone());
 
     let mut stats = RunStats::default();
     let mut prepared: HashSet<(String, i32)> = HashSet::new();
@@ -193,6 +211,7 @@ pub async fn run<P: Processor>(
                 continue;
             }
         };
+        let batch_started = std::time::Instant::now();
         let mut batch: Vec<OwnedMessage> = Vec::new();
         match first {
             Ok(m) => batch.push(m.detach()),
@@ -236,6 +255,7 @@ pub async fn run<P: Processor>(
         }
 
         let (outputs, dead, processed_all) = handle_batch(
+            &health,
             &mut processor,
             &service,
             &settings.topics.dead_letters,
@@ -247,15 +267,22 @@ pub async fn run<P: Processor>(
             // Shutdown during retries: nothing of this batch is committed.
             return finish(&consumer, &producer, stats);
         }
-        stats.dead_lettered += dead.len() as u64;
+        let dead_count = dead.len() as u64;
+        stats.dead_lettered += dead_count;
         let mut all = outputs;
         all.extend(dead);
         all.extend(processor.tick().into_iter().map(Outgoing::from));
-        stats.produced += deliver(&producer, all).await?;
+        let delivered = deliver(&producer, all).await?;
+        stats.produced += delivered;
 
         commit(&consumer, &batch);
+        health.set_ready();
         stats.batches += 1;
         stats.records += batch.len() as u64;
+        processed.increment(batch.len() as u64 - dead_count);
+        dead_lettered.increment(dead_count);
+        produced.increment(delivered);
+        batch_seconds.record(batch_started.elapsed().as_secs_f64());
     }
     finish(&consumer, &producer, stats)
 }
@@ -304,6 +331,7 @@ impl Backoff {
 /// Decodes and processes a batch. Returns the outputs, the dead letters, and whether
 /// the batch was processed (false only when shutdown interrupted a retry).
 async fn handle_batch<P: Processor>(
+    health: &Health,
     processor: &mut P,
     service: &str,
     dead_letter_topic: &str,
@@ -348,6 +376,7 @@ async fn handle_batch<P: Processor>(
         match processor.process(inputs).await {
             Ok(outcomes) => break outcomes,
             Err(e) => {
+                health.set_not_ready(format!("processing a batch: {e}"));
                 if !backoff.wait(shutdown, "processing batch", &e).await {
                     return (Vec::new(), dead, false);
                 }

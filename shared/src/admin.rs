@@ -1,0 +1,136 @@
+//! Health, readiness and Prometheus metrics for every service: the pipeline services
+//! serve them on `telemetry.admin_address`, query-api on its own port.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Whether a service can do its work now, and if not, why.
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+    problem: Mutex<Option<String>>,
+}
+
+impl Health {
+    pub fn new() -> Arc<Health> {
+        Arc::new(Health::default())
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+        if let Ok(mut p) = self.problem.lock() {
+            *p = None;
+        }
+    }
+
+    pub fn set_not_ready(&self, problem: impl Into<String>) {
+        self.ready.store(false, Ordering::SeqCst);
+        if let Ok(mut p) = self.problem.lock() {
+            *p = Some(problem.into());
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().ok().and_then(|p| p.clone())
+    }
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests in one process); the
+            // handle then renders this one's (empty) registry rather than failing.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// `/metrics` in Prometheus text format.
+pub async fn render_metrics() -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        metrics().render(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> Response {
+    if health.is_ready() {
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "status": "ready" })),
+        )
+            .into_response()
+    } else {
+        let problem = health.problem().unwrap_or_else(|| "starting".into());
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "not ready", "problems": [problem] })),
+        )
+            .into_response()
+    }
+}
+
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(health)
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(health))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds `address` (if configured) and serves the admin endpoints in the background.
+pub async fn spawn(
+    address: Option<&str>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let Some(address) = address else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(address).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot serve health and metrics on {address}: {e} (telemetry.admin_address)"),
+        )
+    })?;
+    tracing::info!(address = %listener.local_addr()?, "health and metrics endpoints up");
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, health, shutdown).await {
+            tracing::error!(error = %e, "admin endpoints stopped");
+        }
+    });
+    Ok(())
+}
