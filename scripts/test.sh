@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up everything the tests need (the tansu broker) and runs them: formatting,
-# lints, then every test of the workspace. Each integration test starts its own broker
+# Sets up everything the tests need (the tansu broker, the deployment validators) and
+# runs them: formatting, lints, deployment files, then every test of the workspace. Each integration test starts its own broker
 # on a free loopback port.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,6 +17,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "deployment files (compose, Kubernetes, YAML, Dockerfile)"
+scripts/validate-deploy.sh
 
 step "cargo test"
 if [ -z "${SCYLLA_URI:-}" ]; then
