@@ -1,8 +1,8 @@
 //! One nearest-neighbour query at 100k products × 64 dims: HNSW at several `ef_search`
 //! values, each with the recall@10 it reaches against exact search (printed), and exact
 //! search beside it. Run: `cargo bench -p recpipe-shared --bench ann`
-//! (RECPIPE_BENCH_PRODUCTS changes the catalog size, RECPIPE_BENCH_M the graph degree;
-//! the index build takes about 25 s at M=16).
+//! (RECPIPE_BENCH_PRODUCTS changes the catalog size, RECPIPE_BENCH_M the graph degree M,
+//! default the configured 32; the index build takes about 25 s).
 //!
 //! Two query sets: "one-interest" queries (a product's embedding plus noise, the usual ANN
 //! benchmark query; these are timed) and "two-interest" queries (the sum of two products
@@ -83,7 +83,7 @@ fn ann(c: &mut Criterion) {
     let m = std::env::var("RECPIPE_BENCH_M")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(16);
+        .unwrap_or(HnswSettings::default().max_connections);
     let settings = HnswSettings {
         max_connections: m,
         ..HnswSettings::default()
@@ -98,7 +98,7 @@ fn ann(c: &mut Criterion) {
 
     let mut group = c.benchmark_group(format!("ann_{products}x64"));
     group.sample_size(20);
-    for ef in [16, 64, 128, 256] {
+    for ef in [16, 32, 64, 128] {
         hnsw.set_ef_search(ef);
         eprintln!(
             "HNSW ef_search={ef}: recall@{K} {:.3} on one-interest queries, {:.3} on two-interest queries",

@@ -13,6 +13,7 @@ use crate::events::EventType;
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub kafka: KafkaSettings,
+    pub events: EventRules,
     pub store: StoreSettings,
     pub catalog: CatalogSettings,
     pub model: ModelSettings,
@@ -36,6 +37,8 @@ pub struct KafkaSettings {
     pub delivery_timeout_ms: u64,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`, `sasl.*`).
     pub client: BTreeMap<String, String>,
+    /// Records larger than this are dead-lettered unread.
+    pub max_record_bytes: usize,
 }
 
 impl Default for KafkaSettings {
@@ -48,7 +51,46 @@ impl Default for KafkaSettings {
             batch_max: 500,
             delivery_timeout_ms: 30_000,
             client: BTreeMap::new(),
+            max_record_bytes: 64 * 1024,
         }
+    }
+}
+
+/// What makes an event acceptable beyond its schema.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventRules {
+    /// Events stamped further ahead of the wall clock are rejected (clock bugs).
+    pub max_future_secs: i64,
+    /// Events older than this are rejected (0: no limit). Set it to 0 to replay history.
+    pub max_age_days: i64,
+}
+
+impl Default for EventRules {
+    fn default() -> Self {
+        Self {
+            max_future_secs: 24 * 3600,
+            max_age_days: 10 * 365,
+        }
+    }
+}
+
+impl EventRules {
+    /// Why `ts` is out of bounds at wall-clock time `now_ms`, if it is.
+    pub fn check_time(&self, ts: i64, now_ms: i64) -> Result<(), String> {
+        if ts > now_ms + self.max_future_secs * 1000 {
+            return Err(format!(
+                "ts {ts} is more than {} s in the future (events.max_future_secs)",
+                self.max_future_secs
+            ));
+        }
+        if self.max_age_days > 0 && ts < now_ms - self.max_age_days * 86_400_000 {
+            return Err(format!(
+                "ts {ts} is more than {} days in the past (events.max_age_days; 0 accepts any age)",
+                self.max_age_days
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -201,9 +243,9 @@ pub struct HnswSettings {
 impl Default for HnswSettings {
     fn default() -> Self {
         Self {
-            max_connections: 16,
+            max_connections: 32,
             ef_construction: 200,
-            ef_search: 64,
+            ef_search: 32,
             exact_below: 0,
         }
     }

@@ -493,6 +493,14 @@ fn parse_events(state: &AppState, body: &[u8]) -> Result<Vec<Event>, ApiError> {
             .and_then(|e| e.validate().map(|_| e).map_err(|e| e.to_string()))
         {
             Ok(event) => {
+                if let Err(message) = state
+                    .settings
+                    .events
+                    .check_time(event.ts, recpipe_shared::events::now_ms())
+                {
+                    details.push(at("/ts", message));
+                    continue;
+                }
                 if let Some(p) = &event.product_id {
                     if state.catalog.index_of(p).is_none() {
                         details.push(at("/product_id", format!("unknown product {p:?}")));

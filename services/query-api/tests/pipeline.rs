@@ -331,7 +331,7 @@ async fn bad_input_gets_a_400_that_says_what_is_wrong() {
             "fly",
         ),
         (
-            json!({"event_id": "e", "user_id": "u", "type": "view", "product_id": "nope", "ts": 1}),
+            json!({"event_id": "e", "user_id": "u", "type": "view", "product_id": "nope", "ts": 1_700_000_000_000_i64}),
             "unknown product",
         ),
         (
@@ -348,15 +348,32 @@ async fn bad_input_gets_a_400_that_says_what_is_wrong() {
         assert!(text.contains(expected), "{body} → {text}");
         assert!(serde_json::from_str::<Value>(&text).unwrap()["error"].is_string());
     }
+    for raw in [
+        &b"{oops"[..],
+        b"\xff\xfe",
+        br#"{"ts": NaN}"#,
+        br#"{"ts": 1e400}"#,
+    ] {
+        let r = app
+            .client
+            .post(app.url("/v1/events"))
+            .body(raw.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{raw:?}");
+        assert!(r.text().await.unwrap().contains("not valid JSON"));
+    }
+    // Bodies over api.max_body_bytes are refused before they are read.
+    let huge = format!(r#"{{"pad": "{}"}}"#, "x".repeat(2 << 20));
     let r = app
         .client
         .post(app.url("/v1/events"))
-        .body("{oops")
+        .body(huge)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().contains("not valid JSON"));
+    assert_eq!(r.status(), 413);
     for query in ["k=0", "k=100000", "k=ten"] {
         let r = app
             .client

@@ -23,7 +23,7 @@ use recpipe_shared::kafka::framework::{
     self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
 use recpipe_shared::model::UserModel;
-use recpipe_shared::settings::{KafkaSettings, Settings};
+use recpipe_shared::settings::{EventRules, KafkaSettings, Settings};
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "update-embeddings";
@@ -33,6 +33,7 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct UpdateEmbeddings {
     model: UserModel,
+    rules: EventRules,
     users: HashMap<String, UserVectorRecord>,
     kafka: KafkaSettings,
 }
@@ -41,6 +42,7 @@ impl UpdateEmbeddings {
     pub fn new(catalog: Arc<Catalog>, settings: &Settings) -> Self {
         UpdateEmbeddings {
             model: UserModel::new(catalog, settings.model.clone()),
+            rules: settings.events,
             users: HashMap::new(),
             kafka: settings.kafka.clone(),
         }
@@ -92,7 +94,11 @@ impl Processor for UpdateEmbeddings {
     }
 
     fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<Event, String> {
-        Event::from_json(payload).map_err(|e| format!("invalid event: {e}"))
+        let event = Event::from_json(payload).map_err(|e| format!("invalid event: {e}"))?;
+        self.rules
+            .check_time(event.ts, now_ms())
+            .map_err(|e| format!("invalid event: {e}"))?;
+        Ok(event)
     }
 
     async fn process(

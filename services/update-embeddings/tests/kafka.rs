@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use update_embeddings::UpdateEmbeddings;
 
 const WAIT: Duration = Duration::from_secs(30);
+/// Event times near now: far older ones are rejected (events.max_age_days).
+const T0: i64 = 1_700_000_000_000;
 
 /// Runs the service in the background; the returned token stops it.
 fn start(settings: &Settings) -> (CancellationToken, tokio::task::JoinHandle<RunStats>) {
@@ -62,45 +64,80 @@ fn batch(from: usize, to: usize) -> Vec<recpipe_shared::events::Event> {
                 &format!("u{}", i % 3),
                 EventType::View,
                 &format!("p-{:05}", i * 7),
-                1_000 * i as i64,
+                T0 + 1_000 * i as i64,
             )
         })
         .collect()
 }
 
+/// Every kind of bad record the pipeline must survive, with a word its reason must hold.
+fn bad_corpus() -> Vec<(Vec<u8>, &'static str)> {
+    let now = recpipe_shared::events::now_ms();
+    let ev = |body: String| body.into_bytes();
+    vec![
+        (b"{not json".to_vec(), "invalid event"),
+        (b"\xff\xfe\x00".to_vec(), "invalid event"),
+        (ev(format!(r#"{{"event_id":"x","user_id":"u9","type":"view","product_id":"no-such-product","ts":{now}}}"#)), "unknown product"),
+        (ev(format!(r#"{{"event_id":"x","user_id":"u9","type":"teleport","product_id":"p-00001","ts":{now}}}"#)), "teleport"),
+        (ev(format!(r#"{{"event_id":"x","type":"view","product_id":"p-00001","ts":{now}}}"#)), "user_id"),
+        (ev(r#"{"event_id":"x","user_id":"u9","type":"view","product_id":"p-00001","ts":"yesterday"}"#.into()), "invalid type"),
+        (ev(r#"{"event_id":"x","user_id":"u9","type":"view","product_id":"p-00001","ts":1e400}"#.into()), "invalid event"),
+        (ev(r#"{"event_id":"x","user_id":"u9","type":"view","product_id":"p-00001","ts":NaN}"#.into()), "invalid event"),
+        (ev(format!(r#"{{"event_id":"x","user_id":"{}","type":"view","product_id":"p-00001","ts":{now}}}"#, "u".repeat(500))), "user_id"),
+        (ev(format!(r#"{{"event_id":"x","user_id":"u9","type":"view","product_id":"p-00001","ts":{}}}"#, now + 30 * 86_400_000)), "future"),
+        (ev(r#"{"event_id":"x","user_id":"u9","type":"view","product_id":"p-00001","ts":5}"#.into()), "past"),
+        (ev(format!(r#"{{"event_id":"x","user_id":"u9","type":"view","product_id":"p-00001","ts":{now},"pad":"{}"}}"#, "x".repeat(100_000))), "max_record_bytes"),
+        (ev(format!(r#"{{"event_id":"x","user_id":"u9","type":"search","ts":{now}}}"#)), "query"),
+    ]
+}
+
 #[tokio::test]
-async fn malformed_records_go_to_the_dead_letter_topic_and_the_next_good_one_is_processed() {
+async fn every_bad_record_goes_to_the_dead_letter_topic_and_the_next_good_one_is_processed() {
     let env = TestEnv::start().await;
-    let bad: [&[u8]; 3] = [
-        b"{not json",
-        b"\xff\xfe\x00",
-        br#"{"event_id":"x","user_id":"u9","type":"view","product_id":"no-such-product","ts":5}"#,
-    ];
-    for b in bad {
+    let corpus = bad_corpus();
+    for (bytes, _) in &corpus {
         produce(
             &env.broker.brokers(),
             &env.settings.kafka.topics.events,
             "u9",
-            b,
+            bytes,
         )
         .await;
     }
-    send(&env, &[event("good", "u9", EventType::View, "p-00001", 10)]).await;
+    let good_ts = recpipe_shared::events::now_ms();
+    send(
+        &env,
+        &[event("good", "u9", EventType::View, "p-00001", good_ts)],
+    )
+    .await;
     let (stop, handle) = start(&env.settings);
 
     let dead = read_topic(
         &env.broker.brokers(),
         &env.settings.kafka.topics.dead_letters,
-        3,
+        corpus.len(),
         WAIT,
     )
     .await;
-    assert_eq!(dead.len(), 3);
-    for (m, original) in dead.iter().zip(bad) {
+    assert_eq!(dead.len(), corpus.len());
+    // In the order the records were read (rejections at decode and at processing differ).
+    let mut dead = dead;
+    dead.sort_by_key(|m| {
+        header(m, dlq_headers::OFFSET)
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    });
+    for (m, (original, expected)) in dead.iter().zip(&corpus) {
         assert_eq!(
             m.payload().unwrap(),
-            original,
+            original.as_slice(),
             "the original bytes are kept"
+        );
+        let reason = header(m, dlq_headers::REASON).unwrap();
+        assert!(
+            reason.contains(expected),
+            "reason {reason:?} should mention {expected:?}"
         );
         assert_eq!(
             header(m, dlq_headers::SERVICE).as_deref(),
@@ -109,19 +146,13 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_the_next_good_one_is_
         assert_eq!(header(m, dlq_headers::TOPIC).as_deref(), Some("events"));
         assert!(header(m, dlq_headers::OFFSET).is_some());
     }
-    assert!(header(&dead[0], dlq_headers::REASON)
-        .unwrap()
-        .starts_with("invalid event"));
-    assert!(header(&dead[2], dlq_headers::REASON)
-        .unwrap()
-        .contains("unknown product"));
 
     let out = states(&env, 1).await;
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].last_event.event_id, "good");
     stop.cancel();
     let stats = handle.await.unwrap();
-    assert_eq!(stats.dead_lettered, 3);
+    assert_eq!(stats.dead_lettered, corpus.len() as u64);
 }
 
 #[tokio::test]
@@ -258,4 +289,60 @@ async fn sigterm_finishes_commits_and_exits_zero() {
     assert_eq!(states(&env, 6).await.len(), 6);
     stop.cancel();
     assert_eq!(handle.await.unwrap().records, 1);
+}
+
+fn spread(from: usize, to: usize) -> Vec<recpipe_shared::events::Event> {
+    (from..to)
+        .map(|i| {
+            event(
+                &format!("e{i}"),
+                &format!("user{}", i % 12),
+                EventType::Click,
+                &format!("p-{:05}", (i * 13) % 1000),
+                T0 + 1_000 * i as i64,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_joins_and_the_first_leaves_without_loss_or_double_counting() {
+    let env = TestEnv::start().await;
+    send(&env, &spread(0, 40)).await;
+    let (stop_a, a) = start(&env.settings);
+    assert_eq!(states(&env, 40).await.len(), 40);
+
+    // B joins: the partitions are split, and B restores its users from the changelog.
+    let (stop_b, b) = start(&env.settings);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    send(&env, &spread(40, 80)).await;
+    assert_eq!(states(&env, 80).await.len(), 80);
+
+    // A leaves: B takes every partition.
+    stop_a.cancel();
+    let a = a.await.unwrap();
+    send(&env, &spread(80, 120)).await;
+    let out = states(&env, 120).await;
+    stop_b.cancel();
+    let b = b.await.unwrap();
+
+    assert!(
+        a.records >= 40 && b.records > 0,
+        "A read {}, B read {}",
+        a.records,
+        b.records
+    );
+    let ids: HashSet<&str> = out.iter().map(|s| s.last_event.event_id.as_str()).collect();
+    assert_eq!(out.len(), 120, "a state was produced twice");
+    assert_eq!(ids.len(), 120);
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    for s in &out {
+        let v = last.entry(s.user_id.as_str()).or_default();
+        *v = (*v).max(s.version);
+    }
+    assert_eq!(last.len(), 12);
+    assert!(
+        last.values().all(|&v| v == 10),
+        "every user saw 10 events once: {last:?}"
+    );
 }

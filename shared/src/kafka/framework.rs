@@ -259,6 +259,7 @@ pub async fn run_with_health<P: Processor>(
             &mut processor,
             &service,
             &settings.topics.dead_letters,
+            settings.max_record_bytes,
             &batch,
             &shutdown,
         )
@@ -335,6 +336,7 @@ async fn handle_batch<P: Processor>(
     processor: &mut P,
     service: &str,
     dead_letter_topic: &str,
+    max_record_bytes: usize,
     batch: &[OwnedMessage],
     shutdown: &CancellationToken,
 ) -> (Vec<Outgoing>, Vec<Outgoing>, bool) {
@@ -358,6 +360,14 @@ async fn handle_batch<P: Processor>(
             ));
             continue;
         };
+        if payload.len() > max_record_bytes {
+            let reason = format!(
+                "record of {} bytes exceeds kafka.max_record_bytes ({max_record_bytes})",
+                payload.len()
+            );
+            dead.push(dead_letter(service, dead_letter_topic, m, &reason));
+            continue;
+        }
         match processor.decode(&meta, payload) {
             Ok(input) => {
                 decoded_positions.push(i);
