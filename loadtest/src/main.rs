@@ -28,6 +28,9 @@ struct Cli {
     /// Catalog directory (products.jsonl + embeddings.npy).
     #[arg(long, default_value = ".run/catalog", global = true)]
     catalog: PathBuf,
+    /// API key for POST /v1/events (when the API requires one).
+    #[arg(long, env = "RECPIPE_LOADTEST_API_KEY", global = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }

@@ -298,6 +298,16 @@ pub struct ApiSettings {
     pub max_batch: usize,
     /// Largest `k` a GET may ask for.
     pub max_k: usize,
+    /// Keys that may POST events (header `x-api-key` or `Authorization: Bearer`). Empty:
+    /// POST is open (the local default; a warning is logged). From the environment:
+    /// `RECPIPE_API__API_KEYS=key1,key2`.
+    pub api_keys: Vec<String>,
+    /// A file with more keys, one per line (e.g. a mounted Kubernetes Secret).
+    pub api_keys_file: Option<PathBuf>,
+    /// Requests per second each key may make to POST /v1/events (0: no limit).
+    pub rate_limit_per_key: u32,
+    /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ApiSettings {
@@ -308,6 +318,10 @@ impl Default for ApiSettings {
             max_body_bytes: 1 << 20,
             max_batch: 1000,
             max_k: 100,
+            api_keys: Vec::new(),
+            api_keys_file: None,
+            rate_limit_per_key: 0,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -358,6 +372,9 @@ impl Settings {
             .prefix_separator("_")
             .separator("__")
             .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("api.api_keys")
+            .with_list_parse_key("api.cors_origins")
             .source(Some(vars));
         config::Config::builder()
             .add_source(config::File::from(dir.join("base.yaml")).required(false))
@@ -390,12 +407,15 @@ mod tests {
         std::env::set_var("RECPIPE_KAFKA__BROKERS", "envhost:9092");
         // Names the directory, and must not be taken for a setting.
         std::env::set_var("RECPIPE_CONFIG_DIR", dir.path());
+        std::env::set_var("RECPIPE_API__API_KEYS", "k1,k2");
         let s = Settings::load_from(dir.path(), "query-api").unwrap();
+        std::env::remove_var("RECPIPE_API__API_KEYS");
         std::env::remove_var("RECPIPE_KAFKA__BROKERS");
         std::env::remove_var("RECPIPE_CONFIG_DIR");
         assert_eq!(s.kafka.brokers, "envhost:9092");
         assert_eq!(s.kafka.partitions, 8);
         assert_eq!(s.api.port, 9100);
+        assert_eq!(s.api.api_keys, vec!["k1", "k2"]);
         assert_eq!(s.model, ModelSettings::default());
     }
 

@@ -6,6 +6,7 @@
 //!   `schemas/event.v1.schema.json`, produced to Kafka keyed by user, 202;
 //! - `/healthz` (the process is up), `/readyz` (store and Kafka answer).
 
+pub mod auth;
 pub mod routes;
 pub mod startup;
 

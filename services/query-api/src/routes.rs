@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::startup::AppState;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -25,7 +25,13 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/users/{user_id}/recommendations", get(recommendations))
         .route("/v1/users/{user_id}/events", get(user_events))
         .route("/v1/products/{product_id}/similar", get(similar_products))
-        .route("/v1/events", post(post_events))
+        .route(
+            "/v1/events",
+            post(post_events).route_layer(axum::middleware::from_fn_with_state(
+                state,
+                crate::auth::require_key,
+            )),
+        )
 }
 
 /// An error answer: status, message, and optional details (e.g. one per bad event).

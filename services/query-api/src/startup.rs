@@ -22,6 +22,7 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     /// For similar products and category-filtered lists, computed at request time.
     pub recommender: Arc<Recommender>,
+    pub keys: Arc<crate::auth::KeyRing>,
     pub settings: Arc<Settings>,
 }
 
@@ -39,7 +40,12 @@ impl AppState {
         })
         .await??;
         let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
+        let keys = Arc::new(crate::auth::KeyRing::from_settings(&settings.api)?);
+        if keys.is_open() {
+            tracing::warn!("POST /v1/events accepts requests without an API key: set api.api_keys (RECPIPE_API__API_KEYS) in production");
+        }
         Ok(AppState {
+            keys,
             store,
             producer,
             catalog,
@@ -52,11 +58,25 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.api.max_body_bytes;
     recpipe_shared::admin::metrics();
-    crate::routes::routes()
+    let cors = cors_layer(&state.settings.api.cors_origins);
+    crate::routes::routes(state.clone())
         .route_layer(axum::middleware::from_fn(record_request))
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(cors)
         .layer(TraceLayer::new_for_http())
+}
+
+/// CORS for the configured origins (none: no CORS headers, browsers refuse cross-origin).
+fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any);
+    if origins.iter().any(|o| o == "*") {
+        return layer.allow_origin(Any);
+    }
+    let list: Vec<axum::http::HeaderValue> =
+        origins.iter().filter_map(|o| o.parse().ok()).collect();
+    layer.allow_origin(AllowOrigin::list(list))
 }
 
 /// Counts requests by route and status, and times them.

@@ -24,7 +24,12 @@ struct TestApp {
 
 /// Starts a broker, the three pipeline services and the API on port 0.
 async fn spawn_app() -> TestApp {
-    let env = TestEnv::start().await;
+    spawn_app_with(|_| {}).await
+}
+
+async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut env = TestEnv::start().await;
+    configure(&mut env.settings);
     let shutdown = CancellationToken::new();
     let mut services = Vec::new();
     let settings: Settings = env.settings.clone();
@@ -387,5 +392,85 @@ async fn bad_input_gets_a_400_that_says_what_is_wrong() {
     let list = app.recommendations("nobody", 3).await;
     assert_eq!(list.fallback, Some(Fallback::Catalog));
     assert_eq!(list.items.len(), 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn posting_events_takes_a_valid_key_within_its_rate_and_cors_follows_settings() {
+    let app = spawn_app_with(|s| {
+        s.api.api_keys = vec!["shop-key".into(), "other-key".into()];
+        s.api.rate_limit_per_key = 3;
+        s.api.cors_origins = vec!["https://shop.example".into()];
+    })
+    .await;
+    let body = serde_json::to_value(event(
+        "k1",
+        "kim",
+        EventType::View,
+        "p-00001",
+        1_700_000_000_000,
+    ))
+    .unwrap();
+    let post = |key: Option<&str>, bearer: bool| {
+        let mut r = app.client.post(app.url("/v1/events")).json(&body);
+        if let Some(k) = key {
+            r = if bearer {
+                r.bearer_auth(k)
+            } else {
+                r.header("x-api-key", k)
+            };
+        }
+        r.send()
+    };
+    assert_eq!(post(None, false).await.unwrap().status(), 401);
+    let wrong = post(Some("shop-ke"), false).await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.text().await.unwrap().contains("x-api-key"));
+    assert_eq!(post(Some("shop-key"), false).await.unwrap().status(), 202);
+    assert_eq!(post(Some("other-key"), true).await.unwrap().status(), 202);
+    // GETs need no key.
+    assert_eq!(
+        app.client
+            .get(app.url("/v1/users/kim/recommendations"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // 3 per second per key: a burst of 6 from one key is cut, the other key is unaffected.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(
+            post(Some("shop-key"), false)
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let limited = post(Some("shop-key"), false).await.unwrap();
+    if limited.status() == 429 {
+        assert_eq!(limited.headers()["retry-after"], "1");
+    }
+    assert_eq!(post(Some("other-key"), false).await.unwrap().status(), 202);
+
+    // CORS: the configured origin is allowed, others get no CORS headers.
+    let preflight = |origin: &str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.url("/v1/events"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let ok = preflight("https://shop.example").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
     app.stop().await;
 }
