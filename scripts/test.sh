@@ -26,3 +26,6 @@ if [ -z "${SCYLLA_URI:-}" ]; then
   echo "(SCYLLA_URI is not set: no ScyllaDB backend tests run here; the embedded store's suite does)"
 fi
 cargo test --workspace --no-fail-fast
+
+step "API conformance: schemathesis against the live API and its /openapi.json"
+scripts/api-conformance.sh 40

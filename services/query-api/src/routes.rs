@@ -22,6 +22,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(recpipe_shared::admin::render_metrics))
+        .route("/openapi.json", get(openapi))
         .route("/v1/users/{user_id}/recommendations", get(recommendations))
         .route("/v1/users/{user_id}/events", get(user_events))
         .route("/v1/products/{product_id}/similar", get(similar_products))
@@ -68,6 +69,14 @@ impl IntoResponse for ApiError {
         }
         (self.status, Json(body)).into_response()
     }
+}
+
+/// The API's OpenAPI 3.1 document (`schemas/openapi.json`).
+async fn openapi() -> impl IntoResponse {
+    (
+        [("content-type", "application/json")],
+        include_str!("../../../schemas/openapi.json"),
+    )
 }
 
 async fn healthz() -> &'static str {
@@ -450,7 +459,12 @@ async fn user_events(
     check_id("user_id", &user_id)?;
     let Query(query) =
         query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
-    let limit = query.limit.unwrap_or(20).clamp(1, 1000);
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and 1000, got {limit}"
+        )));
+    }
     let events = state
         .store
         .user_events(&user_id, limit)
