@@ -162,6 +162,9 @@ pub struct ScyllaSettings {
     pub username: Option<String>,
     /// Prefer RECPIPE_STORE__SCYLLA__PASSWORD (or a secret file mounted as env) to a file.
     pub password: Option<String>,
+    /// Connect with TLS, trusting the CA certificates of `tls_ca_file` (PEM).
+    pub tls: bool,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for ScyllaSettings {
@@ -177,6 +180,8 @@ impl Default for ScyllaSettings {
             user_state_ttl_secs: 0,
             username: None,
             password: None,
+            tls: false,
+            tls_ca_file: None,
         }
     }
 }

@@ -102,6 +102,40 @@ pub fn schema_statements(keyspace: &str, settings: &ScyllaSettings) -> Vec<Strin
         .collect()
 }
 
+/// A rustls client configuration trusting the CA certificates of `tls_ca_file`.
+pub fn tls_config(settings: &ScyllaSettings) -> Result<Arc<rustls::ClientConfig>, StoreError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let err = |message: String| StoreError::Open {
+        location: "store.scylla.tls".into(),
+        message,
+    };
+    let path = settings
+        .tls_ca_file
+        .as_ref()
+        .ok_or_else(|| err("store.scylla.tls is on but store.scylla.tls_ca_file (the CA certificate, PEM) is not set".into()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs =
+        CertificateDer::pem_file_iter(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| err(format!("{}: {e}", path.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(err(format!("{} holds no certificate", path.display())));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| err(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 impl ScyllaStore {
     pub async fn connect(url: &str, settings: &ScyllaSettings) -> Result<ScyllaStore, StoreError> {
         let (nodes, keyspace) = parse_url(url)?;
@@ -126,6 +160,9 @@ impl ScyllaStore {
             .default_execution_profile_handle(profile.build().into_handle());
         if let Some(user) = &settings.username {
             builder = builder.user(user, settings.password.as_deref().unwrap_or_default());
+        }
+        if settings.tls {
+            builder = builder.tls_context(Some(tls_config(settings)?));
         }
         let session = builder.build().await.map_err(|e| open_err(e.to_string()))?;
 
@@ -355,6 +392,30 @@ mod tests {
         assert!(statements
             .iter()
             .all(|s| !s.contains('{') || s.starts_with("CREATE KEYSPACE")));
+    }
+
+    #[test]
+    fn tls_needs_a_readable_ca_file() {
+        let on = |file: Option<&str>| ScyllaSettings {
+            tls: true,
+            tls_ca_file: file.map(Into::into),
+            ..Default::default()
+        };
+        assert!(tls_config(&on(None))
+            .unwrap_err()
+            .to_string()
+            .contains("tls_ca_file"));
+        assert!(tls_config(&on(Some("/nonexistent.pem")))
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent.pem"));
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(tls_config(&on(empty.to_str()))
+            .unwrap_err()
+            .to_string()
+            .contains("no certificate"));
     }
 
     #[test]
