@@ -250,7 +250,7 @@ impl Default for HnswSettings {
         Self {
             max_connections: 32,
             ef_construction: 200,
-            ef_search: 32,
+            ef_search: 64,
             exact_below: 0,
         }
     }
