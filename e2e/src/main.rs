@@ -9,11 +9,16 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(&name)?;
     telemetry::init(&name, &settings.telemetry);
     let token = shutdown::token_on_signal();
-    match name.as_str() {
-        update_embeddings::SERVICE => update_embeddings::run(settings, token).await.map(drop),
-        gen_recommendations::SERVICE => gen_recommendations::run(settings, token).await.map(drop),
-        save_worker::SERVICE => save_worker::run(settings, token).await.map(drop),
-        query_api::SERVICE => query_api::run(settings, token).await,
-        other => anyhow::bail!("unknown service {other:?}: use update-embeddings, gen-recommendations, save-worker or query-api"),
-    }
+    let deadline = std::time::Duration::from_millis(settings.process.shutdown_deadline_ms);
+    let t = token.clone();
+    let work = async move {
+        match name.as_str() {
+            update_embeddings::SERVICE => update_embeddings::run(settings, t).await.map(drop),
+            gen_recommendations::SERVICE => gen_recommendations::run(settings, t).await.map(drop),
+            save_worker::SERVICE => save_worker::run(settings, t).await.map(drop),
+            query_api::SERVICE => query_api::run(settings, t).await,
+            other => anyhow::bail!("unknown service {other:?}: use update-embeddings, gen-recommendations, save-worker or query-api"),
+        }
+    };
+    shutdown::with_deadline(work, token, deadline).await
 }

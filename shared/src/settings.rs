@@ -19,6 +19,23 @@ pub struct Settings {
     pub model: ModelSettings,
     pub api: ApiSettings,
     pub telemetry: TelemetrySettings,
+    pub process: ProcessSettings,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessSettings {
+    /// After SIGTERM, how long the batch in hand may take to finish and commit; past it the
+    /// process exits non-zero without committing (the batch is replayed on restart).
+    pub shutdown_deadline_ms: u64,
+}
+
+impl Default for ProcessSettings {
+    fn default() -> Self {
+        Self {
+            shutdown_deadline_ms: 20_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -35,3 +35,49 @@ pub fn token_on_signal() -> CancellationToken {
     });
     token
 }
+
+/// Runs `work` until it ends; once `token` is cancelled it gets `deadline` more to finish.
+pub async fn with_deadline<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+    token: CancellationToken,
+    deadline: std::time::Duration,
+) -> anyhow::Result<T> {
+    let expired = async {
+        token.cancelled().await;
+        tokio::time::sleep(deadline).await;
+    };
+    tokio::select! {
+        result = work => result,
+        _ = expired => anyhow::bail!(
+            "shutdown deadline of {deadline:?} passed before the work in hand finished; \
+             what was not committed is replayed on restart (process.shutdown_deadline_ms)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn work_that_outlives_the_deadline_is_cut_off() {
+        let token = CancellationToken::new();
+        token.cancel();
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        };
+        let err = with_deadline(slow, token, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("shutdown deadline"));
+        let quick = async { Ok(7) };
+        assert_eq!(
+            with_deadline(quick, CancellationToken::new(), Duration::ZERO)
+                .await
+                .unwrap(),
+            7
+        );
+    }
+}

@@ -4,6 +4,13 @@ use recpipe_shared::{settings::Settings, shutdown, telemetry};
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(gen_recommendations::SERVICE)?;
     telemetry::init(gen_recommendations::SERVICE, &settings.telemetry);
-    gen_recommendations::run(settings, shutdown::token_on_signal()).await?;
+    let token = shutdown::token_on_signal();
+    let deadline = std::time::Duration::from_millis(settings.process.shutdown_deadline_ms);
+    shutdown::with_deadline(
+        gen_recommendations::run(settings, token.clone()),
+        token,
+        deadline,
+    )
+    .await?;
     Ok(())
 }

@@ -4,5 +4,7 @@ use recpipe_shared::{settings::Settings, shutdown, telemetry};
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(query_api::SERVICE)?;
     telemetry::init(query_api::SERVICE, &settings.telemetry);
-    query_api::run(settings, shutdown::token_on_signal()).await
+    let token = shutdown::token_on_signal();
+    let deadline = std::time::Duration::from_millis(settings.process.shutdown_deadline_ms);
+    shutdown::with_deadline(query_api::run(settings, token.clone()), token, deadline).await
 }

@@ -61,6 +61,31 @@ impl ApiError {
     }
 }
 
+impl From<recpipe_shared::store::StoreError> for ApiError {
+    fn from(e: recpipe_shared::store::StoreError) -> Self {
+        ApiError::unavailable(format!("store unavailable: {e}"))
+    }
+}
+
+/// The query string, or a 400 that says what is wrong with it.
+fn parse_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))
+}
+
+/// `k` (default 10) within 1..=api.max_k.
+fn checked_k(k: Option<usize>, state: &AppState) -> Result<usize, ApiError> {
+    let max_k = state.settings.api.max_k;
+    let k = k.unwrap_or(10);
+    if k == 0 || k > max_k {
+        return Err(ApiError::bad_request(format!(
+            "k must be between 1 and {max_k}, got {k}"
+        )));
+    }
+    Ok(k)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({ "error": self.message });
@@ -178,34 +203,16 @@ async fn recommendations(
     query: Result<Query<RecommendationsQuery>, QueryRejection>,
 ) -> Result<Json<RecommendationsResponse>, ApiError> {
     check_id("user_id", &user_id)?;
-    let Query(query) =
-        query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
-    let max_k = state.settings.api.max_k;
-    let k = query.k.unwrap_or(10);
-    if k == 0 || k > max_k {
-        return Err(ApiError::bad_request(format!(
-            "k must be between 1 and {max_k}, got {k}"
-        )));
-    }
-    let store_err = |e: recpipe_shared::store::StoreError| {
-        ApiError::unavailable(format!("store unavailable: {e}"))
-    };
+    let query = parse_query(query)?;
+    let k = checked_k(query.k, &state)?;
     if let Some(category) = &query.category {
         return category_list(&state, user_id, category, k).await;
     }
-    let mut list = state
-        .store
-        .latest_recommendations(&user_id)
-        .await
-        .map_err(store_err)?;
+    let mut list = state.store.latest_recommendations(&user_id).await?;
     let mut fallback = None;
     if list.is_none() {
         // Never seen this user: the popularity list, marked as such.
-        list = state
-            .store
-            .latest_recommendations(POPULAR_USER_ID)
-            .await
-            .map_err(store_err)?;
+        list = state.store.latest_recommendations(POPULAR_USER_ID).await?;
         fallback = Some(Fallback::Popularity);
     }
     let list = match list {
@@ -290,10 +297,7 @@ async fn category_list(
         )));
     }
     let in_category = |i: usize| catalog.product(i).category == category;
-    let store_err = |e: recpipe_shared::store::StoreError| {
-        ApiError::unavailable(format!("store unavailable: {e}"))
-    };
-    let user = state.store.user_state(&user_id).await.map_err(store_err)?;
+    let user = state.store.user_state(&user_id).await?;
     if let Some(user) = &user {
         let recommender = state.recommender.clone();
         let (u, c) = (user.clone(), category.to_string());
@@ -326,11 +330,7 @@ async fn category_list(
         }
     }
     // No personal signal: popular products of the category, then the rest of it.
-    let popular = state
-        .store
-        .latest_recommendations(POPULAR_USER_ID)
-        .await
-        .map_err(store_err)?;
+    let popular = state.store.latest_recommendations(POPULAR_USER_ID).await?;
     let mut list = catalog_fallback(state, &in_category);
     if let Some(p) = popular {
         let mut items: Vec<_> = p
@@ -373,15 +373,8 @@ async fn similar_products(
     query: Result<Query<SimilarQuery>, QueryRejection>,
 ) -> Result<Json<SimilarResponse>, ApiError> {
     check_id("product_id", &product_id)?;
-    let Query(query) =
-        query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
-    let max_k = state.settings.api.max_k;
-    let k = query.k.unwrap_or(10);
-    if k == 0 || k > max_k {
-        return Err(ApiError::bad_request(format!(
-            "k must be between 1 and {max_k}, got {k}"
-        )));
-    }
+    let query = parse_query(query)?;
+    let k = checked_k(query.k, &state)?;
     let Some(index) = state.catalog.index_of(&product_id) else {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
@@ -457,8 +450,7 @@ async fn user_events(
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     check_id("user_id", &user_id)?;
-    let Query(query) =
-        query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let query = parse_query(query)?;
     let limit = query.limit.unwrap_or(20);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request(format!(

@@ -4,6 +4,8 @@ use recpipe_shared::{settings::Settings, shutdown, telemetry};
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(save_worker::SERVICE)?;
     telemetry::init(save_worker::SERVICE, &settings.telemetry);
-    save_worker::run(settings, shutdown::token_on_signal()).await?;
+    let token = shutdown::token_on_signal();
+    let deadline = std::time::Duration::from_millis(settings.process.shutdown_deadline_ms);
+    shutdown::with_deadline(save_worker::run(settings, token.clone()), token, deadline).await?;
     Ok(())
 }

@@ -1,0 +1,125 @@
+//! Backpressure: while the store fails, save-worker retries the batch with backoff,
+//! commits nothing and reports not ready; when the store returns it catches up, and no
+//! record is lost.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use recpipe_shared::admin::Health;
+use recpipe_shared::events::{Event, EventType, RecommendationRecord, UserVectorRecord};
+use recpipe_shared::kafka::framework;
+use recpipe_shared::store::{self, Store, StoreError, WriteBatch};
+use recpipe_shared::testkit::{event, eventually, produce, TestEnv};
+use save_worker::SaveWorker;
+use tokio_util::sync::CancellationToken;
+
+/// A real store whose first `failures` writes fail, as during an outage.
+struct FlakyStore {
+    inner: Arc<dyn Store>,
+    failures: AtomicUsize,
+    attempts: AtomicUsize,
+}
+
+#[async_trait]
+impl Store for FlakyStore {
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.failures.load(Ordering::SeqCst) > 0 {
+            self.failures.fetch_sub(1, Ordering::SeqCst);
+            return Err(StoreError::Query("injected outage".into()));
+        }
+        self.inner.write(batch).await
+    }
+    async fn latest_recommendations(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<RecommendationRecord>, StoreError> {
+        self.inner.latest_recommendations(user_id).await
+    }
+    async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.inner.user_events(user_id, limit).await
+    }
+    async fn user_state(&self, user_id: &str) -> Result<Option<UserVectorRecord>, StoreError> {
+        self.inner.user_state(user_id).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+#[tokio::test]
+async fn a_store_outage_is_retried_reported_and_caught_up_without_loss() {
+    let env = TestEnv::start().await;
+    let inner = store::open(&env.settings.store.url).await.unwrap();
+    let flaky = Arc::new(FlakyStore {
+        inner: inner.clone(),
+        failures: AtomicUsize::new(4),
+        attempts: AtomicUsize::new(0),
+    });
+    for i in 0..20 {
+        let e = event(
+            &format!("e{i}"),
+            &format!("u{}", i % 4),
+            EventType::View,
+            "p-00001",
+            1_700_000_000_000 + i,
+        );
+        produce(
+            &env.broker.brokers(),
+            &env.settings.kafka.topics.events,
+            &e.user_id,
+            &serde_json::to_vec(&e).unwrap(),
+        )
+        .await;
+    }
+    let health = Health::new();
+    let shutdown = CancellationToken::new();
+    let worker = SaveWorker::new(flaky.clone(), env.settings.kafka.topics.clone());
+    let (kafka, h, t) = (env.settings.kafka.clone(), health.clone(), shutdown.clone());
+    let run = tokio::spawn(async move {
+        framework::run_with_health(&kafka, worker, t, h)
+            .await
+            .unwrap()
+    });
+
+    let problem = eventually(
+        Duration::from_secs(30),
+        "not ready during the outage",
+        || {
+            let problem = (!health.is_ready()).then(|| health.problem()).flatten();
+            async move { problem }
+        },
+    )
+    .await;
+    assert!(problem.contains("injected outage"), "{problem}");
+
+    let stored = eventually(Duration::from_secs(60), "all 20 events stored", || {
+        let inner = inner.clone();
+        async move {
+            let mut n = 0;
+            for u in 0..4 {
+                n += inner
+                    .user_events(&format!("u{u}"), 100)
+                    .await
+                    .unwrap()
+                    .len();
+            }
+            (n == 20).then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(stored, 20);
+    assert!(health.is_ready(), "ready again once the store answers");
+    assert!(
+        flaky.attempts.load(Ordering::SeqCst) >= 5,
+        "the failing writes were retried"
+    );
+    shutdown.cancel();
+    let stats = run.await.unwrap();
+    assert_eq!(
+        stats.records, 20,
+        "each record was consumed once: the failed batch was retried, not re-read"
+    );
+}
