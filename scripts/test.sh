@@ -25,7 +25,12 @@ step "cargo test"
 if [ -z "${SCYLLA_URI:-}" ]; then
   echo "(SCYLLA_URI is not set: no ScyllaDB backend tests run here; the embedded store's suite does)"
 fi
-cargo test --workspace --no-fail-fast
+results="$(mktemp)"
+trap 'rm -f "$results"' EXIT
+cargo test --workspace --no-fail-fast 2>&1 | tee "$results"
 
 step "API conformance: schemathesis against the live API and its /openapi.json"
 scripts/api-conformance.sh 40
+
+# One closing line for the whole run, summed over every cargo test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
