@@ -296,8 +296,12 @@ async fn show(
             recs["model_version"].as_str().unwrap_or("?")
         );
         for item in recs["items"].as_array().into_iter().flatten() {
+            let because = match item["because"]["title"].as_str() {
+                Some(t) => format!("  (because you viewed {t})"),
+                None => String::new(),
+            };
             println!(
-                "    {:>6.3}  {:<34} {:<8} {}",
+                "    {:>6.3}  {:<34} {:<8} {}{because}",
                 item["score"].as_f64().unwrap_or(0.0),
                 item["title"].as_str().unwrap_or("?"),
                 item["category"].as_str().unwrap_or("?"),
