@@ -61,6 +61,7 @@ pub enum CatalogError {
 #[derive(Debug)]
 pub struct Catalog {
     model_version: Option<String>,
+    embeddings_id: String,
     products: Vec<Product>,
     embeddings: Array2<f32>,
     by_id: HashMap<String, usize>,
@@ -131,6 +132,7 @@ impl Catalog {
         }
         Ok(Catalog {
             model_version: None,
+            embeddings_id: embeddings_fingerprint(&products, &embeddings),
             products,
             embeddings,
             by_id,
@@ -165,21 +167,7 @@ impl Catalog {
             },
             other => other,
         })?;
-        let metadata_path = dir.join(MODEL_METADATA_FILE);
-        if metadata_path.exists() {
-            let bad = |message: String| CatalogError::BadProduct {
-                path: metadata_path.clone(),
-                line: 1,
-                message,
-            };
-            let text = std::fs::read_to_string(&metadata_path).map_err(|e| bad(e.to_string()))?;
-            let meta: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-            let version = meta["version"]
-                .as_str()
-                .ok_or_else(|| bad("no \"version\" string".into()))?;
-            catalog.model_version = Some(version.to_string());
-        }
+        catalog.model_version = read_model_version(dir)?;
         Ok(catalog)
     }
 
@@ -233,6 +221,12 @@ impl Catalog {
     /// The version named by the model's `metadata.json`, if it has one.
     pub fn model_version(&self) -> Option<&str> {
         self.model_version.as_deref()
+    }
+
+    /// Identifies the embedding set (a hash of the product ids and the unit vectors): a
+    /// user vector built with one set is usable by every model with the same id.
+    pub fn embeddings_id(&self) -> &str {
+        &self.embeddings_id
     }
 
     /// Writes the two files into `dir` (created if missing).
@@ -320,6 +314,37 @@ pub fn tokenize(text: &str) -> Vec<String> {
         .filter(|w| !w.is_empty())
         .map(str::to_lowercase)
         .collect()
+}
+
+/// The version a model directory's `metadata.json` names (None without the file).
+pub fn read_model_version(dir: &Path) -> Result<Option<String>, CatalogError> {
+    let metadata_path = dir.join(MODEL_METADATA_FILE);
+    if !metadata_path.exists() {
+        return Ok(None);
+    }
+    let bad = |message: String| CatalogError::BadProduct {
+        path: metadata_path.clone(),
+        line: 1,
+        message,
+    };
+    let text = std::fs::read_to_string(&metadata_path).map_err(|e| bad(e.to_string()))?;
+    let meta: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let version = meta["version"]
+        .as_str()
+        .ok_or_else(|| bad("no \"version\" string".into()))?;
+    Ok(Some(version.to_string()))
+}
+
+fn embeddings_fingerprint(products: &[Product], embeddings: &Array2<f32>) -> String {
+    let mut h = crate::stable_hash::Fnv64::new();
+    for p in products {
+        h.write(p.product_id.as_bytes());
+        h.write(&[0]);
+    }
+    for v in embeddings.iter() {
+        h.write(&v.to_le_bytes());
+    }
+    format!("emb-{:016x}", h.finish())
 }
 
 /// Parameters of a synthetic catalog.

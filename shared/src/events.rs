@@ -145,6 +145,14 @@ pub struct UserVectorRecord {
     pub last_event: LastEvent,
     pub source: SourcePosition,
     pub updated_at: i64,
+    /// The embedding set the vector lives in ([`crate::catalog::Catalog::embeddings_id`]).
+    /// A model with other embeddings cannot use the vector and works from the history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embeddings: Option<String>,
+    /// Ids of the events applied most recently, newest first (bounded like
+    /// `recent_products`): the inputs a list made from this state names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_event_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +190,112 @@ pub struct RecommendationRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_event_ts: Option<i64>,
     pub generated_at: i64,
+    /// Where the triggering event sits in the `events` topic: replaying the user's
+    /// partition up to it rebuilds the state this list was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourcePosition>,
+    /// The events whose effect the list reflects, newest first (the user's recent ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_event_ids: Vec<String>,
+}
+
+impl Fallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Popularity => "popularity",
+            Fallback::Catalog => "catalog",
+        }
+    }
+}
+
+/// A list shown to a user: the query API emits one to `impressions` for every list it
+/// serves (schemas/impression.v1.schema.json). Clicks that carry the list's
+/// `recommendation_id` are counted against these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Impression {
+    pub impression_id: String,
+    pub recommendation_id: String,
+    pub user_id: String,
+    pub model_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+    /// The products shown, in order.
+    pub items: Vec<String>,
+    /// Wall-clock time (ms) the list was served.
+    pub ts: i64,
+}
+
+impl Impression {
+    /// The experiment arm the impression counts for: the model version, or the fallback
+    /// when the list was not made by a model.
+    pub fn arm(&self) -> &str {
+        arm(&self.model_version, self.fallback)
+    }
+}
+
+/// The arm of a list: its model version, or `popularity`/`catalog` for fallbacks.
+pub fn arm(model_version: &str, fallback: Option<Fallback>) -> &str {
+    match fallback {
+        Some(f) => f.as_str(),
+        None => model_version,
+    }
+}
+
+/// What the pipeline serves: one model, or several side by side with users split by a
+/// stable hash of their id (schemas/model-assignment.v1.schema.json). Published on the
+/// `models` topic; the latest record wins, so a rollback is publishing the old one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelAssignment {
+    pub variants: Vec<ModelVariant>,
+    /// Wall-clock time (ms) of publication.
+    #[serde(default)]
+    pub published_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelVariant {
+    /// Named in every list the variant makes.
+    pub version: String,
+    /// The model directory (`embeddings.npy` + `products.jsonl` or `ids.txt`), as the
+    /// services see it.
+    pub path: String,
+    /// Share of users, in (0, 1]; the shares add up to 1.
+    pub share: f64,
+}
+
+impl ModelAssignment {
+    /// Why the assignment cannot be served, if it cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.variants.is_empty() {
+            return Err("an assignment needs at least one variant".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for v in &self.variants {
+            if v.version.is_empty() || v.version.chars().count() > MAX_ID_LEN {
+                return Err(format!("version must be 1 to {MAX_ID_LEN} characters"));
+            }
+            if !seen.insert(v.version.as_str()) {
+                return Err(format!("version {:?} appears twice", v.version));
+            }
+            if !(v.share.is_finite() && v.share > 0.0 && v.share <= 1.0) {
+                return Err(format!(
+                    "share of {:?} must be in (0, 1], got {}",
+                    v.version, v.share
+                ));
+            }
+            if v.path.is_empty() {
+                return Err(format!("variant {:?} has no path", v.version));
+            }
+        }
+        let total: f64 = self.variants.iter().map(|v| v.share).sum();
+        if (total - 1.0).abs() > 1e-6 {
+            return Err(format!("shares must add up to 1, they add up to {total}"));
+        }
+        Ok(())
+    }
 }
 
 /// Wall-clock time in ms since the epoch.

@@ -9,6 +9,7 @@ pub mod model;
 pub mod schema;
 pub mod settings;
 pub mod shutdown;
+pub mod stable_hash;
 pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testkit")]

@@ -6,6 +6,9 @@ use std::sync::OnceLock;
 pub const EVENT_SCHEMA: &str = include_str!("../../schemas/event.v1.schema.json");
 pub const USER_VECTOR_SCHEMA: &str = include_str!("../../schemas/user-vector.v1.schema.json");
 pub const RECOMMENDATION_SCHEMA: &str = include_str!("../../schemas/recommendation.v1.schema.json");
+pub const IMPRESSION_SCHEMA: &str = include_str!("../../schemas/impression.v1.schema.json");
+pub const MODEL_ASSIGNMENT_SCHEMA: &str =
+    include_str!("../../schemas/model-assignment.v1.schema.json");
 
 /// One way a document breaks its schema.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -51,7 +54,9 @@ pub fn event_validator() -> &'static SchemaValidator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Event, RecommendationRecord, UserVectorRecord};
+    use crate::events::{
+        Event, Impression, ModelAssignment, RecommendationRecord, UserVectorRecord,
+    };
     use serde::{de::DeserializeOwned, Serialize};
     use std::path::Path;
 
@@ -93,6 +98,8 @@ mod tests {
         check::<Event>(EVENT_SCHEMA, "event.");
         check::<UserVectorRecord>(USER_VECTOR_SCHEMA, "user-vector");
         check::<RecommendationRecord>(RECOMMENDATION_SCHEMA, "recommendation");
+        check::<Impression>(IMPRESSION_SCHEMA, "impression");
+        check::<ModelAssignment>(MODEL_ASSIGNMENT_SCHEMA, "model-assignment");
     }
 
     #[test]

@@ -118,6 +118,10 @@ pub struct Topics {
     pub user_vectors: String,
     pub recommendations: String,
     pub dead_letters: String,
+    /// Lists served by the query API (for click-through attribution).
+    pub impressions: String,
+    /// Model assignments (one partition; the latest record is what is served).
+    pub models: String,
 }
 
 impl Default for Topics {
@@ -127,18 +131,29 @@ impl Default for Topics {
             user_vectors: "user-vectors".into(),
             recommendations: "recommendations".into(),
             dead_letters: "dead-letters".into(),
+            impressions: "impressions".into(),
+            models: "models".into(),
         }
     }
 }
 
 impl Topics {
-    pub fn all(&self) -> [&str; 4] {
+    /// The topics partitioned by user (`kafka.partitions` each).
+    pub fn partitioned(&self) -> [&str; 5] {
         [
             &self.events,
             &self.user_vectors,
             &self.recommendations,
             &self.dead_letters,
+            &self.impressions,
         ]
+    }
+
+    /// Every topic of the pipeline.
+    pub fn all(&self) -> Vec<&str> {
+        let mut all = self.partitioned().to_vec();
+        all.push(&self.models);
+        all
     }
 }
 
@@ -276,8 +291,11 @@ impl Default for HnswSettings {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSettings {
-    /// Written into every recommendation list.
+    /// Written into every recommendation list when the catalog names no version.
     pub version: String,
+    /// Models served side by side until an assignment is published on the `models`
+    /// topic (empty: `catalog.dir` alone).
+    pub variants: Vec<crate::events::ModelVariant>,
     pub weights: EventWeights,
     /// A user's past interest halves every this many hours of event time.
     pub half_life_hours: f64,
@@ -298,6 +316,7 @@ impl Default for ModelSettings {
     fn default() -> Self {
         Self {
             version: "synthetic-v1".into(),
+            variants: Vec::new(),
             weights: EventWeights::default(),
             half_life_hours: 24.0 * 7.0,
             recent_limit: 50,

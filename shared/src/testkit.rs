@@ -132,9 +132,7 @@ impl TestBroker {
     pub async fn create_topics(&self, settings: &KafkaSettings) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match crate::kafka::ensure_topics(settings, &settings.topics.all(), settings.partitions)
-                .await
-            {
+            match crate::kafka::ensure_pipeline_topics(settings, settings.partitions).await {
                 Ok(()) => return,
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!(error = %e, "topic creation not ready");

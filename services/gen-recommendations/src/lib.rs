@@ -3,29 +3,34 @@
 //! `recommendations`. Users with no signal yet get the popularity list, marked as such.
 //! It also keeps stream-maintained popularity and publishes it as the list of
 //! `__popular__`, which the API serves to users it has never seen.
+//!
+//! Models come from a [`ModelRegistry`] that follows the `models` topic: several versions
+//! may serve side by side (users split by a stable hash), and a newly published one is
+//! built in the background and swapped in between batches. Every list names its version
+//! and the events it reflects: the `recommendations` topic is the decision log.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use recpipe_shared::catalog::Catalog;
 use recpipe_shared::events::{
     now_ms, Fallback, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID,
 };
 use recpipe_shared::kafka::framework::{
     self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
-use recpipe_shared::model::{recommendation_id, Popularity, Recommender};
+use recpipe_shared::model::{
+    recommendation_id, vector_from_history, IndexKind, ModelRegistry, Popularity, ServedModel,
+};
 use recpipe_shared::settings::{Settings, Topics};
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "gen-recommendations";
 
 pub struct GenRecommendations {
-    recommender: Arc<Recommender>,
+    models: Arc<ModelRegistry>,
     popularity: Popularity,
-    model_version: String,
     list_len: usize,
     topics: Topics,
     publish_every: Duration,
@@ -34,33 +39,56 @@ pub struct GenRecommendations {
 }
 
 impl GenRecommendations {
-    pub fn new(recommender: Arc<Recommender>, settings: &Settings) -> Self {
+    pub fn new(models: Arc<ModelRegistry>, settings: &Settings) -> Self {
         GenRecommendations {
             popularity: Popularity::new(
                 settings.model.popularity_half_life_hours,
                 settings.model.weights.clone(),
             ),
-            // A trained model names its own version; a bare catalog takes the configured one.
-            model_version: recommender
-                .catalog()
-                .model_version()
-                .unwrap_or(&settings.model.version)
-                .to_string(),
             list_len: settings.model.list_len,
             topics: settings.kafka.topics.clone(),
             publish_every: Duration::from_millis(settings.model.popularity_publish_ms),
             last_publish: None,
             popularity_changed: false,
-            recommender,
+            models,
         }
     }
 
-    /// The list for one user state: personalised, or popularity when the vector is empty.
+    /// The list for one user state, from the model that serves the user: personalised,
+    /// or popularity when the state carries no signal the model can use.
     pub fn list_for(&self, user: &UserVectorRecord) -> RecommendationRecord {
-        let (items, fallback) = match self.recommender.recommend(user, self.list_len) {
+        let serving = self.models.current();
+        self.list_from(serving.for_user(&user.user_id), user)
+    }
+
+    fn list_from(&self, model: &ServedModel, user: &UserVectorRecord) -> RecommendationRecord {
+        let catalog = model.catalog();
+        // A vector built with other embeddings means nothing to this model: it works from
+        // the user's recent products instead.
+        let same_space = match &user.embeddings {
+            Some(e) => e == catalog.embeddings_id(),
+            None => user.vector.len() == catalog.dim(),
+        };
+        let rebuilt;
+        let query = if same_space {
+            user
+        } else {
+            metrics::counter!("recpipe_vectors_rebuilt_total", "version" => model.version.clone())
+                .increment(1);
+            rebuilt = UserVectorRecord {
+                vector: vector_from_history(catalog, &user.recent_products)
+                    .unwrap_or_else(|| vec![0.0; catalog.dim()]),
+                ..user.clone()
+            };
+            &rebuilt
+        };
+        let started = Instant::now();
+        let personal = model.recommender.recommend(query, self.list_len);
+        metrics::histogram!("recpipe_ann_seconds", "version" => model.version.clone())
+            .record(started.elapsed().as_secs_f64());
+        let (items, fallback) = match personal {
             Some(items) => (items, None),
             None => {
-                let catalog = self.recommender.catalog();
                 let seen: HashSet<usize> = user
                     .recent_products
                     .iter()
@@ -73,16 +101,21 @@ impl GenRecommendations {
                 (items, Some(Fallback::Popularity))
             }
         };
+        let kind = fallback.map_or("personalised", Fallback::as_str);
+        metrics::counter!("recpipe_lists_total", "version" => model.version.clone(), "kind" => kind)
+            .increment(1);
         RecommendationRecord {
-            recommendation_id: recommendation_id(&user.user_id, user.version, &self.model_version),
+            recommendation_id: recommendation_id(&user.user_id, user.version, &model.version),
             user_id: user.user_id.clone(),
-            model_version: self.model_version.clone(),
+            model_version: model.version.clone(),
             fallback,
             items,
             user_version: user.version,
             source_event_id: Some(user.last_event.event_id.clone()),
             source_event_ts: Some(user.last_event.ts),
             generated_at: now_ms(),
+            source: Some(user.source),
+            input_event_ids: user.recent_event_ids.clone(),
         }
     }
 
@@ -97,22 +130,26 @@ impl GenRecommendations {
 
     fn popular_list(&self) -> RecommendationRecord {
         let generated_at = now_ms();
+        let serving = self.models.current();
+        let model = serving.primary();
         RecommendationRecord {
             recommendation_id: recommendation_id(
                 POPULAR_USER_ID,
                 generated_at as u64,
-                &self.model_version,
+                &model.version,
             ),
             user_id: POPULAR_USER_ID.to_string(),
-            model_version: self.model_version.clone(),
+            model_version: model.version.clone(),
             fallback: Some(Fallback::Popularity),
             items: self
                 .popularity
-                .top(self.recommender.catalog(), self.list_len, &|_| false),
+                .top(model.catalog(), self.list_len, &|_| false),
             user_version: 0,
             source_event_id: None,
             source_event_ts: None,
             generated_at,
+            source: None,
+            input_event_ids: Vec::new(),
         }
     }
 }
@@ -132,13 +169,6 @@ impl Processor for GenRecommendations {
     fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<UserVectorRecord, String> {
         let state: UserVectorRecord =
             serde_json::from_slice(payload).map_err(|e| format!("invalid user vector: {e}"))?;
-        let dim = self.recommender.catalog().dim();
-        if state.vector.len() != dim {
-            return Err(format!(
-                "user vector has {} dimensions, the catalog {dim}",
-                state.vector.len()
-            ));
-        }
         if state.vector.iter().any(|v| !v.is_finite()) {
             return Err("user vector has a non-finite value".into());
         }
@@ -149,29 +179,30 @@ impl Processor for GenRecommendations {
         &mut self,
         batch: Vec<Decoded<UserVectorRecord>>,
     ) -> Result<Vec<Outcome>, RetryableError> {
+        // One assignment for the whole batch, so a swap falls between batches.
+        let serving = self.models.current();
         // Every state counts toward popularity, but only a user's latest state in the
         // batch needs a list: earlier ones would be overwritten at once.
         let mut latest: HashMap<&str, usize> = HashMap::new();
         for (i, d) in batch.iter().enumerate() {
             latest.insert(&d.input.user_id, i);
-            if let Some(p) = d
-                .input
-                .last_event
-                .product_id
-                .as_deref()
-                .and_then(|p| self.recommender.catalog().index_of(p))
-            {
+            if let Some(p) = d.input.last_event.product_id.as_deref() {
                 self.popularity
                     .record(p, d.input.last_event.event_type, d.input.last_event.ts);
                 self.popularity_changed = true;
             }
         }
+        let now = now_ms();
         Ok(batch
             .iter()
             .enumerate()
             .map(|(i, d)| {
                 if latest.get(d.input.user_id.as_str()) == Some(&i) {
-                    Outcome::Emit(vec![self.output(&self.list_for(&d.input))])
+                    let list = self.list_from(serving.for_user(&d.input.user_id), &d.input);
+                    // Freshness: event time to list emitted (client clocks permitting).
+                    metrics::histogram!("recpipe_freshness_seconds", "stage" => "list_emitted")
+                        .record((now - d.input.last_event.ts).max(0) as f64 / 1000.0);
+                    Outcome::Emit(vec![self.output(&list)])
                 } else {
                     Outcome::Emit(Vec::new())
                 }
@@ -192,27 +223,12 @@ impl Processor for GenRecommendations {
     }
 }
 
-/// Loads the catalog and builds the index (HNSW build time is logged: it grows with the
-/// catalog, and runs before consuming starts).
-pub fn build_recommender(settings: &Settings) -> anyhow::Result<Arc<Recommender>> {
-    let catalog = Arc::new(Catalog::load(&settings.catalog.dir)?);
-    let started = Instant::now();
-    let recommender = Recommender::new(catalog.clone(), &settings.model.hnsw);
-    tracing::info!(
-        products = catalog.len(),
-        dim = catalog.dim(),
-        exact = recommender.is_exact(),
-        build_ms = started.elapsed().as_millis() as u64,
-        "index built"
-    );
-    Ok(Arc::new(recommender))
-}
-
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
-    let s = settings.clone();
-    let recommender = tokio::task::spawn_blocking(move || build_recommender(&s)).await??;
-    let processor = GenRecommendations::new(recommender, &settings);
+    let models =
+        recpipe_shared::kafka::models::start_registry(&settings, IndexKind::Hnsw, shutdown.clone())
+            .await?;
+    let processor = GenRecommendations::new(models, &settings);
     let health = recpipe_shared::admin::Health::new();
     recpipe_shared::admin::spawn(
         settings.telemetry.admin_address.as_deref(),

@@ -10,7 +10,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rdkafka::producer::{FutureRecord, Producer};
-use recpipe_shared::events::{Event, Fallback, RecommendationRecord, MAX_ID_LEN, POPULAR_USER_ID};
+use recpipe_shared::events::{
+    now_ms, Event, Fallback, Impression, RecommendationRecord, MAX_ID_LEN, POPULAR_USER_ID,
+};
+use recpipe_shared::model::{vector_from_history, ServedModel};
 use recpipe_shared::schema::event_validator;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -26,6 +29,9 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/v1/users/{user_id}/recommendations", get(recommendations))
         .route("/v1/users/{user_id}/events", get(user_events))
         .route("/v1/products/{product_id}/similar", get(similar_products))
+        .route("/v1/experiments", get(crate::experiments::experiments))
+        .route("/v1/status", get(crate::experiments::status))
+        .route("/status", get(crate::experiments::status_page))
         .route(
             "/v1/events",
             post(post_events).route_layer(axum::middleware::from_fn_with_state(
@@ -44,7 +50,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
@@ -68,7 +74,7 @@ impl From<recpipe_shared::store::StoreError> for ApiError {
 }
 
 /// The query string, or a 400 that says what is wrong with it.
-fn parse_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse_query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     query
         .map(|Query(q)| q)
         .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))
@@ -202,11 +208,35 @@ async fn recommendations(
     Path(user_id): Path<String>,
     query: Result<Query<RecommendationsQuery>, QueryRejection>,
 ) -> Result<Json<RecommendationsResponse>, ApiError> {
+    let started = std::time::Instant::now();
+    let result = recommendations_for(&state, user_id, query).await;
+    match &result {
+        Ok((response, freshness)) => state.live.record_get(
+            started.elapsed(),
+            false,
+            response.fallback.is_none(),
+            *freshness,
+        ),
+        Err(e) if e.status.is_server_error() => {
+            state.live.record_get(started.elapsed(), true, false, None)
+        }
+        Err(_) => {}
+    }
+    result.map(|(response, _)| Json(response))
+}
+
+/// The answer, and its freshness (event time → list made) when it is a personalised list
+/// made in the last minute.
+async fn recommendations_for(
+    state: &AppState,
+    user_id: String,
+    query: Result<Query<RecommendationsQuery>, QueryRejection>,
+) -> Result<(RecommendationsResponse, Option<i64>), ApiError> {
     check_id("user_id", &user_id)?;
     let query = parse_query(query)?;
-    let k = checked_k(query.k, &state)?;
+    let k = checked_k(query.k, state)?;
     if let Some(category) = &query.category {
-        return category_list(&state, user_id, category, k).await;
+        return Ok((category_list(state, user_id, category, k).await?, None));
     }
     let mut list = state.store.latest_recommendations(&user_id).await?;
     let mut fallback = None;
@@ -217,16 +247,58 @@ async fn recommendations(
     }
     let list = match list {
         Some(l) if !l.items.is_empty() => l,
-        _ => catalog_fallback(&state, &|_| true),
+        _ => catalog_fallback(state, &|_| true),
     };
-    let response = respond(&state, user_id, list, fallback, k);
-    let kind = match response.fallback {
-        None => "personalised",
-        Some(Fallback::Popularity) => "popularity",
-        Some(Fallback::Catalog) => "catalog",
+    let freshness = match (list.fallback, list.source_event_ts) {
+        (None, Some(ts)) if now_ms() - list.generated_at < 60_000 => Some(list.generated_at - ts),
+        _ => None,
     };
-    metrics::counter!("recpipe_recommendations_served_total", "kind" => kind).increment(1);
-    Ok(Json(response))
+    let response = respond(state, user_id, list, fallback, k);
+    let kind = response.fallback.map_or("personalised", Fallback::as_str);
+    metrics::counter!("recpipe_recommendations_served_total", "kind" => kind, "version" => response.model_version.clone()).increment(1);
+    record_impression(state, &response);
+    Ok((response, freshness))
+}
+
+/// Emits the served list to `impressions` without waiting: a lost impression only
+/// lowers a count, and GET latency must not depend on Kafka.
+fn record_impression(state: &AppState, response: &RecommendationsResponse) {
+    if response.fallback == Some(Fallback::Catalog) {
+        return; // nothing a click could be attributed to
+    }
+    let impression = Impression {
+        impression_id: uuid::Uuid::new_v4().to_string(),
+        recommendation_id: response.recommendation_id.clone(),
+        user_id: response.user_id.clone(),
+        model_version: response.model_version.clone(),
+        fallback: response.fallback,
+        items: response
+            .items
+            .iter()
+            .map(|i| i.product_id.clone())
+            .collect(),
+        ts: now_ms(),
+    };
+    let payload = serde_json::to_vec(&impression).expect("impression serialises");
+    let record = FutureRecord::to(&state.settings.kafka.topics.impressions)
+        .key(impression.user_id.as_bytes())
+        .payload(&payload);
+    match state.producer.send_result(record) {
+        Ok(delivery) => drop(delivery),
+        Err((e, _)) => {
+            metrics::counter!("recpipe_impressions_dropped_total").increment(1);
+            tracing::warn!(error = %e, "impression not queued");
+        }
+    }
+}
+
+/// The model that made a list (by version), else the primary one.
+fn model_of(state: &AppState, version: &str) -> std::sync::Arc<ServedModel> {
+    let serving = state.models.current();
+    serving
+        .by_version(version)
+        .unwrap_or_else(|| serving.primary())
+        .clone()
 }
 
 /// The stored list as an answer: current titles, unavailable products dropped, `k` kept.
@@ -237,7 +309,8 @@ fn respond(
     fallback: Option<Fallback>,
     k: usize,
 ) -> RecommendationsResponse {
-    let catalog = &state.catalog;
+    let model = model_of(state, &list.model_version);
+    let catalog = model.catalog();
     let items = list
         .items
         .iter()
@@ -281,8 +354,10 @@ async fn category_list(
     user_id: String,
     category: &str,
     k: usize,
-) -> Result<Json<RecommendationsResponse>, ApiError> {
-    let catalog = &state.catalog;
+) -> Result<RecommendationsResponse, ApiError> {
+    let serving = state.models.current();
+    let model = serving.for_user(&user_id).clone();
+    let catalog = model.catalog().clone();
     if !catalog.products().iter().any(|p| p.category == category) {
         let mut known: Vec<&str> = catalog
             .products()
@@ -298,12 +373,17 @@ async fn category_list(
     }
     let in_category = |i: usize| catalog.product(i).category == category;
     let user = state.store.user_state(&user_id).await?;
-    if let Some(user) = &user {
-        let recommender = state.recommender.clone();
+    if let Some(mut user) = user {
+        if user.embeddings.as_deref() != Some(catalog.embeddings_id()) {
+            // Built with other embeddings: work from the history in this model's space.
+            user.vector = vector_from_history(&catalog, &user.recent_products)
+                .unwrap_or_else(|| vec![0.0; catalog.dim()]);
+        }
         let (u, c) = (user.clone(), category.to_string());
-        let catalog2 = catalog.clone();
+        let (m, catalog2) = (model.clone(), catalog.clone());
         let items = tokio::task::spawn_blocking(move || {
-            recommender.recommend_where(&u, k, &|i| catalog2.product(i).category == c)
+            m.recommender
+                .recommend_where(&u, k, &|i| catalog2.product(i).category == c)
         })
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
@@ -312,26 +392,26 @@ async fn category_list(
                 recommendation_id: recpipe_shared::model::recommendation_id(
                     &user.user_id,
                     user.version,
-                    &format!("{}+category:{category}", state.settings.model.version),
+                    &format!("{}+category:{category}", model.version),
                 ),
                 user_id: user_id.clone(),
-                model_version: catalog
-                    .model_version()
-                    .unwrap_or(&state.settings.model.version)
-                    .to_string(),
+                model_version: model.version.clone(),
                 fallback: None,
                 items,
                 user_version: user.version,
                 source_event_id: Some(user.last_event.event_id.clone()),
                 source_event_ts: Some(user.last_event.ts),
-                generated_at: recpipe_shared::events::now_ms(),
+                generated_at: now_ms(),
+                source: Some(user.source),
+                input_event_ids: user.recent_event_ids.clone(),
             };
-            return Ok(Json(respond(state, user_id, list, None, k)));
+            return Ok(respond(state, user_id, list, None, k));
         }
     }
     // No personal signal: popular products of the category, then the rest of it.
     let popular = state.store.latest_recommendations(POPULAR_USER_ID).await?;
     let mut list = catalog_fallback(state, &in_category);
+    list.model_version = model.version.clone();
     if let Some(p) = popular {
         let mut items: Vec<_> = p
             .items
@@ -352,7 +432,7 @@ async fn category_list(
         list.items = items;
         list.fallback = Some(Fallback::Popularity);
     }
-    Ok(Json(respond(state, user_id, list, None, k)))
+    Ok(respond(state, user_id, list, None, k))
 }
 
 #[derive(Debug, Deserialize)]
@@ -375,21 +455,23 @@ async fn similar_products(
     check_id("product_id", &product_id)?;
     let query = parse_query(query)?;
     let k = checked_k(query.k, &state)?;
-    let Some(index) = state.catalog.index_of(&product_id) else {
+    let model = state.models.current().primary().clone();
+    let catalog = model.catalog().clone();
+    let Some(index) = catalog.index_of(&product_id) else {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
             message: format!("unknown product {product_id:?}"),
             details: Vec::new(),
         });
     };
-    let recommender = state.recommender.clone();
-    let similar = tokio::task::spawn_blocking(move || recommender.similar(index, k))
+    let m = model.clone();
+    let similar = tokio::task::spawn_blocking(move || m.recommender.similar(index, k))
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     let items = similar
         .into_iter()
         .map(|(j, score)| {
-            let p = state.catalog.product(j);
+            let p = catalog.product(j);
             RecommendedItem {
                 product_id: p.product_id.clone(),
                 score,
@@ -400,7 +482,7 @@ async fn similar_products(
         })
         .collect();
     Ok(Json(SimilarResponse {
-        title: state.catalog.product(index).title.clone(),
+        title: catalog.product(index).title.clone(),
         product_id,
         items,
     }))
@@ -409,17 +491,14 @@ async fn similar_products(
 /// Before any traffic: available products in catalog order.
 fn catalog_fallback(state: &AppState, keep: &dyn Fn(usize) -> bool) -> RecommendationRecord {
     let max_k = state.settings.api.max_k;
+    let model = state.models.current().primary().clone();
     RecommendationRecord {
         recommendation_id: "catalog".into(),
         user_id: POPULAR_USER_ID.into(),
-        model_version: state
-            .catalog
-            .model_version()
-            .unwrap_or(&state.settings.model.version)
-            .to_string(),
+        model_version: model.version.clone(),
         fallback: Some(Fallback::Catalog),
-        items: state
-            .catalog
+        items: model
+            .catalog()
             .products()
             .iter()
             .enumerate()
@@ -436,6 +515,8 @@ fn catalog_fallback(state: &AppState, keep: &dyn Fn(usize) -> bool) -> Recommend
         source_event_id: None,
         source_event_ts: None,
         generated_at: 0,
+        source: None,
+        input_event_ids: Vec::new(),
     }
 }
 
@@ -487,6 +568,7 @@ fn parse_events(state: &AppState, body: &[u8]) -> Result<Vec<Event>, ApiError> {
     }
     let mut events = Vec::with_capacity(docs.len());
     let mut details = Vec::new();
+    let serving = state.models.current();
     for (index, doc) in docs.into_iter().enumerate() {
         let at = |path: &str, message: String| {
             if batch {
@@ -514,7 +596,11 @@ fn parse_events(state: &AppState, body: &[u8]) -> Result<Vec<Event>, ApiError> {
                     continue;
                 }
                 if let Some(p) = &event.product_id {
-                    if state.catalog.index_of(p).is_none() {
+                    if serving
+                        .models
+                        .iter()
+                        .all(|m| m.catalog().index_of(p).is_none())
+                    {
                         details.push(at("/product_id", format!("unknown product {p:?}")));
                         continue;
                     }
@@ -569,6 +655,7 @@ async fn post_events(
             }
         }
     }
+    state.live.record_events(events.len());
     let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
     Ok((
         StatusCode::ACCEPTED,

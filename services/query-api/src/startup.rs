@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use axum::Router;
 use rdkafka::producer::FutureProducer;
-use recpipe_shared::catalog::Catalog;
-use recpipe_shared::model::Recommender;
+use recpipe_shared::model::{IndexKind, ModelRegistry};
 use recpipe_shared::settings::Settings;
 use recpipe_shared::store::{self, Store};
 use tokio::net::TcpListener;
@@ -19,26 +18,25 @@ use tower_http::trace::TraceLayer;
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub producer: FutureProducer,
-    pub catalog: Arc<Catalog>,
-    /// For similar products and category-filtered lists, computed at request time.
-    pub recommender: Arc<Recommender>,
+    /// The models served (following the `models` topic): titles, product checks, and the
+    /// similar-product and category lists computed at request time.
+    pub models: Arc<ModelRegistry>,
     pub keys: Arc<crate::auth::KeyRing>,
     pub settings: Arc<Settings>,
+    pub live: Arc<crate::live::LiveStats>,
 }
 
 impl AppState {
-    /// Opens the store, loads the catalog (for titles and product checks) and creates the
-    /// Kafka producer.
-    pub async fn build(settings: Settings) -> anyhow::Result<AppState> {
+    /// Opens the store, loads the served models (following the `models` topic until
+    /// `shutdown`) and creates the Kafka producer.
+    pub async fn build(
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<AppState> {
         let store = store::open_with(&settings.store.url, &settings.store).await?;
-        let dir = settings.catalog.dir.clone();
-        let hnsw = settings.model.hnsw.clone();
-        let (catalog, recommender) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let catalog = Arc::new(Catalog::load(&dir)?);
-            let recommender = Arc::new(Recommender::new(catalog.clone(), &hnsw));
-            Ok((catalog, recommender))
-        })
-        .await??;
+        let models =
+            recpipe_shared::kafka::models::start_registry(&settings, IndexKind::Hnsw, shutdown)
+                .await?;
         let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
         let keys = Arc::new(crate::auth::KeyRing::from_settings(&settings.api)?);
         if keys.is_open() {
@@ -48,9 +46,9 @@ impl AppState {
             keys,
             store,
             producer,
-            catalog,
-            recommender,
+            models,
             settings: Arc::new(settings),
+            live: Arc::new(crate::live::LiveStats::new()),
         })
     }
 }
@@ -124,7 +122,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             "cannot listen on {address}: {e} (set RECPIPE_API__PORT to use another port)"
         )
     })?;
-    let state = AppState::build(settings).await?;
+    let state = AppState::build(settings, shutdown.clone()).await?;
     tracing::info!(address = %listener.local_addr()?, "query-api listening");
     serve(listener, state, shutdown).await?;
     Ok(())

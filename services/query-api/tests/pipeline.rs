@@ -48,7 +48,9 @@ async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let state = query_api::AppState::build(settings).await.unwrap();
+    let state = query_api::AppState::build(settings, shutdown.clone())
+        .await
+        .unwrap();
     let t = shutdown.clone();
     services.push(tokio::spawn(async move {
         query_api::serve(listener, state, t).await.unwrap()

@@ -2,16 +2,23 @@
 //! A batch is written in one go before its offsets are committed; every write is
 //! idempotent, so a replay after a crash leaves the same rows. When the store fails,
 //! the batch is retried with backoff and nothing is committed meanwhile.
+//!
+//! It also keeps the online experiment counts: every impression (a list the API served)
+//! and every click, cart or purchase that names a served list and one of its products,
+//! under the arm (model version) that made the list. Rows are keyed by impression or
+//! event id, so replays count once.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use recpipe_shared::events::{Event, RecommendationRecord, UserVectorRecord};
+use recpipe_shared::events::{
+    arm, now_ms, Event, Impression, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID,
+};
 use recpipe_shared::kafka::framework::{
     self, Decoded, Outcome, Processor, RecordMeta, RetryableError, RunStats,
 };
 use recpipe_shared::settings::{Settings, Topics};
-use recpipe_shared::store::{self, Store, WriteBatch};
+use recpipe_shared::store::{self, ExperimentEvent, ExperimentKind, Store, StoreError, WriteBatch};
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "save-worker";
@@ -20,6 +27,7 @@ pub enum Record {
     Event(Event),
     UserState(UserVectorRecord),
     Recommendation(RecommendationRecord),
+    Impression(Impression),
 }
 
 pub struct SaveWorker {
@@ -46,6 +54,7 @@ impl Processor for SaveWorker {
             self.topics.events.clone(),
             self.topics.user_vectors.clone(),
             self.topics.recommendations.clone(),
+            self.topics.impressions.clone(),
         ]
     }
 
@@ -63,6 +72,10 @@ impl Processor for SaveWorker {
             serde_json::from_slice(payload)
                 .map(Record::Recommendation)
                 .map_err(|e| format!("invalid recommendation: {e}"))
+        } else if *t == self.topics.impressions {
+            serde_json::from_slice(payload)
+                .map(Record::Impression)
+                .map_err(|e| format!("invalid impression: {e}"))
         } else {
             Err(format!("record from unexpected topic {t:?}"))
         }
@@ -79,13 +92,95 @@ impl Processor for SaveWorker {
                 Record::Event(e) => writes.events.push(e),
                 Record::UserState(s) => writes.user_states.push(s),
                 Record::Recommendation(r) => writes.recommendations.push(r),
+                Record::Impression(i) => writes.experiment.push(ExperimentEvent {
+                    arm: i.arm().to_string(),
+                    kind: ExperimentKind::Impression,
+                    id: i.impression_id,
+                    ts: i.ts,
+                }),
             }
         }
-        self.store
-            .write(writes)
+        let attributed = self
+            .attribute(&writes.events, &writes.recommendations)
             .await
             .map_err(|e| RetryableError(e.to_string()))?;
+        writes.experiment.extend(attributed);
+        let now = now_ms();
+        let freshness: Vec<f64> = writes
+            .recommendations
+            .iter()
+            .filter_map(|r| r.source_event_ts)
+            .map(|ts| (now - ts).max(0) as f64 / 1000.0)
+            .collect();
+        let counted: Vec<(String, &'static str)> = writes
+            .experiment
+            .iter()
+            .map(|x| (x.arm.clone(), x.kind.as_str()))
+            .collect();
+        let started = std::time::Instant::now();
+        self.store.write(writes).await.map_err(|e| {
+            metrics::counter!("recpipe_store_errors_total").increment(1);
+            RetryableError(e.to_string())
+        })?;
+        metrics::histogram!("recpipe_store_write_seconds").record(started.elapsed().as_secs_f64());
+        // Event time → list persisted (client clocks permitting).
+        for seconds in freshness {
+            metrics::histogram!("recpipe_freshness_seconds", "stage" => "list_persisted")
+                .record(seconds);
+        }
+        // Approximate (a replay counts again); the store's counts are exact.
+        for (arm, kind) in counted {
+            metrics::counter!("recpipe_experiment_events_total", "arm" => arm, "kind" => kind)
+                .increment(1);
+        }
         Ok((0..n).map(|_| Outcome::Emit(Vec::new())).collect())
+    }
+}
+
+impl SaveWorker {
+    /// The experiment rows of events that act on a product of the list they name: the
+    /// list is looked up in this batch, then among the user's stored lists, then among
+    /// the popularity lists (served to users the pipeline had not seen).
+    async fn attribute(
+        &self,
+        events: &[Event],
+        lists: &[RecommendationRecord],
+    ) -> Result<Vec<ExperimentEvent>, StoreError> {
+        let mut rows = Vec::new();
+        for e in events {
+            let (Some(rec_id), Some(product), Some(kind)) = (
+                e.recommendation_id.as_deref(),
+                e.product_id.as_deref(),
+                ExperimentKind::of_event(e.event_type),
+            ) else {
+                continue;
+            };
+            let list = match lists
+                .iter()
+                .find(|l| l.recommendation_id == rec_id && l.user_id == e.user_id)
+            {
+                Some(l) => Some(l.clone()),
+                None => match self.store.recommendation(&e.user_id, rec_id).await? {
+                    Some(l) => Some(l),
+                    None => self.store.recommendation(POPULAR_USER_ID, rec_id).await?,
+                },
+            };
+            let result = match list {
+                None => "unknown_list",
+                Some(l) if !l.items.iter().any(|i| i.product_id == product) => "not_in_list",
+                Some(l) => {
+                    rows.push(ExperimentEvent {
+                        arm: arm(&l.model_version, l.fallback).to_string(),
+                        kind,
+                        id: e.event_id.clone(),
+                        ts: e.ts,
+                    });
+                    "attributed"
+                }
+            };
+            metrics::counter!("recpipe_attribution_total", "result" => result).increment(1);
+        }
+        Ok(rows)
     }
 }
 

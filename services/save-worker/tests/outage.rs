@@ -44,6 +44,20 @@ impl Store for FlakyStore {
     async fn user_state(&self, user_id: &str) -> Result<Option<UserVectorRecord>, StoreError> {
         self.inner.user_state(user_id).await
     }
+    async fn recommendation(
+        &self,
+        user_id: &str,
+        recommendation_id: &str,
+    ) -> Result<Option<RecommendationRecord>, StoreError> {
+        self.inner.recommendation(user_id, recommendation_id).await
+    }
+    async fn experiment_counts(
+        &self,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<store::ArmCounts>, StoreError> {
+        self.inner.experiment_counts(from_day, to_day).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }

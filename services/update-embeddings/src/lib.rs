@@ -7,6 +7,10 @@
 //! is assigned (start-up, restart, rebalance) its states are restored from the changelog,
 //! and an event at or below a user's recorded source offset is a replay and is skipped:
 //! each event moves the vector exactly once, even across crashes.
+//!
+//! Vectors live in the embedding space of the primary model of the served assignment
+//! (the `models` topic); when it changes, a user's vector is rebuilt from their recent
+//! history on their next event.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,14 +20,13 @@ use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use recpipe_shared::catalog::Catalog;
 use recpipe_shared::events::{now_ms, Event, SourcePosition, UserVectorRecord};
 use recpipe_shared::kafka::client_config;
 use recpipe_shared::kafka::framework::{
     self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
-use recpipe_shared::model::UserModel;
-use recpipe_shared::settings::{EventRules, KafkaSettings, Settings};
+use recpipe_shared::model::{IndexKind, ModelRegistry, UserModel};
+use recpipe_shared::settings::{EventRules, KafkaSettings, ModelSettings, Settings};
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "update-embeddings";
@@ -32,6 +35,8 @@ pub const SERVICE: &str = "update-embeddings";
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct UpdateEmbeddings {
+    models: Arc<ModelRegistry>,
+    model_settings: ModelSettings,
     model: UserModel,
     rules: EventRules,
     users: HashMap<String, UserVectorRecord>,
@@ -39,8 +44,11 @@ pub struct UpdateEmbeddings {
 }
 
 impl UpdateEmbeddings {
-    pub fn new(catalog: Arc<Catalog>, settings: &Settings) -> Self {
+    pub fn new(models: Arc<ModelRegistry>, settings: &Settings) -> Self {
+        let catalog = models.current().primary().catalog().clone();
         UpdateEmbeddings {
+            models,
+            model_settings: settings.model.clone(),
             model: UserModel::new(catalog, settings.model.clone()),
             rules: settings.events,
             users: HashMap::new(),
@@ -105,6 +113,14 @@ impl Processor for UpdateEmbeddings {
         &mut self,
         batch: Vec<Decoded<Event>>,
     ) -> Result<Vec<Outcome>, RetryableError> {
+        let primary = self.models.current().primary().catalog().clone();
+        if !Arc::ptr_eq(&primary, self.model.catalog()) {
+            tracing::info!(
+                embeddings = primary.embeddings_id(),
+                "user vectors now built with the new primary model"
+            );
+            self.model = UserModel::new(primary, self.model_settings.clone());
+        }
         Ok(batch
             .iter()
             .map(|d| match self.apply(&d.meta, &d.input) {
@@ -250,14 +266,11 @@ pub async fn check_topics(kafka: &KafkaSettings) -> anyhow::Result<()> {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
-    let catalog = Arc::new(Catalog::load(&settings.catalog.dir)?);
-    tracing::info!(
-        products = catalog.len(),
-        dim = catalog.dim(),
-        "catalog loaded"
-    );
     check_topics(&settings.kafka).await?;
-    let processor = UpdateEmbeddings::new(catalog, &settings);
+    let models =
+        recpipe_shared::kafka::models::start_registry(&settings, IndexKind::None, shutdown.clone())
+            .await?;
+    let processor = UpdateEmbeddings::new(models, &settings);
     let health = recpipe_shared::admin::Health::new();
     recpipe_shared::admin::spawn(
         settings.telemetry.admin_address.as_deref(),

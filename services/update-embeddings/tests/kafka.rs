@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::Message;
-use recpipe_shared::catalog::Catalog;
 use recpipe_shared::events::{EventType, UserVectorRecord};
 use recpipe_shared::kafka::framework::{dlq_headers, RunStats};
+use recpipe_shared::model::{IndexKind, ModelRegistry};
 use recpipe_shared::settings::Settings;
 use recpipe_shared::testkit::{event, header, produce, read_topic, TestEnv};
 use tokio_util::sync::CancellationToken;
@@ -20,8 +20,8 @@ const T0: i64 = 1_700_000_000_000;
 /// Runs the service in the background; the returned token stops it.
 fn start(settings: &Settings) -> (CancellationToken, tokio::task::JoinHandle<RunStats>) {
     let token = CancellationToken::new();
-    let catalog = Arc::new(Catalog::load(&settings.catalog.dir).unwrap());
-    let processor = UpdateEmbeddings::new(catalog, settings);
+    let models = Arc::new(ModelRegistry::from_settings(settings, IndexKind::None).unwrap());
+    let processor = UpdateEmbeddings::new(models, settings);
     let (kafka, t) = (settings.kafka.clone(), token.clone());
     let handle = tokio::spawn(async move {
         recpipe_shared::kafka::framework::run(&kafka, processor, t)

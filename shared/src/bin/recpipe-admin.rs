@@ -66,18 +66,14 @@ async fn main() -> anyhow::Result<()> {
             command: TopicsCommand::Create { partitions },
         } => {
             let partitions = partitions.unwrap_or(settings.kafka.partitions);
-            recpipe_shared::kafka::ensure_topics(
-                &settings.kafka,
-                &settings.kafka.topics.all(),
-                partitions,
-            )
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot create topics on {}: {e} (is the broker running?)",
-                    settings.kafka.brokers
-                )
-            })?;
+            recpipe_shared::kafka::ensure_pipeline_topics(&settings.kafka, partitions)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot create topics on {}: {e} (is the broker running?)",
+                        settings.kafka.brokers
+                    )
+                })?;
             println!(
                 "topics ready on {}: {}",
                 settings.kafka.brokers,

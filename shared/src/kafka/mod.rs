@@ -2,6 +2,7 @@
 //! consume → process → produce → commit framework in [`framework`].
 
 pub mod framework;
+pub mod models;
 
 use std::time::Duration;
 
@@ -36,6 +37,16 @@ pub fn producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> 
             settings.delivery_timeout_ms.to_string(),
         )
         .create()
+}
+
+/// Creates the pipeline's missing topics: the user-partitioned ones with `partitions`
+/// partitions, `models` with one (its order is the order of assignments).
+pub async fn ensure_pipeline_topics(
+    settings: &KafkaSettings,
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    ensure_topics(settings, &settings.topics.partitioned(), partitions).await?;
+    ensure_topics(settings, &[settings.topics.models.as_str()], 1).await
 }
 
 /// Creates the topics that are missing (existing ones are left alone).

@@ -3,11 +3,13 @@
 
 pub mod popularity;
 pub mod recommender;
+pub mod registry;
 pub mod user_update;
 
 pub use popularity::Popularity;
 pub use recommender::{recommendation_id, Recommender};
-pub use user_update::{UpdateError, UserModel};
+pub use registry::{IndexKind, ModelRegistry, ServedModel, Serving};
+pub use user_update::{vector_from_history, UpdateError, UserModel};
 
 /// Milliseconds in which a decayed quantity falls by a factor e, for a half-life in hours.
 pub(crate) fn decay_tau_ms(half_life_hours: f64) -> f64 {

@@ -16,7 +16,8 @@ pub struct Popularity {
     tau_ms: f64,
     weights: EventWeights,
     /// Scores valued at `base_ts`: the real score at time T is `score · exp(-(T-base)/τ)`.
-    scores: HashMap<usize, f64>,
+    /// By product id, not catalog index, so the scores outlive a model swap.
+    scores: HashMap<String, f64>,
     base_ts: Option<i64>,
     latest_ts: i64,
 }
@@ -36,8 +37,8 @@ impl Popularity {
         self.scores.is_empty()
     }
 
-    /// Counts one event on `product` (a catalog index) at event time `ts`.
-    pub fn record(&mut self, product: usize, event_type: EventType, ts: i64) {
+    /// Counts one event on `product` at event time `ts`.
+    pub fn record(&mut self, product: &str, event_type: EventType, ts: i64) {
         let base = *self.base_ts.get_or_insert(ts);
         let mut exponent = (ts - base) as f64 / self.tau_ms;
         if exponent > REBASE_AT {
@@ -47,8 +48,13 @@ impl Popularity {
             self.base_ts = Some(ts);
             exponent = 0.0;
         }
-        *self.scores.entry(product).or_default() +=
-            self.weights.of(event_type) as f64 * exponent.exp();
+        let weight = self.weights.of(event_type) as f64 * exponent.exp();
+        match self.scores.get_mut(product) {
+            Some(score) => *score += weight,
+            None => {
+                self.scores.insert(product.to_string(), weight);
+            }
+        }
         self.latest_ts = self.latest_ts.max(ts);
     }
 
@@ -67,8 +73,8 @@ impl Popularity {
         let mut ranked: Vec<(usize, f64)> = self
             .scores
             .iter()
-            .filter(|(&i, _)| catalog.product(i).available && !exclude(i))
-            .map(|(&i, &s)| (i, s))
+            .filter_map(|(id, &s)| Some((catalog.index_of(id)?, s)))
+            .filter(|&(i, _)| catalog.product(i).available && !exclude(i))
             .collect();
         // Ties broken by catalog order, so the list is deterministic.
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -100,10 +106,10 @@ mod tests {
         let mut p = Popularity::new(1.0, EventWeights::default());
         let hour = 3_600_000;
         for _ in 0..4 {
-            p.record(1, EventType::View, 0);
+            p.record("p-00001", EventType::View, 0);
         }
-        p.record(2, EventType::View, 10 * hour);
-        p.record(2, EventType::View, 10 * hour);
+        p.record("p-00002", EventType::View, 10 * hour);
+        p.record("p-00002", EventType::View, 10 * hour);
         let top = p.top(&catalog, 2, &|_| false);
         assert_eq!(top[0].product_id, "p-00002");
         assert_eq!(top[1].product_id, "p-00001");
@@ -125,7 +131,7 @@ mod tests {
         let mut p = Popularity::new(1.0, EventWeights::default());
         let year = 365 * 24 * 3_600_000_i64;
         for i in 0..20 {
-            p.record((i % 3) as usize, EventType::Purchase, i * year);
+            p.record(&format!("p-{:05}", i % 3), EventType::Purchase, i * year);
         }
         let top = p.top(&catalog, 3, &|_| false);
         assert!(top.iter().all(|s| s.score.is_finite()));

@@ -343,6 +343,8 @@ mod tests {
                 offset: 0,
             },
             updated_at: 0,
+            embeddings: None,
+            recent_event_ids: Vec::new(),
         };
         let list = rec.recommend(&user, 20).unwrap();
         assert_eq!(list.len(), 20);
@@ -387,6 +389,8 @@ mod tests {
                 offset: 0,
             },
             updated_at: 0,
+            embeddings: None,
+            recent_event_ids: Vec::new(),
         };
         let list = rec.recommend(&user, 10).unwrap();
         for item in &list {

@@ -79,24 +79,43 @@ impl UserModel {
     ) -> Result<UserVectorRecord, UpdateError> {
         let direction = self.direction(event)?;
         let dim = self.catalog.dim();
-        let (mut vector, mut anchor, version, mut recent, mut purchased) = match before {
-            // A state of another dimension (the model changed) restarts from zero.
-            Some(b) if b.vector.len() == dim => (
-                Array1::from_vec(b.vector.clone()),
-                b.anchor_ts,
-                b.version,
-                b.recent_products.clone(),
-                b.purchased.clone(),
-            ),
-            Some(b) => (
-                Array1::zeros(dim),
-                b.anchor_ts,
-                b.version,
-                b.recent_products.clone(),
-                b.purchased.clone(),
-            ),
-            None => (Array1::zeros(dim), event.ts, 0, Vec::new(), Vec::new()),
-        };
+        let space = self.catalog.embeddings_id();
+        let (mut vector, mut anchor, version, mut recent, mut purchased, mut recent_ids) =
+            match before {
+                Some(b) => {
+                    // A state built with other embeddings (the model changed) starts again
+                    // from its recent history, valued in this model's space.
+                    let same_space = match &b.embeddings {
+                        Some(e) => e == space,
+                        None => b.vector.len() == dim,
+                    };
+                    let vector = if same_space {
+                        Array1::from_vec(b.vector.clone())
+                    } else {
+                        Array1::from_vec(
+                            vector_from_history(&self.catalog, &b.recent_products)
+                                .unwrap_or_else(|| vec![0.0; dim]),
+                        )
+                    };
+                    (
+                        vector,
+                        b.anchor_ts,
+                        b.version,
+                        b.recent_products.clone(),
+                        b.purchased.clone(),
+                        b.recent_event_ids.clone(),
+                    )
+                }
+                None => (
+                    Array1::zeros(dim),
+                    event.ts,
+                    0,
+                    Vec::new(),
+                    Vec::new(),
+                    Vec::new(),
+                ),
+            };
+        push_front_bounded(&mut recent_ids, &event.event_id, self.settings.recent_limit);
         if let Some(d) = direction {
             let w = self.settings.weights.of(event.event_type);
             if event.ts >= anchor {
@@ -132,8 +151,31 @@ impl UserModel {
             },
             source,
             updated_at: now_ms,
+            embeddings: Some(space.to_string()),
+            recent_event_ids: recent_ids,
         })
     }
+}
+
+/// Weight of the n-th most recent product when a vector is rebuilt from history.
+const HISTORY_DECAY: f32 = 0.85;
+
+/// A user vector in `catalog`'s space from the products they touched, newest first:
+/// `Σ 0.85ʳ · eᵣ` over the products this catalog knows. Used when a state was built with
+/// other embeddings; event weights and times are not kept in the history, so it is an
+/// approximation of what the events would have given. None when no product is known.
+pub fn vector_from_history(catalog: &Catalog, recent_products: &[String]) -> Option<Vec<f32>> {
+    let mut v = Array1::<f32>::zeros(catalog.dim());
+    let mut any = false;
+    let mut weight = 1.0f32;
+    for p in recent_products {
+        if let Some(i) = catalog.index_of(p) {
+            v.scaled_add(weight, &catalog.embedding(i));
+            any = true;
+        }
+        weight *= HISTORY_DECAY;
+    }
+    any.then(|| v.to_vec())
 }
 
 /// Moves `item` to the front of `list` (no duplicates), keeping at most `limit`.
@@ -260,6 +302,47 @@ mod tests {
         let s = run(&m, &events);
         assert_eq!(s.recent_products, vec!["p-00005", "p-00004", "p-00003"]);
         assert_eq!(s.purchased, vec!["p-00001"]);
+        assert_eq!(s.recent_event_ids, vec!["e5", "e4", "e3"]);
+        assert_eq!(s.embeddings.as_deref(), Some(m.catalog().embeddings_id()));
+    }
+
+    #[test]
+    fn a_state_from_other_embeddings_restarts_from_its_history() {
+        let old = model();
+        let new_catalog = Arc::new(generate(SyntheticCatalog {
+            products: 200,
+            dim: 8,
+            seed: 7,
+            ..Default::default()
+        }));
+        assert_ne!(old.catalog().embeddings_id(), new_catalog.embeddings_id());
+        let new = UserModel::new(new_catalog.clone(), ModelSettings::default());
+        let s = run(
+            &old,
+            &[
+                event("a", EventType::View, "p-00001", 0),
+                event("b", EventType::View, "p-00002", 1),
+            ],
+        );
+        let after = new
+            .apply(
+                Some(&s),
+                &event("c", EventType::View, "p-00003", 2),
+                pos(2),
+                0,
+            )
+            .unwrap();
+        // 0.85 · e1 + e2 (history, newest first) + 1 · e3 (the view), in the new space.
+        let e = |i: usize| new_catalog.embedding(i).to_owned();
+        let expected = e(1) * 0.85 + e(2) + e(3);
+        assert!((Array1::from_vec(after.vector) - expected)
+            .iter()
+            .all(|d| d.abs() < 1e-5));
+        assert_eq!(
+            after.embeddings.as_deref(),
+            Some(new_catalog.embeddings_id())
+        );
+        assert_eq!(after.version, 3);
     }
 
     #[test]

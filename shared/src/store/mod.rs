@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::events::{Event, RecommendationRecord, UserVectorRecord};
+use crate::events::{Event, EventType, RecommendationRecord, UserVectorRecord};
 
 pub use sqlite::SqliteStore;
 
@@ -31,6 +31,93 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// What an experiment counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ExperimentKind {
+    /// A list served.
+    Impression,
+    /// An action on a product of a served list that names the list.
+    Click,
+    AddToCart,
+    Purchase,
+}
+
+impl ExperimentKind {
+    pub const ALL: [ExperimentKind; 4] = [
+        ExperimentKind::Impression,
+        ExperimentKind::Click,
+        ExperimentKind::AddToCart,
+        ExperimentKind::Purchase,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExperimentKind::Impression => "impression",
+            ExperimentKind::Click => "click",
+            ExperimentKind::AddToCart => "add_to_cart",
+            ExperimentKind::Purchase => "purchase",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The kind an attributed event counts as (views and searches are not outcomes).
+    pub fn of_event(t: EventType) -> Option<Self> {
+        match t {
+            EventType::Click => Some(ExperimentKind::Click),
+            EventType::AddToCart => Some(ExperimentKind::AddToCart),
+            EventType::Purchase => Some(ExperimentKind::Purchase),
+            EventType::View | EventType::Search => None,
+        }
+    }
+}
+
+/// One counted impression or attributed action.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExperimentEvent {
+    /// Model version, or `popularity`/`catalog` for fallback lists.
+    pub arm: String,
+    pub kind: ExperimentKind,
+    /// Impression id or event id: the same id is counted once.
+    pub id: String,
+    /// Time in ms since the epoch (its UTC day buckets the counts).
+    pub ts: i64,
+}
+
+impl ExperimentEvent {
+    pub fn day(&self) -> i64 {
+        day_of(self.ts)
+    }
+}
+
+/// Days since the epoch (UTC) of a time in ms.
+pub fn day_of(ts_ms: i64) -> i64 {
+    ts_ms.div_euclid(86_400_000)
+}
+
+/// Totals of one arm over a range of days.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArmCounts {
+    pub arm: String,
+    pub impressions: u64,
+    pub clicks: u64,
+    pub add_to_carts: u64,
+    pub purchases: u64,
+}
+
+impl ArmCounts {
+    pub fn add(&mut self, kind: ExperimentKind, n: u64) {
+        match kind {
+            ExperimentKind::Impression => self.impressions += n,
+            ExperimentKind::Click => self.clicks += n,
+            ExperimentKind::AddToCart => self.add_to_carts += n,
+            ExperimentKind::Purchase => self.purchases += n,
+        }
+    }
+}
+
 /// What the save-worker writes in one go. Every write is idempotent: replaying a batch
 /// leaves the store as it was.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -38,15 +125,19 @@ pub struct WriteBatch {
     pub events: Vec<Event>,
     pub user_states: Vec<UserVectorRecord>,
     pub recommendations: Vec<RecommendationRecord>,
+    pub experiment: Vec<ExperimentEvent>,
 }
 
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.user_states.is_empty() && self.recommendations.is_empty()
+        self.len() == 0
     }
 
     pub fn len(&self) -> usize {
-        self.events.len() + self.user_states.len() + self.recommendations.len()
+        self.events.len()
+            + self.user_states.len()
+            + self.recommendations.len()
+            + self.experiment.len()
     }
 }
 
@@ -62,6 +153,19 @@ pub trait Store: Send + Sync {
     /// A user's events, newest event time first.
     async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
     async fn user_state(&self, user_id: &str) -> Result<Option<UserVectorRecord>, StoreError>;
+    /// One list of a user's history, by id.
+    async fn recommendation(
+        &self,
+        user_id: &str,
+        recommendation_id: &str,
+    ) -> Result<Option<RecommendationRecord>, StoreError>;
+    /// Impressions and attributed actions per arm over days `from_day..=to_day`, sorted
+    /// by arm.
+    async fn experiment_counts(
+        &self,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<ArmCounts>, StoreError>;
     /// Succeeds when the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -134,6 +238,8 @@ pub mod suite {
                 offset: version as i64,
             },
             updated_at: 1,
+            embeddings: Some("emb-test".into()),
+            recent_event_ids: vec![format!("e{version}")],
         }
     }
 
@@ -152,6 +258,11 @@ pub mod suite {
             source_event_id: Some(format!("e{version}")),
             source_event_ts: Some(1),
             generated_at,
+            source: Some(SourcePosition {
+                partition: 1,
+                offset: version as i64,
+            }),
+            input_event_ids: vec![format!("e{version}")],
         }
     }
 
@@ -255,5 +366,81 @@ pub mod suite {
             Some(p2)
         );
         assert_eq!(store.latest_recommendations("b").await.unwrap(), None);
+
+        // A list of the history by id; another user's id finds nothing.
+        assert_eq!(
+            store
+                .recommendation("a", &l1.recommendation_id)
+                .await
+                .unwrap(),
+            Some(l1.clone())
+        );
+        assert_eq!(
+            store
+                .recommendation("b", &l1.recommendation_id)
+                .await
+                .unwrap(),
+            None
+        );
+
+        // Experiment counts: per arm and kind, each id once, within the days asked for.
+        let day = 20_000;
+        let at = |d: i64| d * 86_400_000 + 5;
+        let x = |arm: &str, kind, id: &str, d| ExperimentEvent {
+            arm: arm.into(),
+            kind,
+            id: id.into(),
+            ts: at(d),
+        };
+        use ExperimentKind::*;
+        let rows = vec![
+            x("v1", Impression, "i1", day),
+            x("v1", Impression, "i2", day),
+            x("v1", Impression, "i3", day + 1),
+            x("v1", Click, "e1", day),
+            x("v1", Purchase, "e2", day + 1),
+            x("v2", Impression, "i4", day),
+            x("v2", AddToCart, "e3", day),
+            x("v2", Impression, "old", day - 30),
+        ];
+        store
+            .write(WriteBatch {
+                experiment: rows.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        store
+            .write(WriteBatch {
+                experiment: rows,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let counts = store.experiment_counts(day - 1, day + 1).await.unwrap();
+        assert_eq!(
+            counts,
+            vec![
+                ArmCounts {
+                    arm: "v1".into(),
+                    impressions: 3,
+                    clicks: 1,
+                    add_to_carts: 0,
+                    purchases: 1,
+                },
+                ArmCounts {
+                    arm: "v2".into(),
+                    impressions: 1,
+                    clicks: 0,
+                    add_to_carts: 1,
+                    purchases: 0,
+                },
+            ]
+        );
+        assert!(store
+            .experiment_counts(day + 2, day + 9)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

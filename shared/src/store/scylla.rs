@@ -1,6 +1,6 @@
 //! The ScyllaDB / Cassandra store: the same promises as the embedded one, with prepared
 //! statements, configurable consistency, retries and speculative execution, and the
-//! schema of `schemas/cql/V1__init.cql` applied (or checked) at start-up.
+//! schema of `schemas/cql/` applied (or checked) at start-up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +14,22 @@ use scylla::policies::speculative_execution::SimpleSpeculativeExecutionPolicy;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 
-use super::{Store, StoreError, WriteBatch};
+use super::{ArmCounts, ExperimentKind, Store, StoreError, WriteBatch};
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 use crate::settings::ScyllaSettings;
 
-const SCHEMA_V1: &str = include_str!("../../../schemas/cql/V1__init.cql");
-const TABLES: [&str; 3] = ["events", "recommendations", "user_state"];
+/// Applied in order; every statement is `IF NOT EXISTS`, so re-applying is harmless.
+const SCHEMA: [&str; 2] = [
+    include_str!("../../../schemas/cql/V1__init.cql"),
+    include_str!("../../../schemas/cql/V2__experiments.cql"),
+];
+const TABLES: [&str; 5] = [
+    "events",
+    "recommendations",
+    "user_state",
+    "experiment_events",
+    "experiment_arms",
+];
 
 fn query_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Query(e.to_string())
@@ -33,6 +43,11 @@ pub struct ScyllaStore {
     latest_list: PreparedStatement,
     events_of: PreparedStatement,
     state_of: PreparedStatement,
+    list_by_id: PreparedStatement,
+    insert_experiment: PreparedStatement,
+    insert_arm: PreparedStatement,
+    arms_of_day: PreparedStatement,
+    count_arm_day: PreparedStatement,
 }
 
 /// `scylla://host1:9042,host2:9042/keyspace` → (nodes, keyspace).
@@ -77,7 +92,8 @@ fn consistency(name: &str) -> Result<Consistency, StoreError> {
 
 /// The CQL statements of the schema with the settings filled in.
 pub fn schema_statements(keyspace: &str, settings: &ScyllaSettings) -> Vec<String> {
-    let text = SCHEMA_V1
+    let text = SCHEMA
+        .join("\n")
         .replace("{keyspace}", keyspace)
         .replace("{replication}", &settings.replication)
         .replace("{events_ttl}", &settings.events_ttl_secs.to_string())
@@ -171,7 +187,7 @@ impl ScyllaStore {
                 session
                     .query_unpaged(statement, &[])
                     .await
-                    .map_err(|e| open_err(format!("applying schemas/cql/V1__init.cql: {e}")))?;
+                    .map_err(|e| open_err(format!("applying schemas/cql: {e}")))?;
             }
         } else {
             let rows = session
@@ -196,7 +212,7 @@ impl ScyllaStore {
                 .collect();
             if !missing.is_empty() {
                 return Err(open_err(format!(
-                    "keyspace {keyspace} lacks the tables {missing:?} of schemas/cql/V1__init.cql: apply it, or set store.scylla.migrate: true"
+                    "keyspace {keyspace} lacks the tables {missing:?} of schemas/cql: apply it, or set store.scylla.migrate: true"
                 )));
             }
         }
@@ -221,6 +237,12 @@ impl ScyllaStore {
             latest_list: prepare(format!("SELECT body FROM {ks}.recommendations WHERE user_id = ? LIMIT 1")).await?,
             events_of: prepare(format!("SELECT body FROM {ks}.events WHERE user_id = ? LIMIT ?")).await?,
             state_of: prepare(format!("SELECT body FROM {ks}.user_state WHERE user_id = ?")).await?,
+            // Filtering inside one user's partition only.
+            list_by_id: prepare(format!("SELECT body FROM {ks}.recommendations WHERE user_id = ? AND recommendation_id = ? ALLOW FILTERING")).await?,
+            insert_experiment: prepare(format!("INSERT INTO {ks}.experiment_events (arm, day, kind, id, ts) VALUES (?, ?, ?, ?, ?)")).await?,
+            insert_arm: prepare(format!("INSERT INTO {ks}.experiment_arms (day, arm) VALUES (?, ?)")).await?,
+            arms_of_day: prepare(format!("SELECT arm FROM {ks}.experiment_arms WHERE day = ?")).await?,
+            count_arm_day: prepare(format!("SELECT kind, COUNT(*) FROM {ks}.experiment_events WHERE arm = ? AND day = ? GROUP BY kind")).await?,
             session,
         })
     }
@@ -288,7 +310,27 @@ impl Store for ScyllaStore {
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
-        let (a, b, c) = futures::join!(
+        let experiment: Vec<_> = batch
+            .experiment
+            .iter()
+            .map(|x| {
+                (
+                    x.arm.as_str(),
+                    x.day(),
+                    x.kind.as_str(),
+                    x.id.as_str(),
+                    x.ts,
+                )
+            })
+            .collect();
+        let mut arms: Vec<(i64, &str)> = batch
+            .experiment
+            .iter()
+            .map(|x| (x.day(), x.arm.as_str()))
+            .collect();
+        arms.sort();
+        arms.dedup();
+        let (a, b, c, d, e) = futures::join!(
             futures::future::join_all(
                 events
                     .into_iter()
@@ -304,8 +346,17 @@ impl Store for ScyllaStore {
                     .into_iter()
                     .map(|v| self.session.execute_unpaged(&self.upsert_state, v))
             ),
+            futures::future::join_all(
+                experiment
+                    .into_iter()
+                    .map(|v| self.session.execute_unpaged(&self.insert_experiment, v))
+            ),
+            futures::future::join_all(
+                arms.into_iter()
+                    .map(|v| self.session.execute_unpaged(&self.insert_arm, v))
+            ),
         );
-        for result in a.into_iter().chain(b).chain(c) {
+        for result in a.into_iter().chain(b).chain(c).chain(d).chain(e) {
             result.map_err(query_err)?;
         }
         Ok(())
@@ -345,6 +396,66 @@ impl Store for ScyllaStore {
             .transpose()
     }
 
+    async fn recommendation(
+        &self,
+        user_id: &str,
+        recommendation_id: &str,
+    ) -> Result<Option<RecommendationRecord>, StoreError> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.list_by_id, (user_id, recommendation_id))
+            .await
+            .map_err(query_err)?
+            .into_rows_result()
+            .map_err(query_err)?;
+        rows.maybe_first_row::<(String,)>()
+            .map_err(query_err)?
+            .map(|(b,)| decode(&b))
+            .transpose()
+    }
+
+    async fn experiment_counts(
+        &self,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<ArmCounts>, StoreError> {
+        let mut totals: std::collections::BTreeMap<String, ArmCounts> = Default::default();
+        for day in from_day..=to_day {
+            let arms = self
+                .session
+                .execute_unpaged(&self.arms_of_day, (day,))
+                .await
+                .map_err(query_err)?
+                .into_rows_result()
+                .map_err(query_err)?;
+            let arms: Vec<String> = arms
+                .rows::<(String,)>()
+                .map_err(query_err)?
+                .map(|r| r.map(|(a,)| a).map_err(query_err))
+                .collect::<Result<_, _>>()?;
+            for arm in arms {
+                let rows = self
+                    .session
+                    .execute_unpaged(&self.count_arm_day, (arm.as_str(), day))
+                    .await
+                    .map_err(query_err)?
+                    .into_rows_result()
+                    .map_err(query_err)?;
+                let entry = totals.entry(arm.clone()).or_insert_with(|| ArmCounts {
+                    arm,
+                    ..Default::default()
+                });
+                for row in rows.rows::<(String, i64)>().map_err(query_err)? {
+                    let (kind, n) = row.map_err(query_err)?;
+                    let kind = ExperimentKind::parse(&kind)
+                        .ok_or_else(|| StoreError::Corrupt(format!("experiment kind {kind:?}")))?;
+                    entry.add(kind, n as u64);
+                }
+            }
+        }
+        Ok(totals.into_values().collect())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.session
             .query_unpaged("SELECT now() FROM system.local", &[])
@@ -381,7 +492,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(statements.len(), 4);
+        assert_eq!(statements.len(), 6);
         assert!(statements[0].starts_with("CREATE KEYSPACE IF NOT EXISTS shop WITH replication = {'class': 'NetworkTopologyStrategy'"));
         assert!(
             statements

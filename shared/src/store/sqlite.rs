@@ -8,11 +8,15 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Store, StoreError, WriteBatch};
+use super::{ArmCounts, ExperimentKind, Store, StoreError, WriteBatch};
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 
-const SCHEMA_V1: &str = include_str!("../../../schemas/sqlite/V1__init.sql");
-const SCHEMA_VERSION: i64 = 1;
+/// Migrations in order; the database's `user_version` counts those applied.
+const MIGRATIONS: [&str; 2] = [
+    include_str!("../../../schemas/sqlite/V1__init.sql"),
+    include_str!("../../../schemas/sqlite/V2__experiments.sql"),
+];
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Read connections; GETs take whichever is free.
 const READERS: usize = 4;
 
@@ -58,10 +62,10 @@ impl SqliteStore {
                 "the database has schema version {version}, newer than this binary's {SCHEMA_VERSION}: upgrade recpipe"
             )));
         }
-        if version < SCHEMA_VERSION {
-            writer.execute_batch(SCHEMA_V1).map_err(|e| open_err(&e))?;
+        for (applied, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            writer.execute_batch(migration).map_err(|e| open_err(&e))?;
             writer
-                .pragma_update(None, "user_version", SCHEMA_VERSION)
+                .pragma_update(None, "user_version", applied as i64 + 1)
                 .map_err(|e| open_err(&e))?;
         }
         let readers = (0..READERS)
@@ -147,6 +151,14 @@ impl Store for SqliteStore {
                         .execute(params![r.user_id, r.recommendation_id, r.user_version as i64, r.generated_at, encode(r)?])
                         .map_err(query_err)?;
                 }
+                let mut count = tx
+                    .prepare_cached("INSERT OR IGNORE INTO experiment_events (arm, day, kind, id, ts) VALUES (?1, ?2, ?3, ?4, ?5)")
+                    .map_err(query_err)?;
+                for x in &batch.experiment {
+                    count
+                        .execute(params![x.arm, x.day(), x.kind.as_str(), x.id, x.ts])
+                        .map_err(query_err)?;
+                }
             }
             tx.commit().map_err(query_err)
         })
@@ -198,6 +210,65 @@ impl Store for SqliteStore {
                 .optional()
                 .map_err(query_err)?;
             body.as_deref().map(decode).transpose()
+        })
+        .await
+    }
+
+    async fn recommendation(
+        &self,
+        user_id: &str,
+        recommendation_id: &str,
+    ) -> Result<Option<RecommendationRecord>, StoreError> {
+        let (user_id, id) = (user_id.to_string(), recommendation_id.to_string());
+        self.read(move |c| {
+            let body: Option<String> = c
+                .prepare_cached(
+                    "SELECT body FROM recommendations WHERE user_id = ?1 AND recommendation_id = ?2",
+                )
+                .map_err(query_err)?
+                .query_row([&user_id, &id], |r| r.get(0))
+                .optional()
+                .map_err(query_err)?;
+            body.as_deref().map(decode).transpose()
+        })
+        .await
+    }
+
+    async fn experiment_counts(
+        &self,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<ArmCounts>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT arm, kind, COUNT(*) FROM experiment_events WHERE day BETWEEN ?1 AND ?2
+                     GROUP BY arm, kind ORDER BY arm",
+                )
+                .map_err(query_err)?;
+            let rows = stmt
+                .query_map(params![from_day, to_day], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(query_err)?;
+            let mut out: Vec<ArmCounts> = Vec::new();
+            for row in rows {
+                let (arm, kind, n) = row.map_err(query_err)?;
+                let kind = ExperimentKind::parse(&kind)
+                    .ok_or_else(|| StoreError::Corrupt(format!("experiment kind {kind:?}")))?;
+                if out.last().is_none_or(|a| a.arm != arm) {
+                    out.push(ArmCounts {
+                        arm,
+                        ..Default::default()
+                    });
+                }
+                out.last_mut().expect("pushed").add(kind, n as u64);
+            }
+            Ok(out)
         })
         .await
     }
