@@ -25,7 +25,7 @@ use recpipe_shared::kafka::client_config;
 use recpipe_shared::kafka::framework::{
     self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
-use recpipe_shared::model::{IndexKind, ModelRegistry, UserModel};
+use recpipe_shared::model::{IndexKind, ModelRegistry, Serving, UserModel};
 use recpipe_shared::settings::{EventRules, KafkaSettings, ModelSettings, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,8 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct UpdateEmbeddings {
     models: Arc<ModelRegistry>,
+    /// The assignment `model` was built for.
+    serving: Arc<Serving>,
     model_settings: ModelSettings,
     model: UserModel,
     rules: EventRules,
@@ -45,11 +47,12 @@ pub struct UpdateEmbeddings {
 
 impl UpdateEmbeddings {
     pub fn new(models: Arc<ModelRegistry>, settings: &Settings) -> Self {
-        let catalog = models.current().primary().catalog().clone();
+        let serving = models.current();
         UpdateEmbeddings {
             models,
             model_settings: settings.model.clone(),
-            model: UserModel::new(catalog, settings.model.clone()),
+            model: user_model(&serving, &settings.model),
+            serving,
             rules: settings.events,
             users: HashMap::new(),
             kafka: settings.kafka.clone(),
@@ -67,6 +70,13 @@ impl UpdateEmbeddings {
         if let Some(b) = before {
             if b.source.partition == meta.partition && meta.offset <= b.source.offset {
                 tracing::debug!(user = %event.user_id, offset = meta.offset, "replayed event skipped");
+                return Ok(None);
+            }
+            // A producer's retry of an event already applied (same id, new offset): the
+            // ids of the user's recent events are kept for exactly this.
+            if b.recent_event_ids.contains(&event.event_id) {
+                metrics::counter!("recpipe_duplicate_events_total").increment(1);
+                tracing::debug!(user = %event.user_id, event = %event.event_id, "duplicate event skipped");
                 return Ok(None);
             }
         }
@@ -87,6 +97,18 @@ impl UpdateEmbeddings {
             partition: Some(meta.partition),
         }))
     }
+}
+
+/// Vectors in the primary model's space; products of the other served models accepted.
+fn user_model(serving: &Serving, settings: &ModelSettings) -> UserModel {
+    let primary = serving.primary();
+    let others = serving
+        .models
+        .iter()
+        .filter(|m| !Arc::ptr_eq(m.catalog(), primary.catalog()))
+        .map(|m| m.catalog().clone())
+        .collect();
+    UserModel::new(primary.catalog().clone(), settings.clone()).with_others(others)
 }
 
 #[async_trait]
@@ -113,13 +135,14 @@ impl Processor for UpdateEmbeddings {
         &mut self,
         batch: Vec<Decoded<Event>>,
     ) -> Result<Vec<Outcome>, RetryableError> {
-        let primary = self.models.current().primary().catalog().clone();
-        if !Arc::ptr_eq(&primary, self.model.catalog()) {
+        let serving = self.models.current();
+        if !Arc::ptr_eq(&serving, &self.serving) {
+            self.model = user_model(&serving, &self.model_settings);
             tracing::info!(
-                embeddings = primary.embeddings_id(),
-                "user vectors now built with the new primary model"
+                embeddings = self.model.catalog().embeddings_id(),
+                "user vectors follow the new model assignment"
             );
-            self.model = UserModel::new(primary, self.model_settings.clone());
+            self.serving = serving;
         }
         Ok(batch
             .iter()

@@ -1,4 +1,4 @@
-//! Operator commands: create the topics, generate a synthetic catalog.
+//! Operator commands: create the topics, generate a synthetic catalog, publish models.
 
 use std::path::PathBuf;
 
@@ -25,6 +25,40 @@ enum Command {
         #[command(subcommand)]
         command: CatalogCommand,
     },
+    /// Which models are served (hot swap, side-by-side versions, rollback).
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Publishes a model assignment on the models topic: every service loads it in the
+    /// background and switches atomically. Rolling back is publishing the old one again.
+    Publish {
+        /// VERSION=DIR[:SHARE], one per variant (shares default to an equal split and
+        /// must add up to 1), e.g. `ml-1121=models/ml-1121` or `a=models/a:0.9 b=models/b:0.1`.
+        #[arg(required = true)]
+        variants: Vec<String>,
+    },
+    /// Prints the assignment that is served (the latest published, else the configured one).
+    Show,
+}
+
+/// `VERSION=DIR[:SHARE]`.
+fn parse_variant(spec: &str) -> anyhow::Result<(String, PathBuf, Option<f64>)> {
+    let (version, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("{spec:?} is not VERSION=DIR[:SHARE]"))?;
+    let (dir, share) = match rest.rsplit_once(':') {
+        Some((dir, share)) => match share.parse::<f64>() {
+            Ok(s) => (dir, Some(s)),
+            Err(_) => (rest, None),
+        },
+        None => (rest, None),
+    };
+    Ok((version.to_string(), PathBuf::from(dir), share))
 }
 
 #[derive(Subcommand)]
@@ -62,6 +96,32 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load("admin")?;
     recpipe_shared::telemetry::init("recpipe-admin", &settings.telemetry);
     match cli.command {
+        Command::Models {
+            command: ModelsCommand::Publish { variants },
+        } => publish_models(&settings, &variants).await?,
+        Command::Models {
+            command: ModelsCommand::Show,
+        } => {
+            let registry = recpipe_shared::kafka::models::start_registry(
+                &settings,
+                recpipe_shared::model::IndexKind::None,
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await?;
+            let serving = registry.current();
+            for m in &serving.models {
+                println!(
+                    "{:<24} {:>5.1}%  {} ({} products × {} dims, {})",
+                    m.version,
+                    m.share * 100.0,
+                    m.path.display(),
+                    m.catalog().len(),
+                    m.catalog().dim(),
+                    m.catalog().embeddings_id()
+                );
+            }
+            return Ok(());
+        }
         Command::Topics {
             command: TopicsCommand::Create { partitions },
         } => {
@@ -116,4 +176,67 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Checks that every model directory loads here before anything is published, so a typo
+/// is caught at the operator's prompt rather than in the services' logs.
+async fn publish_models(settings: &Settings, specs: &[String]) -> anyhow::Result<()> {
+    let parsed = specs
+        .iter()
+        .map(|s| parse_variant(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let given: Vec<f64> = parsed.iter().filter_map(|(_, _, s)| *s).collect();
+    let unset = parsed.len() - given.len();
+    let rest = (1.0 - given.iter().sum::<f64>()).max(0.0);
+    let mut variants = Vec::new();
+    for (version, dir, share) in parsed {
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| anyhow::anyhow!("model directory {}: {e}", dir.display()))?;
+        let catalog = recpipe_shared::catalog::Catalog::load(&dir)
+            .map_err(|e| anyhow::anyhow!("model {version:?}: {e}"))?;
+        println!(
+            "{version}: {} products × {} dims from {}",
+            catalog.len(),
+            catalog.dim(),
+            dir.display()
+        );
+        variants.push(recpipe_shared::events::ModelVariant {
+            version,
+            path: dir.to_string_lossy().into_owned(),
+            share: share.unwrap_or(rest / unset.max(1) as f64),
+        });
+    }
+    let assignment = recpipe_shared::events::ModelAssignment {
+        variants,
+        published_at: recpipe_shared::events::now_ms(),
+    };
+    recpipe_shared::kafka::models::publish(&settings.kafka, &assignment).await?;
+    println!(
+        "published to {:?} on {}: the services switch once their copies are built",
+        settings.kafka.topics.models, settings.kafka.brokers
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_specs_parse() {
+        assert_eq!(
+            parse_variant("a=models/a:0.25").unwrap(),
+            ("a".into(), PathBuf::from("models/a"), Some(0.25))
+        );
+        assert_eq!(
+            parse_variant("b=/m/b").unwrap(),
+            ("b".into(), PathBuf::from("/m/b"), None)
+        );
+        assert_eq!(
+            parse_variant("c=C:dir").unwrap(),
+            ("c".into(), PathBuf::from("C:dir"), None)
+        );
+        assert!(parse_variant("models/a").is_err());
+    }
 }

@@ -27,6 +27,9 @@ pub enum UpdateError {
 
 pub struct UserModel {
     catalog: Arc<Catalog>,
+    /// Catalogs of the other models served: their products are valid events that this
+    /// space cannot place (kept in the history, no move of the vector).
+    others: Vec<Arc<Catalog>>,
     settings: ModelSettings,
     tau_ms: f64,
 }
@@ -36,9 +39,16 @@ impl UserModel {
         let tau_ms = super::decay_tau_ms(settings.half_life_hours);
         UserModel {
             catalog,
+            others: Vec::new(),
             settings,
             tau_ms,
         }
+    }
+
+    /// Also accepts the products of these catalogs (other models served side by side).
+    pub fn with_others(mut self, others: Vec<Arc<Catalog>>) -> Self {
+        self.others = others;
+        self
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -62,11 +72,11 @@ impl UserModel {
             return Ok((n > 0.0).then(|| v / n));
         }
         let id = event.product_id.as_deref().unwrap_or_default();
-        let i = self
-            .catalog
-            .index_of(id)
-            .ok_or_else(|| UpdateError::UnknownProduct(id.to_string()))?;
-        Ok(Some(self.catalog.embedding(i).to_owned()))
+        match self.catalog.index_of(id) {
+            Some(i) => Ok(Some(self.catalog.embedding(i).to_owned())),
+            None if self.others.iter().any(|c| c.index_of(id).is_some()) => Ok(None),
+            None => Err(UpdateError::UnknownProduct(id.to_string())),
+        }
     }
 
     /// The user's state after `event`, given the state before it (None for a new user).
@@ -304,6 +314,37 @@ mod tests {
         assert_eq!(s.purchased, vec!["p-00001"]);
         assert_eq!(s.recent_event_ids, vec!["e5", "e4", "e3"]);
         assert_eq!(s.embeddings.as_deref(), Some(m.catalog().embeddings_id()));
+    }
+
+    #[test]
+    fn a_product_of_another_served_model_is_kept_in_history_without_moving_the_vector() {
+        let wider = Arc::new(generate(SyntheticCatalog {
+            products: 400,
+            dim: 8,
+            ..Default::default()
+        }));
+        let m = UserModel::new(model().catalog().clone(), ModelSettings::default())
+            .with_others(vec![wider]);
+        let s = run(&m, &[event("a", EventType::View, "p-00001", 0)]);
+        let after = m
+            .apply(
+                Some(&s),
+                &event("b", EventType::View, "p-00350", 1),
+                pos(1),
+                0,
+            )
+            .unwrap();
+        assert_eq!(after.vector, s.vector);
+        assert_eq!(after.recent_products[0], "p-00350");
+        assert_eq!(after.version, 2);
+        assert!(m
+            .apply(
+                Some(&s),
+                &event("c", EventType::View, "p-09999", 2),
+                pos(2),
+                0
+            )
+            .is_err());
     }
 
     #[test]
