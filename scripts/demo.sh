@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole pipeline on the embedded defaults: builds, starts a tansu
 # broker and the four services, sends a burst of synthetic shopping traffic, prints a
-# few users' recommendations, and leaves the API up until Ctrl-C stops everything.
+# few users' recommendations, then swaps in a second model beside the first (an A/B
+# experiment) while shoppers click what they like, prints the click-through per model,
+# and leaves the API and its status page up until Ctrl-C stops everything.
 #   scripts/demo.sh            run, then wait for Ctrl-C
 #   scripts/demo.sh --no-wait  run, print, stop (for scripts)
-# Ports: RECPIPE_DEMO_KAFKA_PORT (19092), RECPIPE_DEMO_API_PORT (8080).
+#   scripts/demo.sh --serve    start everything, send no traffic, wait (for benchmarks)
+# Ports: RECPIPE_DEMO_KAFKA_PORT (19092), RECPIPE_DEMO_API_PORT (8080); the experiment
+# runs RECPIPE_DEMO_SHOP_SECS (20) seconds.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 wait_for_ctrl_c=1
-[ "${1:-}" = "--no-wait" ] && wait_for_ctrl_c=0
+serve_only=0
+case "${1:-}" in
+  --no-wait) wait_for_ctrl_c=0 ;;
+  --serve) serve_only=1 ;;
+  "") ;;
+  *) echo "usage: scripts/demo.sh [--no-wait | --serve]" >&2; exit 2 ;;
+esac
 kafka_port="${RECPIPE_DEMO_KAFKA_PORT:-19092}"
 api_port="${RECPIPE_DEMO_API_PORT:-8080}"
+shop_secs="${RECPIPE_DEMO_SHOP_SECS:-20}"
 run="$root/.run"
 logs="$run/logs"
 bin="$root/target/release"
@@ -27,13 +38,13 @@ for port in "$kafka_port" "$api_port"; do
   fi
 done
 
-say "1/6 installing the tansu broker (cached after the first run)"
+say "1/7 installing the tansu broker (cached after the first run)"
 scripts/install-tansu.sh
 
-say "2/6 building recpipe (release)"
+say "2/7 building recpipe (release)"
 cargo build --release --workspace --bins --quiet
 
-say "3/6 starting the broker on 127.0.0.1:$kafka_port"
+say "3/7 starting the broker on 127.0.0.1:$kafka_port"
 rm -rf "$run/broker" "$run"/recpipe.db*
 mkdir -p "$run/broker" "$logs"
 pids=()
@@ -66,10 +77,13 @@ export RECPIPE_CATALOG__DIR="$run/catalog"
 "$bin/recpipe-admin" topics create
 "$bin/recpipe-admin" catalog generate --products 2000 --dim 32
 
-say "4/6 starting update-embeddings, gen-recommendations, save-worker, query-api"
+say "4/7 starting update-embeddings, gen-recommendations, save-worker, query-api"
+# Pipeline services expose /metrics, /healthz and /readyz on 9101-9103.
+admin_port=9101
 for service in update-embeddings gen-recommendations save-worker query-api; do
-  "$bin/$service" >"$logs/$service.log" 2>&1 &
+  RECPIPE_TELEMETRY__ADMIN_ADDRESS="127.0.0.1:$admin_port" "$bin/$service" >"$logs/$service.log" 2>&1 &
   pids+=($!)
+  admin_port=$((admin_port + 1))
 done
 api="http://127.0.0.1:$api_port"
 for _ in $(seq 1 300); do
@@ -78,19 +92,34 @@ for _ in $(seq 1 300); do
 done
 curl -fsS "$api/readyz" >/dev/null || { echo "query-api is not ready; see $logs/query-api.log" >&2; exit 1; }
 
-say "5/6 sending 3,000 events from 60 synthetic shoppers (each has a favourite category)"
+if [ "$serve_only" = 1 ]; then
+  say "serving at $api (metrics: $api/metrics and 127.0.0.1:9101-9103/metrics); Ctrl-C or SIGTERM stops"
+  wait "${pids[0]}"
+  exit 0
+fi
+
+say "5/7 sending 3,000 events from 60 synthetic shoppers (each has a favourite category)"
 "$bin/recpipe-loadtest" --api "$api" --catalog "$run/catalog" events --users 60 --events 3000 --rate 1500
 
-say "6/6 what the pipeline recommends"
+say "6/7 what the pipeline recommends"
 "$bin/recpipe-loadtest" --api "$api" --catalog "$run/catalog" show --users user-0001,user-0002,user-0003 --k 5
 echo
 echo "A user never seen gets the popularity list:"
 curl -fsS "$api/v1/users/someone-new/recommendations?k=3"; echo
+
+say "7/7 an experiment: a second model beside the first, published without a restart"
+# blurred-v1 has the same products with blurred embeddings: a weaker model on purpose.
+"$bin/recpipe-admin" catalog blur --out "$run/model-blurred" --noise 2.0 --version blurred-v1
+"$bin/recpipe-admin" models publish "synthetic-v1=$run/catalog:0.5" "blurred-v1=$run/model-blurred:0.5"
+echo "50 shoppers for $shop_secs s: each GETs their list and clicks what matches their taste (status page: $api/status)"
+"$bin/recpipe-loadtest" --api "$api" --catalog "$run/catalog" shop --shoppers 50 --seconds "$shop_secs"
 echo
 say "the API is up at $api"
 cat <<EOT
   curl '$api/v1/users/user-0004/recommendations?k=5'
   curl '$api/v1/users/user-0004/events?limit=5'
+  curl '$api/v1/experiments'         # click-through per model version
+  open $api/status                   # live figures for a person
   curl -X POST $api/v1/events -H 'content-type: application/json' \\
        -d '{"event_id":"my-1","user_id":"me","type":"view","product_id":"p-00004","ts":$(date +%s000)}'
   logs: $logs

@@ -3,7 +3,19 @@
 //! - `events`: synthetic shoppers (each with a favourite category) POST events to the
 //!   API at a target rate (open loop: sends are scheduled by the clock, not by replies),
 //!   then prints throughput and latency.
+//! - `shop`: shoppers GET their lists and click what appeals to them, naming the list,
+//!   so the API can count click-through per model version (see `shop.rs`).
+//! - `query`, `freshness`, `peak`: GETs at a target rate; probes that time how long an
+//!   event takes to show in GET; and all of it at once with the event rate raised step by
+//!   step to find the sustainable maximum. Each writes a report with plots (`--report`).
 //! - `show`: prints a few users' recent events and recommendations, with titles.
+
+mod mixed;
+mod report;
+mod scenarios;
+mod series;
+mod shop;
+mod traffic;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -56,6 +68,93 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// GET recommendations at a target rate (open loop) over users drawn by activity.
+    Query {
+        #[arg(long, default_value_t = 1_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        /// Directory for summary.json, plots and report.html.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Probe users: POST one event, poll GET until the list reflects it; with optional
+    /// background traffic.
+    Freshness {
+        /// Probes per second.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Background events per second (Zipf users, sessions).
+        #[arg(long, default_value_t = 0.0)]
+        events_rate: f64,
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Events, GETs and probes at once, raising the event rate each step until the
+    /// pipeline stops keeping up; reports the sustainable maximum.
+    Peak {
+        #[arg(long, default_value_t = 250.0)]
+        start_rate: f64,
+        /// Each step's event rate is the previous one's times this.
+        #[arg(long, default_value_t = 1.5)]
+        growth: f64,
+        #[arg(long, default_value_t = 10)]
+        step_secs: u64,
+        #[arg(long, default_value_t = 8)]
+        max_steps: usize,
+        /// GETs per second throughout.
+        #[arg(long, default_value_t = 200.0)]
+        query_rate: f64,
+        /// Freshness probes per second throughout.
+        #[arg(long, default_value_t = 5.0)]
+        probe_rate: f64,
+        /// A step is sustained while freshness p99 stays under this.
+        #[arg(long, default_value_t = 1_000.0)]
+        max_freshness_ms: f64,
+        /// Services' /metrics URLs to read consumer lag from (repeatable).
+        #[arg(long)]
+        metrics: Vec<String>,
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        /// Events per POST.
+        #[arg(long, default_value_t = 20)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Shoppers who GET their recommendations and click the ones they like (closed loop),
+    /// then the click-through per model version.
+    Shop {
+        #[arg(long, default_value_t = 50)]
+        shoppers: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Pause between one shopper's actions, in ms.
+        #[arg(long, default_value_t = 200)]
+        think_ms: u64,
+        /// Chance to click a shown product of the shopper's favourite category.
+        #[arg(long, default_value_t = 0.1)]
+        click_favourite: f64,
+        /// Chance to click any other shown product.
+        #[arg(long, default_value_t = 0.01)]
+        click_other: f64,
+        /// Items of a list a shopper looks at.
+        #[arg(long, default_value_t = 5)]
+        scan: usize,
+        #[arg(long, default_value_t = 11)]
+        seed: u64,
+        /// Write the summary as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print users' recent events and recommendations.
     Show {
         /// Comma-separated user ids.
@@ -79,7 +178,86 @@ async fn main() -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
+    let target = scenarios::Target {
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(4_096)
+            .build()?,
+        api: cli.api.clone(),
+        api_key: cli.api_key.clone(),
+    };
     match cli.command {
+        Command::Query {
+            rate,
+            seconds,
+            users,
+            report,
+        } => {
+            let catalog = Catalog::load(&cli.catalog)?;
+            let plan = mixed::Plan {
+                seconds,
+                events: scenarios::constant(0.0),
+                queries: rate,
+                probes: 0.0,
+                users,
+                batch: 20,
+                seed: 1,
+                metrics: Vec::new(),
+            };
+            let run = mixed::run(&target, &catalog, plan).await;
+            mixed::finish_simple(&run, report.as_deref(), "query")
+        }
+        Command::Freshness {
+            rate,
+            seconds,
+            events_rate,
+            users,
+            report,
+        } => {
+            let catalog = Catalog::load(&cli.catalog)?;
+            let plan = mixed::Plan {
+                seconds,
+                events: scenarios::constant(events_rate),
+                queries: 0.0,
+                probes: rate,
+                users,
+                batch: 20,
+                seed: 2,
+                metrics: Vec::new(),
+            };
+            let run = mixed::run(&target, &catalog, plan).await;
+            mixed::finish_simple(&run, report.as_deref(), "freshness")
+        }
+        Command::Peak {
+            start_rate,
+            growth,
+            step_secs,
+            max_steps,
+            query_rate,
+            probe_rate,
+            max_freshness_ms,
+            metrics,
+            users,
+            batch,
+            seed,
+            report,
+        } => {
+            let catalog = Catalog::load(&cli.catalog)?;
+            let peak = mixed::Peak {
+                start_rate,
+                growth,
+                step_secs,
+                max_steps,
+                query_rate,
+                probe_rate,
+                max_freshness_ms,
+                metrics,
+                users,
+                batch,
+                seed,
+            };
+            mixed::peak(&target, &catalog, peak, report.as_deref()).await
+        }
         Command::Events {
             users,
             events,
@@ -91,6 +269,58 @@ async fn main() -> anyhow::Result<()> {
             let catalog = Catalog::load(&cli.catalog)?;
             let plan = shoppers(&catalog, users, events, focus, seed);
             send(&client, &cli.api, plan, rate, batch.max(1)).await
+        }
+        Command::Shop {
+            shoppers,
+            seconds,
+            think_ms,
+            click_favourite,
+            click_other,
+            scan,
+            seed,
+            json,
+        } => {
+            let catalog = Catalog::load(&cli.catalog)?;
+            let plan = shop::ShopPlan {
+                shoppers,
+                duration: Duration::from_secs(seconds),
+                think: Duration::from_millis(think_ms),
+                click_favourite,
+                click_other,
+                scan,
+                seed,
+            };
+            let summary =
+                shop::run(&client, &cli.api, cli.api_key.as_deref(), &catalog, plan).await?;
+            println!(
+                "{} GETs (p50 {:.1} ms, p99 {:.1} ms, {} failed), {} events (POST p50 {:.1} ms, p99 {:.1} ms, {} failed) in {:.0} s",
+                summary.gets,
+                summary.get_p50_ms,
+                summary.get_p99_ms,
+                summary.get_errors,
+                summary.events,
+                summary.post_p50_ms,
+                summary.post_p99_ms,
+                summary.post_errors,
+                summary.seconds
+            );
+            let mut versions: Vec<_> = summary.by_version.iter().collect();
+            versions.sort_by(|a, b| a.0.cmp(b.0));
+            for (v, t) in versions {
+                println!(
+                    "  shoppers saw {} personalised lists from {v} and clicked {} ({:.1}%)",
+                    t.lists,
+                    t.clicks,
+                    100.0 * t.clicks as f64 / t.lists.max(1) as f64
+                );
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+            }
+            // Impressions reach the store through Kafka: give the counts a moment.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            println!("the API's count (GET /v1/experiments):");
+            shop::print_experiments(&client, &cli.api).await
         }
         Command::Show {
             users,

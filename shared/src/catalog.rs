@@ -229,6 +229,28 @@ impl Catalog {
         &self.embeddings_id
     }
 
+    /// The same products with embeddings blurred by Gaussian noise of norm `noise` per
+    /// row (then renormalised): a weaker model, for trying experiments and swaps.
+    pub fn with_noise(&self, noise: f32, seed: u64) -> Catalog {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut embeddings = self.embeddings.clone();
+        for mut row in embeddings.axis_iter_mut(Axis(0)) {
+            let g: Array1<f32> = (0..row.len())
+                .map(|_| rng.sample::<f32, _>(StandardNormal))
+                .collect();
+            let n = g.dot(&g).sqrt().max(1e-6);
+            row.scaled_add(noise / n, &g);
+        }
+        Catalog::new(self.products.clone(), embeddings).expect("noisy rows stay valid")
+    }
+
+    /// Writes `metadata.json` naming the model version (what lists will say).
+    pub fn save_version(dir: &Path, version: &str) -> Result<(), CatalogError> {
+        let text = serde_json::json!({ "version": version }).to_string();
+        std::fs::write(dir.join(MODEL_METADATA_FILE), text)
+            .map_err(|e| CatalogError::Write(format!("{}: {e}", dir.display())))
+    }
+
     /// Writes the two files into `dir` (created if missing).
     pub fn save(&self, dir: &Path) -> Result<(), CatalogError> {
         let w = |e: &dyn std::fmt::Display| CatalogError::Write(format!("{}: {e}", dir.display()));

@@ -88,6 +88,23 @@ enum CatalogCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Writes a second model over the same products with blurred embeddings (a weaker
+    /// model, to try experiments, swaps and rollbacks with).
+    Blur {
+        /// The model to start from (default: catalog.dir).
+        #[arg(long)]
+        from: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Norm of the noise added to each unit embedding.
+        #[arg(long, default_value_t = 1.0)]
+        noise: f32,
+        /// The version its lists will name.
+        #[arg(long)]
+        version: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[tokio::main]
@@ -138,6 +155,27 @@ async fn main() -> anyhow::Result<()> {
                 "topics ready on {}: {}",
                 settings.kafka.brokers,
                 settings.kafka.topics.all().join(", ")
+            );
+        }
+        Command::Catalog {
+            command:
+                CatalogCommand::Blur {
+                    from,
+                    out,
+                    noise,
+                    version,
+                    seed,
+                },
+        } => {
+            let from = from.unwrap_or(settings.catalog.dir);
+            let catalog = recpipe_shared::catalog::Catalog::load(&from)?;
+            catalog.with_noise(noise, seed).save(&out)?;
+            recpipe_shared::catalog::Catalog::save_version(&out, &version)?;
+            println!(
+                "wrote {version}: {} products from {} with noise {noise} to {}",
+                catalog.len(),
+                from.display(),
+                out.display()
             );
         }
         Command::Catalog {

@@ -134,12 +134,32 @@ pub mod dlq_headers {
     pub const FAILED_AT: &str = "recpipe.dlq.failed_at";
 }
 
-/// Notes rebalances so the loop knows partitions may have moved.
+/// Notes rebalances so the loop knows partitions may have moved, and publishes the
+/// consumer lag librdkafka reports in its statistics.
 struct RebalanceContext {
     rebalanced: Arc<AtomicBool>,
+    service: String,
 }
 
-impl ClientContext for RebalanceContext {}
+impl ClientContext for RebalanceContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is the internal "unassigned" partition, and lag -1 means unknown.
+                if p.partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(
+                    "recpipe_consumer_lag",
+                    "service" => self.service.clone(),
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -182,8 +202,10 @@ pub async fn run_with_health<P: Processor>(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
         .set("fetch.wait.max.ms", "10")
+        .set("statistics.interval.ms", "5000")
         .create_with_context(RebalanceContext {
             rebalanced: rebalanced.clone(),
+            service: service.clone(),
         })?;
     let topics = processor.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();

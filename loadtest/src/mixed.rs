@@ -1,0 +1,578 @@
+//! Runs of events, GETs and freshness probes together, their reports, and the `peak`
+//! search for the highest event rate the pipeline sustains.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use recpipe_shared::catalog::Catalog;
+use serde::Serialize;
+
+use crate::report::{self, Line, BLUE, GREEN, GREY, ORANGE, RED};
+use crate::scenarios::{self, judge, Rate, Step, Target};
+use crate::series::{Gauge, SecondSummary, Series, StreamSummary};
+use crate::traffic::Clickstream;
+
+/// Longest a probe waits for its event to show.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Plan {
+    pub seconds: u64,
+    pub events: Rate,
+    pub queries: f64,
+    pub probes: f64,
+    pub users: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub metrics: Vec<String>,
+}
+
+/// What a run measured.
+pub struct Run {
+    pub seconds: u64,
+    pub events: Series,
+    pub gets: Series,
+    pub probes: Series,
+    pub lag: Gauge,
+}
+
+struct Streams {
+    clickstream: Arc<Mutex<Clickstream>>,
+    products: Arc<Vec<String>>,
+    started: Instant,
+    run: Run,
+}
+
+fn streams(catalog: &Catalog, users: usize, seed: u64, seconds: u64) -> Streams {
+    let started = Instant::now();
+    Streams {
+        clickstream: Arc::new(Mutex::new(Clickstream::new(
+            catalog,
+            users,
+            0.85,
+            seed,
+            &format!("lt{seed}-{}", recpipe_shared::events::now_ms()),
+        ))),
+        products: Arc::new(
+            catalog
+                .products()
+                .iter()
+                .filter(|p| p.available)
+                .map(|p| p.product_id.clone())
+                .collect(),
+        ),
+        started,
+        run: Run {
+            seconds,
+            events: Series::new(started),
+            gets: Series::new(started),
+            probes: Series::new(started),
+            lag: Gauge::default(),
+        },
+    }
+}
+
+/// Drives the three streams until `until`.
+async fn drive(
+    target: &Target,
+    s: &Streams,
+    events: Rate,
+    queries: f64,
+    probes: f64,
+    batch: usize,
+    until: Instant,
+) {
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(scenarios::drive_events(
+        target.clone(),
+        s.clickstream.clone(),
+        events,
+        batch,
+        s.started,
+        until,
+        s.run.events.clone(),
+    )));
+    if queries > 0.0 {
+        tasks.push(tokio::spawn(scenarios::drive_queries(
+            target.clone(),
+            s.clickstream.clone(),
+            scenarios::constant(queries),
+            s.started,
+            until,
+            s.run.gets.clone(),
+        )));
+    }
+    let probe_task = (probes > 0.0).then(|| {
+        tokio::spawn(scenarios::drive_probes(
+            target.clone(),
+            s.products.clone(),
+            20,
+            probes,
+            PROBE_TIMEOUT,
+            s.started,
+            until,
+            s.run.probes.clone(),
+        ))
+    });
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Some(t) = probe_task {
+        let _ = t.await;
+    }
+}
+
+pub async fn run(target: &Target, catalog: &Catalog, plan: Plan) -> Run {
+    let s = streams(catalog, plan.users, plan.seed, plan.seconds);
+    let until = s.started + Duration::from_secs(plan.seconds);
+    let lag = tokio::spawn(scenarios::scrape_lag(
+        target.client.clone(),
+        plan.metrics.clone(),
+        s.started,
+        until,
+        s.run.lag.clone(),
+    ));
+    let bar = scenarios::progress(Duration::from_secs(plan.seconds), "running");
+    let ticker = {
+        let (bar, events, gets, probes) = (
+            bar.clone(),
+            s.run.events.clone(),
+            s.run.gets.clone(),
+            s.run.probes.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let t = s_elapsed(&bar);
+                let (e, g, p) = (
+                    events.summary(0, t),
+                    gets.summary(0, t),
+                    probes.summary(0, t),
+                );
+                bar.set_message(format!("{} events, {} GETs, {} probes", e.ok, g.ok, p.ok));
+                bar.inc(1);
+            }
+        })
+    };
+    drive(
+        target,
+        &s,
+        plan.events,
+        plan.queries,
+        plan.probes,
+        plan.batch,
+        until,
+    )
+    .await;
+    // Let requests in flight finish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let _ = lag.await;
+    s.run
+}
+
+fn s_elapsed(bar: &indicatif::ProgressBar) -> u64 {
+    bar.position() + 1
+}
+
+#[derive(Serialize)]
+struct SimpleSummary {
+    scenario: String,
+    machine: String,
+    seconds: u64,
+    events: StreamSummary,
+    gets: StreamSummary,
+    freshness: StreamSummary,
+    per_second: PerSecond,
+}
+
+#[derive(Serialize)]
+struct PerSecond {
+    events: Vec<SecondSummary>,
+    gets: Vec<SecondSummary>,
+    freshness: Vec<SecondSummary>,
+    lag: Vec<(f64, f64)>,
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "–".into())
+}
+
+fn line(name: &str, s: &StreamSummary) -> String {
+    format!(
+        "{name:<10} {:>9} ok {:>6} errors {:>9.1}/s   p50 {:>8} ms  p99 {:>8} ms  p99.9 {:>8} ms  max {:>8} ms",
+        s.ok,
+        s.errors,
+        s.per_sec,
+        fmt_ms(s.p50_ms),
+        fmt_ms(s.p99_ms),
+        fmt_ms(s.p999_ms),
+        fmt_ms(s.max_ms)
+    )
+}
+
+/// Prints a run's totals, and writes its report when asked.
+pub fn finish_simple(run: &Run, dir: Option<&Path>, scenario: &str) -> anyhow::Result<()> {
+    let (e, g, f) = (
+        run.events.summary(0, run.seconds),
+        run.gets.summary(0, run.seconds),
+        run.probes.summary(0, run.seconds),
+    );
+    for (name, s) in [("events", &e), ("GET", &g), ("freshness", &f)] {
+        if s.ok + s.errors > 0 {
+            println!("{}", line(name, s));
+        }
+    }
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir)?;
+        let plots = plot_run(dir, run, None)?;
+        let summary = SimpleSummary {
+            scenario: scenario.into(),
+            machine: report::machine_description(),
+            seconds: run.seconds,
+            events: e.clone(),
+            gets: g.clone(),
+            freshness: f.clone(),
+            per_second: per_second(run),
+        };
+        let table = format!(
+            "<pre>{}\n{}\n{}</pre>",
+            line("events", &e),
+            line("GET", &g),
+            line("freshness", &f)
+        );
+        report::write(
+            dir,
+            &format!("recpipe-loadtest {scenario}"),
+            &summary,
+            &table,
+            &plots,
+        )?;
+        println!("report: {}", dir.join("report.html").display());
+    }
+    Ok(())
+}
+
+fn per_second(run: &Run) -> PerSecond {
+    PerSecond {
+        events: run.events.seconds(),
+        gets: run.gets.seconds(),
+        freshness: run.probes.seconds(),
+        lag: run.lag.points(),
+    }
+}
+
+/// Writes the plots of a run; returns their file names.
+fn plot_run(
+    dir: &Path,
+    run: &Run,
+    target_rate: Option<Vec<(f64, f64)>>,
+) -> anyhow::Result<Vec<&'static str>> {
+    // The last second of a stream is partial: leave it out of the plots.
+    let whole = |mut v: Vec<SecondSummary>| {
+        v.pop();
+        v
+    };
+    let (events, gets, probes) = (
+        whole(run.events.seconds()),
+        whole(run.gets.seconds()),
+        whole(run.probes.seconds()),
+    );
+    let mut throughput = vec![
+        Line {
+            label: "events accepted /s",
+            colour: ORANGE,
+            points: report::points(&events, |s| Some(s.ok as f64)),
+        },
+        Line {
+            label: "GETs answered /s",
+            colour: BLUE,
+            points: report::points(&gets, |s| Some(s.ok as f64)),
+        },
+        Line {
+            label: "errors /s",
+            colour: RED,
+            points: report::points(&events, |s| Some(s.errors as f64)),
+        },
+    ];
+    if let Some(target) = target_rate {
+        throughput.push(Line {
+            label: "target events /s",
+            colour: GREY,
+            points: target,
+        });
+    }
+    report::plot(
+        &dir.join("throughput.svg"),
+        "Throughput per second",
+        "per second",
+        &throughput,
+        false,
+    )?;
+    report::plot(
+        &dir.join("latency.svg"),
+        "Latency per second (from the scheduled send time)",
+        "ms",
+        &[
+            Line {
+                label: "GET p50",
+                colour: BLUE,
+                points: report::points(&gets, |s| s.p50_ms),
+            },
+            Line {
+                label: "GET p99",
+                colour: GREEN,
+                points: report::points(&gets, |s| s.p99_ms),
+            },
+            Line {
+                label: "POST p99",
+                colour: ORANGE,
+                points: report::points(&events, |s| s.p99_ms),
+            },
+        ],
+        true,
+    )?;
+    let mut plots = vec!["throughput.svg", "latency.svg"];
+    if !probes.is_empty() {
+        report::plot(
+            &dir.join("freshness.svg"),
+            "Freshness: POST of an event until GET reflects it",
+            "ms",
+            &[
+                Line {
+                    label: "p50",
+                    colour: BLUE,
+                    points: report::points(&probes, |s| s.p50_ms),
+                },
+                Line {
+                    label: "max",
+                    colour: RED,
+                    points: report::points(&probes, |s| s.max_ms),
+                },
+            ],
+            true,
+        )?;
+        plots.push("freshness.svg");
+    }
+    let lag = run.lag.points();
+    if !lag.is_empty() {
+        report::plot(
+            &dir.join("lag.svg"),
+            "Consumer lag (records, all services)",
+            "records",
+            &[Line {
+                label: "lag",
+                colour: RED,
+                points: lag,
+            }],
+            false,
+        )?;
+        plots.push("lag.svg");
+    }
+    Ok(plots)
+}
+
+pub struct Peak {
+    pub start_rate: f64,
+    pub growth: f64,
+    pub step_secs: u64,
+    pub max_steps: usize,
+    pub query_rate: f64,
+    pub probe_rate: f64,
+    pub max_freshness_ms: f64,
+    pub metrics: Vec<String>,
+    pub users: usize,
+    pub batch: usize,
+    pub seed: u64,
+}
+
+#[derive(Serialize)]
+struct PeakSummary {
+    machine: String,
+    sustainable_events_per_sec: Option<f64>,
+    /// Accepted events/s in the best sustained step.
+    sustained_accepted_per_sec: Option<f64>,
+    max_freshness_ms: f64,
+    query_rate: f64,
+    probe_rate: f64,
+    steps: Vec<Step>,
+    per_second: PerSecond,
+}
+
+/// Waits until freshness probes come back quickly (consumer groups joined, indexes
+/// built), so that start-up is not mistaken for a limit. Up to a minute.
+async fn warm_up(target: &Target, s: &Streams, max_freshness_ms: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    eprintln!(
+        "  warming up: waiting for probes to come back within {:.0} ms",
+        max_freshness_ms / 4.0
+    );
+    while Instant::now() < deadline {
+        let probes = Series::new(Instant::now());
+        scenarios::drive_probes(
+            target.clone(),
+            s.products.clone(),
+            20,
+            5.0,
+            PROBE_TIMEOUT,
+            Instant::now(),
+            Instant::now() + Duration::from_secs(1),
+            probes.clone(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(max_freshness_ms as u64 / 2)).await;
+        let summary = probes.summary(0, 5);
+        if summary.ok >= 4
+            && summary.errors == 0
+            && summary.max_ms.is_some_and(|m| m < max_freshness_ms / 4.0)
+        {
+            return;
+        }
+    }
+}
+
+/// Raises the event rate step by step (GETs and probes steady), judging each step once
+/// its probes had time to finish, until one is not sustained.
+pub async fn peak(
+    target: &Target,
+    catalog: &Catalog,
+    plan: Peak,
+    dir: Option<&Path>,
+) -> anyhow::Result<()> {
+    let total = plan.step_secs * plan.max_steps as u64;
+    let s = streams(catalog, plan.users, plan.seed, total);
+    let lag_until = s.started + Duration::from_secs(total + 5);
+    let lag = tokio::spawn(scenarios::scrape_lag(
+        target.client.clone(),
+        plan.metrics.clone(),
+        s.started,
+        lag_until,
+        s.run.lag.clone(),
+    ));
+    warm_up(target, &s, plan.max_freshness_ms).await;
+    let mut steps: Vec<Step> = Vec::new();
+    let mut rate = plan.start_rate;
+    let mut target_line = Vec::new();
+    for i in 0..plan.max_steps {
+        let from = s.started.elapsed().as_secs();
+        let until = Instant::now() + Duration::from_secs(plan.step_secs);
+        eprintln!(
+            "  step {}: {rate:.0} events/s, {:.0} GETs/s, {:.0} probes/s for {} s",
+            i + 1,
+            plan.query_rate,
+            plan.probe_rate,
+            plan.step_secs
+        );
+        target_line.push((from as f64, rate));
+        drive(
+            target,
+            &s,
+            scenarios::constant(rate),
+            plan.query_rate,
+            plan.probe_rate,
+            plan.batch,
+            until,
+        )
+        .await;
+        let to = s.started.elapsed().as_secs();
+        target_line.push((to as f64, rate));
+        // Probes of the step's last moments need time to finish before it is judged.
+        tokio::time::sleep(Duration::from_millis(plan.max_freshness_ms as u64 + 200)).await;
+        let mut step = Step {
+            target_events_per_sec: rate,
+            from_second: from,
+            to_second: to,
+            events: s.run.events.summary(from, to),
+            gets: s.run.gets.summary(from, to),
+            freshness: s.run.probes.summary(from, to),
+            lag_end: None,
+            sustained: false,
+            why_not: None,
+        };
+        judge(&mut step, plan.max_freshness_ms, &s.run.lag.points());
+        eprintln!(
+            "    accepted {:.0}/s, GET p99 {} ms, freshness p50 {} / p99 {} ms: {}",
+            step.events.per_sec,
+            fmt_ms(step.gets.p99_ms),
+            fmt_ms(step.freshness.p50_ms),
+            fmt_ms(step.freshness.p99_ms),
+            if step.sustained {
+                "sustained".to_string()
+            } else {
+                format!(
+                    "NOT sustained ({})",
+                    step.why_not.clone().unwrap_or_default()
+                )
+            }
+        );
+        let stop = !step.sustained;
+        steps.push(step);
+        if stop {
+            break;
+        }
+        rate *= plan.growth;
+    }
+    lag.abort();
+    let best = steps.iter().rfind(|s| s.sustained);
+    let summary = PeakSummary {
+        machine: report::machine_description(),
+        sustainable_events_per_sec: best.map(|s| s.target_events_per_sec),
+        sustained_accepted_per_sec: best.map(|s| s.events.per_sec),
+        max_freshness_ms: plan.max_freshness_ms,
+        query_rate: plan.query_rate,
+        probe_rate: plan.probe_rate,
+        steps: steps.clone(),
+        per_second: per_second(&s.run),
+    };
+    match best {
+        Some(b) => println!(
+            "sustainable: {:.0} events/s (accepted {:.0}/s; freshness p99 {} ms; GET p99 {} ms) with {:.0} GETs/s",
+            b.target_events_per_sec,
+            b.events.per_sec,
+            fmt_ms(b.freshness.p99_ms),
+            fmt_ms(b.gets.p99_ms),
+            plan.query_rate
+        ),
+        None => println!("not even the first step ({:.0} events/s) was sustained", plan.start_rate),
+    }
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir)?;
+        let run = Run {
+            seconds: s.started.elapsed().as_secs(),
+            ..s.run
+        };
+        let plots = plot_run(dir, &run, Some(target_line))?;
+        let mut table = String::from(
+            "<table><tr><th>step</th><th>target events/s</th><th>accepted/s</th><th>GET p99 ms</th><th>freshness p50 ms</th><th>freshness p99 ms</th><th>lag at end</th><th>sustained</th></tr>",
+        );
+        for (i, st) in summary.steps.iter().enumerate() {
+            table.push_str(&format!(
+                "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+                i + 1,
+                st.target_events_per_sec,
+                st.events.per_sec,
+                fmt_ms(st.gets.p99_ms),
+                fmt_ms(st.freshness.p50_ms),
+                fmt_ms(st.freshness.p99_ms),
+                st.lag_end.map(|l| format!("{l:.0}")).unwrap_or_else(|| "–".into()),
+                if st.sustained { "yes" } else { "no" },
+                if st.sustained { "yes".to_string() } else { format!("no: {}", st.why_not.clone().unwrap_or_default()) },
+            ));
+        }
+        table.push_str("</table>");
+        let headline = match summary.sustainable_events_per_sec {
+            Some(r) => format!("<p><b>Sustainable: {r:.0} events/s</b> with {:.0} GETs/s and {:.0} freshness probes/s (a step is sustained when every event is accepted at the target rate, freshness p99 ≤ {:.0} ms, and consumer lag does not keep growing).</p>", plan.query_rate, plan.probe_rate, plan.max_freshness_ms),
+            None => "<p><b>No step was sustained.</b></p>".into(),
+        };
+        report::write(
+            dir,
+            "recpipe-loadtest peak",
+            &summary,
+            &(headline + &table),
+            &plots,
+        )?;
+        println!("report: {}", dir.join("report.html").display());
+    }
+    Ok(())
+}

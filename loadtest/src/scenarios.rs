@@ -1,0 +1,291 @@
+//! The traffic drivers: events, queries and freshness probes, each open loop (requests
+//! leave at their scheduled time whatever earlier ones do), and the `peak` search that
+//! runs all three while raising the event rate step by step.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use recpipe_shared::events::{now_ms, Event, EventType};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::series::{Gauge, Series, StreamSummary};
+use crate::traffic::Clickstream;
+
+/// Requests in flight beyond this are counted as errors rather than queued without bound.
+const MAX_IN_FLIGHT: usize = 4_096;
+
+#[derive(Clone)]
+pub struct Target {
+    pub client: reqwest::Client,
+    pub api: String,
+    pub api_key: Option<String>,
+}
+
+impl Target {
+    async fn post_events(&self, events: &[Event]) -> bool {
+        let mut request = self
+            .client
+            .post(format!("{}/v1/events", self.api))
+            .json(events);
+        if let Some(key) = &self.api_key {
+            request = request.header("x-api-key", key);
+        }
+        matches!(request.send().await, Ok(r) if r.status() == 202)
+    }
+
+    async fn get_list(&self, user: &str) -> Option<Value> {
+        let url = format!("{}/v1/users/{user}/recommendations?k=10", self.api);
+        match self.client.get(url).send().await {
+            Ok(r) if r.status().is_success() => r.json().await.ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Events per second as a function of the time since the start.
+pub type Rate = Arc<dyn Fn(Duration) -> f64 + Send + Sync>;
+
+pub fn constant(rate: f64) -> Rate {
+    Arc::new(move |_| rate)
+}
+
+/// Schedules `send` at `rate(t)` operations per second until `until`; each gets its
+/// scheduled time. Returns how many were scheduled.
+async fn open_loop<F, Fut>(
+    started: Instant,
+    until: Instant,
+    rate: Rate,
+    per_op: f64,
+    mut send: F,
+) -> u64
+where
+    F: FnMut(Instant) -> Option<Fut>,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut next = Instant::now();
+    let mut n = 0;
+    while next < until {
+        let r = rate(next.saturating_duration_since(started)).max(0.001);
+        next += Duration::from_secs_f64(per_op / r);
+        tokio::time::sleep_until(next.into()).await;
+        if let Some(fut) = send(next) {
+            tokio::spawn(fut);
+        }
+        n += 1;
+    }
+    n
+}
+
+/// POSTs the clickstream in batches of `batch` at `rate` events per second.
+pub async fn drive_events(
+    target: Target,
+    stream: Arc<Mutex<Clickstream>>,
+    rate: Rate,
+    batch: usize,
+    started: Instant,
+    until: Instant,
+    series: Series,
+) {
+    let gate = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    open_loop(started, until, rate, batch as f64, |scheduled| {
+        let events: Vec<Event> = {
+            let mut s = stream.lock().expect("not poisoned");
+            (0..batch).map(|_| s.next_event()).collect()
+        };
+        let (target, series) = (target.clone(), series.clone());
+        let Ok(permit) = gate.clone().try_acquire_owned() else {
+            series.record(scheduled, false);
+            return None;
+        };
+        Some(async move {
+            let ok = target.post_events(&events).await;
+            // One record per event: the series counts events, timed per request.
+            for _ in 0..events.len() {
+                series.record(scheduled, ok);
+            }
+            drop(permit);
+        })
+    })
+    .await;
+}
+
+/// GETs the lists of users drawn by activity at `rate` requests per second.
+pub async fn drive_queries(
+    target: Target,
+    stream: Arc<Mutex<Clickstream>>,
+    rate: Rate,
+    started: Instant,
+    until: Instant,
+    series: Series,
+) {
+    let gate = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    open_loop(started, until, rate, 1.0, |scheduled| {
+        let user = stream.lock().expect("not poisoned").active_user();
+        let (target, series) = (target.clone(), series.clone());
+        let Ok(permit) = gate.clone().try_acquire_owned() else {
+            series.record(scheduled, false);
+            return None;
+        };
+        Some(async move {
+            let ok = target.get_list(&user).await.is_some();
+            series.record(scheduled, ok);
+            drop(permit);
+        })
+    })
+    .await;
+}
+
+/// Every `1/rate` s, one probe user views a product and polls GET until their list was
+/// made from that event: the delay from POST to a visible change. A probe that sees no
+/// change within `timeout` is an error.
+#[allow(clippy::too_many_arguments)]
+pub async fn drive_probes(
+    target: Target,
+    products: Arc<Vec<String>>,
+    probe_users: usize,
+    rate: f64,
+    timeout: Duration,
+    started: Instant,
+    until: Instant,
+    series: Series,
+) {
+    let mut k = 0usize;
+    let run = now_ms();
+    open_loop(started, until, constant(rate), 1.0, |scheduled| {
+        k += 1;
+        let user = format!("probe-{:03}", k % probe_users.max(1));
+        let event = Event {
+            event_id: format!("probe-{run}-{k}"),
+            user_id: user.clone(),
+            event_type: EventType::View,
+            product_id: Some(products[k * 7919 % products.len()].clone()),
+            query: None,
+            ts: now_ms(),
+            recommendation_id: None,
+        };
+        let (target, series) = (target.clone(), series.clone());
+        Some(async move {
+            let sent = Instant::now();
+            if !target.post_events(std::slice::from_ref(&event)).await {
+                series.record_latency(scheduled, Duration::ZERO, false);
+                return;
+            }
+            loop {
+                if let Some(list) = target.get_list(&user).await {
+                    if list["source_event_id"].as_str() == Some(event.event_id.as_str()) {
+                        series.record_latency(scheduled, sent.elapsed(), true);
+                        return;
+                    }
+                }
+                if sent.elapsed() > timeout {
+                    series.record_latency(scheduled, sent.elapsed(), false);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    })
+    .await;
+}
+
+/// Sums `recpipe_consumer_lag` over the given `/metrics` URLs once a second.
+pub async fn scrape_lag(
+    client: reqwest::Client,
+    urls: Vec<String>,
+    started: Instant,
+    until: Instant,
+    gauge: Gauge,
+) {
+    if urls.is_empty() {
+        return;
+    }
+    while Instant::now() < until {
+        let mut total = 0.0;
+        for url in &urls {
+            if let Ok(r) = client.get(url).send().await {
+                if let Ok(text) = r.text().await {
+                    total += text
+                        .lines()
+                        .filter(|l| l.starts_with("recpipe_consumer_lag{"))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .sum::<f64>();
+                }
+            }
+        }
+        gauge.push(started.elapsed().as_secs_f64(), total);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A progress bar over a run of known length.
+pub fn progress(total: Duration, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total.as_secs());
+    bar.set_style(
+        ProgressStyle::with_template("  {prefix} [{bar:30}] {pos}/{len} s  {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+/// One rate step of a `peak` run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub target_events_per_sec: f64,
+    pub from_second: u64,
+    pub to_second: u64,
+    pub events: StreamSummary,
+    pub gets: StreamSummary,
+    pub freshness: StreamSummary,
+    /// Consumer lag at the end of the step (sum over services), when scraped.
+    pub lag_end: Option<f64>,
+    pub sustained: bool,
+    pub why_not: Option<String>,
+}
+
+/// Whether a step was sustained: the events were accepted at (nearly) the target rate,
+/// every probe saw its event within `max_freshness_ms` at p99, and the lag (if scraped)
+/// did not keep growing through the step.
+pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)]) {
+    let mut why = Vec::new();
+    if step.events.errors > 0 {
+        why.push(format!("{} events not accepted", step.events.errors));
+    }
+    if step.events.per_sec < 0.95 * step.target_events_per_sec {
+        why.push(format!(
+            "accepted {:.0}/s of {:.0}/s",
+            step.events.per_sec, step.target_events_per_sec
+        ));
+    }
+    if step.freshness.errors > 0 {
+        why.push(format!("{} probes timed out", step.freshness.errors));
+    }
+    match step.freshness.p99_ms {
+        Some(p99) if p99 > max_freshness_ms => why.push(format!(
+            "freshness p99 {p99:.0} ms > {max_freshness_ms:.0} ms"
+        )),
+        None => why.push("no probe finished".into()),
+        _ => {}
+    }
+    let in_step: Vec<f64> = lag
+        .iter()
+        .filter(|(t, _)| *t >= step.from_second as f64 && *t < step.to_second as f64)
+        .map(|(_, v)| *v)
+        .collect();
+    if let (Some(first), Some(last)) = (in_step.first(), in_step.last()) {
+        step.lag_end = Some(*last);
+        let half = in_step.len() / 2;
+        let rising = in_step.len() >= 4
+            && in_step[half..].iter().all(|v| *v > *first)
+            && *last > 2.0 * first.max(100.0);
+        if rising {
+            why.push(format!("consumer lag grew from {first:.0} to {last:.0}"));
+        }
+    }
+    step.sustained = why.is_empty();
+    step.why_not = (!why.is_empty()).then(|| why.join("; "));
+}
