@@ -123,7 +123,26 @@ async fn drive(
 }
 
 pub async fn run(target: &Target, catalog: &Catalog, plan: Plan) -> Run {
-    let s = streams(catalog, plan.users, plan.seed, plan.seconds);
+    let mut s = streams(catalog, plan.users, plan.seed, plan.seconds);
+    if plan.probes > 0.0 {
+        // Warm up under the same event load, so its start is not mistaken for the
+        // steady state.
+        let warm = streams(catalog, plan.users, plan.seed + 1, 3);
+        let events = tokio::spawn(scenarios::drive_events(
+            target.clone(),
+            warm.clickstream.clone(),
+            plan.events.clone(),
+            plan.batch,
+            warm.started,
+            warm.started + Duration::from_secs(3),
+            warm.run.events.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        warm_up(target, &s, 1_000.0).await;
+        let _ = events.await;
+        // The run's clock starts after the warm-up.
+        s = streams(catalog, plan.users, plan.seed, plan.seconds);
+    }
     let until = s.started + Duration::from_secs(plan.seconds);
     let lag = tokio::spawn(scenarios::scrape_lag(
         target.client.clone(),
@@ -410,11 +429,14 @@ async fn warm_up(target: &Target, s: &Streams, max_freshness_ms: f64) {
     );
     while Instant::now() < deadline {
         let probes = Series::new(Instant::now());
+        // 20 probes a second: every probe user (and so every partition they hash to)
+        // is seen once before measuring; a partition's first record after an
+        // assignment waits for its state restore.
         scenarios::drive_probes(
             target.clone(),
             s.products.clone(),
             20,
-            5.0,
+            20.0,
             PROBE_TIMEOUT,
             Instant::now(),
             Instant::now() + Duration::from_secs(1),
@@ -455,8 +477,11 @@ pub async fn peak(
     let mut rate = plan.start_rate;
     let mut target_line = Vec::new();
     for i in 0..plan.max_steps {
-        let from = s.started.elapsed().as_secs();
-        let until = Instant::now() + Duration::from_secs(plan.step_secs);
+        // Steps start on a whole second of the run's clock, so per-second figures
+        // belong to one step each.
+        let from = s.started.elapsed().as_secs() + 1;
+        tokio::time::sleep_until((s.started + Duration::from_secs(from)).into()).await;
+        let until = s.started + Duration::from_secs(from + plan.step_secs);
         eprintln!(
             "  step {}: {rate:.0} events/s, {:.0} GETs/s, {:.0} probes/s for {} s",
             i + 1,
@@ -475,7 +500,7 @@ pub async fn peak(
             until,
         )
         .await;
-        let to = s.started.elapsed().as_secs();
+        let to = from + plan.step_secs;
         target_line.push((to as f64, rate));
         // Probes of the step's last moments need time to finish before it is judged.
         tokio::time::sleep(Duration::from_millis(plan.max_freshness_ms as u64 + 200)).await;

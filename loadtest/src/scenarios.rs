@@ -68,8 +68,17 @@ where
     let mut next = Instant::now();
     let mut n = 0;
     while next < until {
-        let r = rate(next.saturating_duration_since(started)).max(0.001);
+        let r = rate(next.saturating_duration_since(started));
+        if r <= 0.0 {
+            // Nothing to send now: look again in a moment (the rate may change).
+            next += Duration::from_millis(100);
+            tokio::time::sleep_until(next.min(until).into()).await;
+            continue;
+        }
         next += Duration::from_secs_f64(per_op / r);
+        if next >= until {
+            break;
+        }
         tokio::time::sleep_until(next.into()).await;
         if let Some(fut) = send(next) {
             tokio::spawn(fut);

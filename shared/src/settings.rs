@@ -56,6 +56,12 @@ pub struct KafkaSettings {
     pub client: BTreeMap<String, String>,
     /// Records larger than this are dead-lettered unread.
     pub max_record_bytes: usize,
+    /// How long the broker may hold a fetch that has no data. tansu answers only when it
+    /// expires, so each hop waits this long: 1 ms locally; Apache Kafka answers as soon
+    /// as data arrives, so 100 there spares idle fetches.
+    pub fetch_wait_max_ms: u64,
+    /// How long a producer waits to fill a batch (0: send at once, lowest latency).
+    pub linger_ms: u64,
 }
 
 impl Default for KafkaSettings {
@@ -69,6 +75,8 @@ impl Default for KafkaSettings {
             delivery_timeout_ms: 30_000,
             client: BTreeMap::new(),
             max_record_bytes: 64 * 1024,
+            fetch_wait_max_ms: 1,
+            linger_ms: 0,
         }
     }
 }

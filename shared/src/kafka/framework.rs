@@ -195,14 +195,16 @@ pub async fn run_with_health<P: Processor>(
 ) -> Result<RunStats, FrameworkError> {
     let service = processor.name().to_string();
     let rebalanced = Arc::new(AtomicBool::new(true));
-    let consumer: StreamConsumer<RebalanceContext> = super::client_config(settings)
+    let mut config = super::client_config(settings);
+    config
         .set("group.id", format!("{}-{}", settings.group_prefix, service))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
-        .set("fetch.wait.max.ms", "10")
-        .set("statistics.interval.ms", "5000")
+        .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
+        .set("statistics.interval.ms", "5000");
+    let consumer: StreamConsumer<RebalanceContext> = super::with_overrides(config, settings)
         .create_with_context(RebalanceContext {
             rebalanced: rebalanced.clone(),
             service: service.clone(),

@@ -25,18 +25,28 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// `config` with the pass-through properties applied again, so that they override the
+/// defaults a client sets (e.g. `linger.ms`, `fetch.wait.max.ms`).
+pub fn with_overrides(mut config: ClientConfig, settings: &KafkaSettings) -> ClientConfig {
+    for (key, value) in &settings.client {
+        config.set(key, value);
+    }
+    config
+}
+
 /// An idempotent producer that partitions by key like the Java client does, so other
 /// producers that key by user id put a user's events on the same partition.
 pub fn producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
-    client_config(settings)
+    let mut config = client_config(settings);
+    config
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "2")
+        .set("linger.ms", settings.linger_ms.to_string())
         .set(
             "message.timeout.ms",
             settings.delivery_timeout_ms.to_string(),
-        )
-        .create()
+        );
+    with_overrides(config, settings).create()
 }
 
 /// Creates the pipeline's missing topics: the user-partitioned ones with `partitions`
