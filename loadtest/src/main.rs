@@ -10,7 +10,9 @@
 //!   step to find the sustainable maximum. Each writes a report with plots (`--report`).
 //! - `show`: prints a few users' recent events and recommendations, with titles.
 
+mod memory;
 mod mixed;
+mod relay;
 mod report;
 mod scenarios;
 mod series;
@@ -129,6 +131,34 @@ enum Command {
         seed: u64,
         #[arg(long)]
         report: Option<PathBuf>,
+    },
+    /// Pipeline throughput ÷ that of three bare consume→produce relays on the same
+    /// broker (kafka.* settings from configuration/ and RECPIPE_ variables).
+    Relay {
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        #[arg(long, default_value_t = 2_000)]
+        users: usize,
+        /// Write the summary as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The baseline for GET benchmarks: an axum server that answers
+    /// `GET /v1/users/{id}/recommendations` with a fixed body and does nothing else.
+    TrivialServer {
+        #[arg(long, default_value_t = 8090)]
+        port: u16,
+        /// File whose content is the answer (e.g. a real recommendations response).
+        #[arg(long)]
+        body: PathBuf,
+    },
+    /// Bytes of user state per user ÷ the raw vector, as update-embeddings holds it.
+    Memory {
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+        /// Events applied to each user (the history is bounded at 50 products and ids).
+        #[arg(long, default_value_t = 10)]
+        events_per_user: usize,
     },
     /// Shoppers who GET their recommendations and click the ones they like (closed loop),
     /// then the click-through per model version.
@@ -257,6 +287,59 @@ async fn main() -> anyhow::Result<()> {
                 seed,
             };
             mixed::peak(&target, &catalog, peak, report.as_deref()).await
+        }
+        Command::Memory {
+            users,
+            events_per_user,
+        } => {
+            let catalog = std::sync::Arc::new(Catalog::load(&cli.catalog)?);
+            let m = memory::run(catalog, users, events_per_user)?;
+            println!(
+                "{} users × {} events, dim {}: {:.0} bytes of state per user in memory, {} bytes of raw vector: ratio {:.1} (as JSON on the changelog: {:.0} bytes)",
+                m.users, m.events_per_user, m.dim, m.bytes_per_user, m.raw_vector_bytes, m.ratio, m.json_bytes_per_user
+            );
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
+        Command::TrivialServer { port, body } => {
+            let body: &'static str = Box::leak(std::fs::read_to_string(&body)?.into_boxed_str());
+            let app = axum::Router::new().route(
+                "/v1/users/{user_id}/recommendations",
+                axum::routing::get(move || async move {
+                    ([("content-type", "application/json")], body)
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+            eprintln!("trivial server on 127.0.0.1:{port}");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+            Ok(())
+        }
+        Command::Relay {
+            events,
+            users,
+            json,
+        } => {
+            let settings = recpipe_shared::settings::Settings::load("loadtest")?;
+            let catalog = Catalog::load(&cli.catalog)?;
+            let summary = relay::run(&settings.kafka, &cli.api, &catalog, events, users).await?;
+            println!(
+                "bare relay (3 hops): {:.0} events/s ({} events in {:.2} s)\npipeline (3 services): {:.0} events/s ({:.2} s, {} users' lists checked)\nratio pipeline / relay: {:.3}",
+                summary.relay_events_per_sec,
+                summary.events,
+                summary.relay_seconds,
+                summary.pipeline_events_per_sec,
+                summary.pipeline_seconds,
+                summary.users,
+                summary.ratio
+            );
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+            }
+            Ok(())
         }
         Command::Events {
             users,

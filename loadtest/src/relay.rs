@@ -1,0 +1,232 @@
+//! `relay`: the pipeline's throughput against the broker's own limit, in one run.
+//!
+//! The limit: three bare relays (consume → produce, no work) built on the same framework
+//! as the services, chained over three topics on the same broker: events go in at one
+//! end as fast as a producer can write them, and the rate at which they come out of
+//! the third hop is what the broker and the framework allow. The pipeline: the same
+//! number of events, produced the same way to `events`, until every user's list (read
+//! through `GET`) reflects their last event. The ratio is pipeline ÷ relay.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use recpipe_shared::catalog::Catalog;
+use recpipe_shared::events::Event;
+use recpipe_shared::kafka::framework::{
+    self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError,
+};
+use recpipe_shared::settings::KafkaSettings;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::traffic::Clickstream;
+
+/// Passes every record on to the next topic, same key, same partition.
+struct Relay {
+    from: String,
+    to: String,
+}
+
+#[async_trait]
+impl Processor for Relay {
+    type Input = Vec<u8>;
+
+    fn name(&self) -> &str {
+        &self.from
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![self.from.clone()]
+    }
+
+    fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(payload.to_vec())
+    }
+
+    async fn process(
+        &mut self,
+        batch: Vec<Decoded<Vec<u8>>>,
+    ) -> Result<Vec<Outcome>, RetryableError> {
+        Ok(batch
+            .into_iter()
+            .map(|d| {
+                let key = d
+                    .meta
+                    .key
+                    .as_deref()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                Outcome::Emit(vec![Output {
+                    topic: self.to.clone(),
+                    key,
+                    payload: d.input,
+                    partition: Some(d.meta.partition),
+                }])
+            })
+            .collect())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct RelaySummary {
+    pub machine: String,
+    pub events: usize,
+    pub users: usize,
+    pub relay_seconds: f64,
+    pub relay_events_per_sec: f64,
+    pub pipeline_seconds: f64,
+    pub pipeline_events_per_sec: f64,
+    pub ratio: f64,
+}
+
+fn events(catalog: &Catalog, n: usize, users: usize, tag: &str) -> Vec<Event> {
+    let mut stream = Clickstream::new(catalog, users, 0.85, 9, tag);
+    (0..n).map(|_| stream.next_event()).collect()
+}
+
+/// Produces `events` to `topic` as fast as the producer goes; returns when all are
+/// acknowledged.
+async fn produce_all(kafka: &KafkaSettings, topic: &str, events: &[Event]) -> anyhow::Result<()> {
+    let producer: FutureProducer = recpipe_shared::kafka::producer(kafka)?;
+    let mut pending = Vec::with_capacity(events.len());
+    for e in events {
+        let payload = serde_json::to_vec(e)?;
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(&e.user_id).payload(&payload)) {
+                Ok(d) => {
+                    pending.push(d);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+    for d in pending {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+pub async fn run(
+    kafka: &KafkaSettings,
+    api: &str,
+    catalog: &Catalog,
+    n: usize,
+    users: usize,
+) -> anyhow::Result<RelaySummary> {
+    // The bare relay over three hops.
+    let run_id = recpipe_shared::events::now_ms();
+    let topics: Vec<String> = (0..4).map(|i| format!("relay-{run_id}-{i}")).collect();
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    recpipe_shared::kafka::ensure_topics(kafka, &refs, kafka.partitions).await?;
+    let stop = CancellationToken::new();
+    let mut relays = Vec::new();
+    for hop in 0..3 {
+        let relay = Relay {
+            from: topics[hop].clone(),
+            to: topics[hop + 1].clone(),
+        };
+        let settings = KafkaSettings {
+            group_prefix: format!("relay-{run_id}"),
+            ..kafka.clone()
+        };
+        let stop = stop.clone();
+        relays.push(tokio::spawn(async move {
+            framework::run(&settings, relay, stop).await
+        }));
+    }
+    let sink: StreamConsumer = recpipe_shared::kafka::client_config(kafka)
+        .set("group.id", format!("relay-{run_id}-sink"))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
+        .create()?;
+    sink.subscribe(&[topics[3].as_str()])?;
+    // Let the consumer groups settle before the clock starts.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let input = events(catalog, n, users, &format!("relay-{run_id}"));
+    eprintln!("  relay: {n} events through 3 bare hops");
+    let started = Instant::now();
+    produce_all(kafka, &topics[0], &input).await?;
+    let mut seen = 0;
+    while seen < n {
+        match tokio::time::timeout(Duration::from_secs(60), sink.recv()).await {
+            Ok(Ok(m)) if m.payload().is_some() => seen += 1,
+            Ok(_) => {}
+            Err(_) => anyhow::bail!("the relay delivered only {seen} of {n} events in time"),
+        }
+    }
+    let relay_seconds = started.elapsed().as_secs_f64();
+    stop.cancel();
+    for r in relays {
+        let _ = r.await;
+    }
+
+    // The pipeline: the same number of events, new users, until every list reflects
+    // its user's last event.
+    let input = events(catalog, n, users, &format!("pipe-{run_id}"));
+    let mut last: HashMap<String, String> = HashMap::new();
+    for e in &input {
+        last.insert(e.user_id.clone(), e.event_id.clone());
+    }
+    // Users of another run have other ids.
+    let input: Vec<Event> = input
+        .into_iter()
+        .map(|mut e| {
+            e.user_id = format!("{}-{run_id}", e.user_id);
+            e
+        })
+        .collect();
+    let last: HashMap<String, String> = last
+        .into_iter()
+        .map(|(u, id)| (format!("{u}-{run_id}"), id))
+        .collect();
+    eprintln!(
+        "  pipeline: {n} events of {} users through the three services",
+        last.len()
+    );
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    produce_all(kafka, &kafka.topics.events, &input).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut waiting: Vec<(&String, &String)> = last.iter().collect();
+    while !waiting.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} users never got a list for their last event",
+            waiting.len()
+        );
+        let mut still = Vec::new();
+        for (user, id) in waiting {
+            let list: serde_json::Value = client
+                .get(format!("{api}/v1/users/{user}/recommendations?k=1"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if list["source_event_id"].as_str() != Some(id.as_str()) {
+                still.push((user, id));
+            }
+        }
+        waiting = still;
+        if !waiting.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let pipeline_seconds = started.elapsed().as_secs_f64();
+    let relay_events_per_sec = n as f64 / relay_seconds;
+    let pipeline_events_per_sec = n as f64 / pipeline_seconds;
+    Ok(RelaySummary {
+        machine: crate::report::machine_description(),
+        events: n,
+        users: last.len(),
+        relay_seconds,
+        relay_events_per_sec,
+        pipeline_seconds,
+        pipeline_events_per_sec,
+        ratio: pipeline_events_per_sec / relay_events_per_sec,
+    })
+}
