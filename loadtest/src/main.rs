@@ -10,6 +10,7 @@
 //!   step to find the sustainable maximum. Each writes a report with plots (`--report`).
 //! - `show`: prints a few users' recent events and recommendations, with titles.
 
+mod ann;
 mod memory;
 mod mixed;
 mod relay;
@@ -152,6 +153,18 @@ enum Command {
         #[arg(long)]
         body: PathBuf,
     },
+    /// recpipe's HNSW: queries/s (one thread) and recall@10 at several ef_search values;
+    /// writes the vectors and queries as .npy for bench/ann_vs_hnswlib.py.
+    Ann {
+        #[arg(long, default_value = "target/ann-bench")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 100_000)]
+        products: usize,
+        #[arg(long, default_value_t = 1_000)]
+        queries: usize,
+        #[arg(long, default_value_t = 64)]
+        dim: usize,
+    },
     /// Bytes of user state per user ÷ the raw vector, as update-embeddings holds it.
     Memory {
         #[arg(long, default_value_t = 100_000)]
@@ -287,6 +300,18 @@ async fn main() -> anyhow::Result<()> {
                 seed,
             };
             mixed::peak(&target, &catalog, peak, report.as_deref()).await
+        }
+        Command::Ann {
+            out,
+            products,
+            queries,
+            dim,
+        } => {
+            let points = ann::run(&out, products, queries, dim)?;
+            for p in &points {
+                println!("{}", serde_json::to_string(p)?);
+            }
+            Ok(())
         }
         Command::Memory {
             users,

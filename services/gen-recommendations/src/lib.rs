@@ -62,6 +62,13 @@ impl GenRecommendations {
     }
 
     fn list_from(&self, model: &ServedModel, user: &UserVectorRecord) -> RecommendationRecord {
+        let _span = tracing::info_span!(
+            "list",
+            event_id = %user.last_event.event_id,
+            user_id = %user.user_id,
+            version = %model.version
+        )
+        .entered();
         let catalog = model.catalog();
         // A vector built with other embeddings means nothing to this model: it works from
         // the user's recent products instead.

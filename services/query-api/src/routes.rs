@@ -26,6 +26,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(recpipe_shared::admin::render_metrics))
         .route("/openapi.json", get(openapi))
+        .route("/docs", get(docs_page))
         .route("/v1/users/{user_id}/recommendations", get(recommendations))
         .route("/v1/users/{user_id}/events", get(user_events))
         .route("/v1/products/{product_id}/similar", get(similar_products))
@@ -108,6 +109,11 @@ async fn openapi() -> impl IntoResponse {
         [("content-type", "application/json")],
         include_str!("../../../schemas/openapi.json"),
     )
+}
+
+/// The API reference for a person, rendered in the browser from `/openapi.json`.
+async fn docs_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("docs.html"))
 }
 
 async fn healthz() -> &'static str {

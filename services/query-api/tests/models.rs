@@ -356,10 +356,13 @@ async fn a_click_on_a_recommended_product_counts_for_the_version_that_made_the_l
         assert_eq!(store.user_state(&user).await.unwrap().unwrap().version, 10);
     }
 
-    // The status page and its data.
+    // The status page and its data, and the API reference page.
     let page = app.client.get(app.url("/status")).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("/v1/status"));
+    let docs = app.client.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(docs.status(), 200);
+    assert!(docs.text().await.unwrap().contains("/openapi.json"));
     let status: Value = app
         .client
         .get(app.url("/v1/status"))

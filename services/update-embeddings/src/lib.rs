@@ -66,6 +66,10 @@ impl UpdateEmbeddings {
 
     /// Applies one event read at `meta`; None when it is a replay already applied.
     fn apply(&mut self, meta: &RecordMeta, event: &Event) -> Result<Option<Output>, String> {
+        // Every log line of this record names its event and user.
+        let _span =
+            tracing::info_span!("event", event_id = %event.event_id, user_id = %event.user_id)
+                .entered();
         let before = self.users.get(&event.user_id);
         if let Some(b) = before {
             if b.source.partition == meta.partition && meta.offset <= b.source.offset {
@@ -88,6 +92,8 @@ impl UpdateEmbeddings {
             .model
             .apply(before, event, source, now_ms())
             .map_err(|e| e.to_string())?;
+        metrics::counter!("recpipe_events_applied_total", "type" => event.event_type.as_str())
+            .increment(1);
         let payload = serde_json::to_vec(&after).map_err(|e| e.to_string())?;
         self.users.insert(event.user_id.clone(), after);
         Ok(Some(Output {

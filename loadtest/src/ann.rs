@@ -1,0 +1,112 @@
+//! `ann`: recpipe's HNSW (`hnsw_rs` as the services use it) on a synthetic clustered
+//! catalog, queries per second single-threaded at several `ef_search` values with the
+//! recall@10 each reaches against exact search; and the same vectors and queries written
+//! as `.npy` so that `bench/ann_vs_hnswlib.py` runs hnswlib on exactly them.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use recpipe_shared::catalog::{generate, SyntheticCatalog};
+use recpipe_shared::model::Recommender;
+use recpipe_shared::settings::HnswSettings;
+use serde::Serialize;
+
+const K: usize = 10;
+
+#[derive(Debug, Serialize)]
+pub struct AnnPoint {
+    pub queries: &'static str,
+    pub ef_search: usize,
+    pub recall_at_10: f64,
+    pub queries_per_sec: f64,
+}
+
+fn to_array(rows: &[Vec<f32>]) -> Array2<f32> {
+    let dim = rows[0].len();
+    Array2::from_shape_fn((rows.len(), dim), |(i, j)| rows[i][j])
+}
+
+pub fn run(
+    out: &Path,
+    products: usize,
+    queries: usize,
+    dim: usize,
+) -> anyhow::Result<Vec<AnnPoint>> {
+    std::fs::create_dir_all(out)?;
+    let catalog = Arc::new(generate(SyntheticCatalog {
+        products,
+        dim,
+        seed: 1,
+        unavailable_share: 0.0,
+    }));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    // One interest: a product plus noise. Two interests: the sum of two products of
+    // different categories (what a user with two interests looks like).
+    let one: Vec<Vec<f32>> = (0..queries)
+        .map(|q| {
+            catalog
+                .embedding(q * 37 % products)
+                .iter()
+                .map(|v| v + 0.05 * rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        })
+        .collect();
+    let two: Vec<Vec<f32>> = (0..queries)
+        .map(|q| {
+            let (a, b) = (q * 37 % products, (q * 37 + 1) % products);
+            let (ea, eb) = (catalog.embedding(a), catalog.embedding(b));
+            ea.iter().zip(eb.iter()).map(|(x, y)| x + y).collect()
+        })
+        .collect();
+    ndarray_npy::write_npy(out.join("vectors.npy"), catalog.embeddings())?;
+    ndarray_npy::write_npy(out.join("queries-one.npy"), &to_array(&one))?;
+    ndarray_npy::write_npy(out.join("queries-two.npy"), &to_array(&two))?;
+
+    let exact = Recommender::exact(catalog.clone());
+    let started = Instant::now();
+    let settings = HnswSettings::default();
+    let mut hnsw = Recommender::new(catalog.clone(), &settings);
+    eprintln!(
+        "  recpipe HNSW (M={}, ef_construction={}) built in {:.1} s",
+        settings.max_connections,
+        settings.ef_construction,
+        started.elapsed().as_secs_f64()
+    );
+    let mut points = Vec::new();
+    for (name, set) in [("one-interest", &one), ("two-interest", &two)] {
+        let truth: Vec<HashSet<usize>> = set
+            .iter()
+            .map(|q| {
+                exact
+                    .nearest(q, K, &|_| false)
+                    .into_iter()
+                    .map(|x| x.0)
+                    .collect()
+            })
+            .collect();
+        for ef in [10, 16, 32, 64, 128, 256] {
+            hnsw.set_ef_search(ef);
+            let started = Instant::now();
+            let results: Vec<Vec<(usize, f32)>> =
+                set.iter().map(|q| hnsw.nearest(q, K, &|_| false)).collect();
+            let seconds = started.elapsed().as_secs_f64();
+            let hits: usize = results
+                .iter()
+                .zip(&truth)
+                .map(|(r, t)| r.iter().filter(|x| t.contains(&x.0)).count())
+                .sum();
+            points.push(AnnPoint {
+                queries: name,
+                ef_search: ef,
+                recall_at_10: hits as f64 / (set.len() * K) as f64,
+                queries_per_sec: set.len() as f64 / seconds,
+            });
+        }
+    }
+    Ok(points)
+}
