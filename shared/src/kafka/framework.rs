@@ -230,8 +230,12 @@ pub async fn run_with_health<P: Processor>(
             _ = shutdown.cancelled() => break,
             received = consumer.recv() => received,
             _ = tokio::time::sleep(idle) => {
-                let outputs = processor.tick().into_iter().map(Outgoing::from).collect();
-                stats.produced += deliver(&producer, outputs).await?;
+                let outputs: Vec<Outgoing> = processor.tick().into_iter().map(Outgoing::from).collect();
+                match deliver(&producer, &outputs).await {
+                    Ok(n) => stats.produced += n,
+                    // Periodic outputs (e.g. the popularity list) are made again next tick.
+                    Err(e) => tracing::warn!(error = %e, "periodic outputs not delivered"),
+                }
                 continue;
             }
         };
@@ -297,7 +301,26 @@ pub async fn run_with_health<P: Processor>(
         let mut all = outputs;
         all.extend(dead);
         all.extend(processor.tick().into_iter().map(Outgoing::from));
-        let delivered = deliver(&producer, all).await?;
+        // A broker that is down or slow is waited out: the outputs are sent again with
+        // backoff (a record the broker did take is then sent twice, which every consumer
+        // makes harmless), nothing is committed meanwhile, and the service reports not
+        // ready. Memory stays bounded by the batch in hand.
+        let mut backoff = Backoff::new();
+        let delivered = loop {
+            match deliver(&producer, &all).await {
+                Ok(n) => break n,
+                Err(e) => {
+                    health.set_not_ready(format!("kafka: {e}"));
+                    metrics::counter!("recpipe_delivery_retries_total", "service" => service.clone())
+                        .increment(1);
+                    let e = RetryableError(e.to_string());
+                    if !backoff.wait(&shutdown, "delivering outputs", &e).await {
+                        // Shutdown while the broker is away: the batch is replayed later.
+                        return finish(&consumer, &producer, stats);
+                    }
+                }
+            }
+        };
         stats.produced += delivered;
 
         commit(&consumer, &batch);
@@ -505,13 +528,13 @@ fn dead_letter(service: &str, dead_letter_topic: &str, m: &OwnedMessage, reason:
 }
 
 /// Produces `records` and waits until the broker has acknowledged every one.
-async fn deliver(producer: &FutureProducer, records: Vec<Outgoing>) -> Result<u64, FrameworkError> {
+async fn deliver(producer: &FutureProducer, records: &[Outgoing]) -> Result<u64, FrameworkError> {
     if records.is_empty() {
         return Ok(0);
     }
     let count = records.len() as u64;
     let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(records.len());
-    for r in &records {
+    for r in records {
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&r.topic).payload(r.payload.as_slice());
         if let Some(k) = &r.key {
