@@ -146,41 +146,57 @@ impl SaveWorker {
         events: &[Event],
         lists: &[RecommendationRecord],
     ) -> Result<Vec<ExperimentEvent>, StoreError> {
+        use tracing::Instrument;
         let mut rows = Vec::new();
         for e in events {
-            let (Some(rec_id), Some(product), Some(kind)) = (
-                e.recommendation_id.as_deref(),
-                e.product_id.as_deref(),
-                ExperimentKind::of_event(e.event_type),
-            ) else {
-                continue;
-            };
-            let list = match lists
-                .iter()
-                .find(|l| l.recommendation_id == rec_id && l.user_id == e.user_id)
-            {
-                Some(l) => Some(l.clone()),
-                None => match self.store.recommendation(&e.user_id, rec_id).await? {
-                    Some(l) => Some(l),
-                    None => self.store.recommendation(POPULAR_USER_ID, rec_id).await?,
-                },
-            };
-            let result = match list {
-                None => "unknown_list",
-                Some(l) if !l.items.iter().any(|i| i.product_id == product) => "not_in_list",
-                Some(l) => {
-                    rows.push(ExperimentEvent {
-                        arm: arm(&l.model_version, l.fallback).to_string(),
-                        kind,
-                        id: e.event_id.clone(),
-                        ts: e.ts,
-                    });
-                    "attributed"
-                }
-            };
-            metrics::counter!("recpipe_attribution_total", "result" => result).increment(1);
+            // Log lines of this step name the event and the user.
+            let span =
+                tracing::info_span!("attribution", event_id = %e.event_id, user_id = %e.user_id);
+            if let Some(row) = self.attribute_one(e, lists).instrument(span).await? {
+                rows.push(row);
+            }
         }
         Ok(rows)
+    }
+
+    async fn attribute_one(
+        &self,
+        e: &Event,
+        lists: &[RecommendationRecord],
+    ) -> Result<Option<ExperimentEvent>, StoreError> {
+        let (Some(rec_id), Some(product), Some(kind)) = (
+            e.recommendation_id.as_deref(),
+            e.product_id.as_deref(),
+            ExperimentKind::of_event(e.event_type),
+        ) else {
+            return Ok(None);
+        };
+        let list = match lists
+            .iter()
+            .find(|l| l.recommendation_id == rec_id && l.user_id == e.user_id)
+        {
+            Some(l) => Some(l.clone()),
+            None => match self.store.recommendation(&e.user_id, rec_id).await? {
+                Some(l) => Some(l),
+                None => self.store.recommendation(POPULAR_USER_ID, rec_id).await?,
+            },
+        };
+        let (row, result) = match list {
+            None => (None, "unknown_list"),
+            Some(l) if !l.items.iter().any(|i| i.product_id == product) => (None, "not_in_list"),
+            Some(l) => (
+                Some(ExperimentEvent {
+                    arm: arm(&l.model_version, l.fallback).to_string(),
+                    kind,
+                    id: e.event_id.clone(),
+                    ts: e.ts,
+                }),
+                "attributed",
+            ),
+        };
+        tracing::debug!(result, recommendation_id = rec_id, "attribution");
+        metrics::counter!("recpipe_attribution_total", "result" => result).increment(1);
+        Ok(row)
     }
 }
 
