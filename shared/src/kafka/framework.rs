@@ -212,7 +212,7 @@ pub async fn run_with_health<P: Processor>(
     let topics = processor.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
-    let producer = super::producer(settings)?;
+    let mut producer = super::producer(settings)?;
     tracing::info!(service, ?topics, "consuming");
     health.set_ready();
     crate::admin::metrics(); // the recorder must exist before the handles are made
@@ -311,6 +311,10 @@ pub async fn run_with_health<P: Processor>(
                 Ok(n) => break n,
                 Err(e) => {
                     health.set_not_ready(format!("kafka: {e}"));
+                    // A fresh producer: an idempotent one whose records timed out in
+                    // flight can be left in a fatal state (a broker without epoch bumps,
+                    // like tansu), failing every later send.
+                    producer = super::producer(settings)?;
                     metrics::counter!("recpipe_delivery_retries_total", "service" => service.clone())
                         .increment(1);
                     let e = RetryableError(e.to_string());
