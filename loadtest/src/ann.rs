@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::Array2;
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
-use recpipe_shared::catalog::{generate, SyntheticCatalog};
+use recpipe_shared::catalog::{benchmark_queries, generate, SyntheticCatalog};
 use recpipe_shared::model::Recommender;
 use recpipe_shared::settings::HnswSettings;
 use serde::Serialize;
@@ -44,25 +42,7 @@ pub fn run(
         seed: 1,
         unavailable_share: 0.0,
     }));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    // One interest: a product plus noise. Two interests: the sum of two products of
-    // different categories (what a user with two interests looks like).
-    let one: Vec<Vec<f32>> = (0..queries)
-        .map(|q| {
-            catalog
-                .embedding(q * 37 % products)
-                .iter()
-                .map(|v| v + 0.05 * rng.sample::<f32, _>(StandardNormal))
-                .collect()
-        })
-        .collect();
-    let two: Vec<Vec<f32>> = (0..queries)
-        .map(|q| {
-            let (a, b) = (q * 37 % products, (q * 37 + 1) % products);
-            let (ea, eb) = (catalog.embedding(a), catalog.embedding(b));
-            ea.iter().zip(eb.iter()).map(|(x, y)| x + y).collect()
-        })
-        .collect();
+    let (one, two) = benchmark_queries(&catalog, queries);
     ndarray_npy::write_npy(out.join("vectors.npy"), catalog.embeddings())?;
     ndarray_npy::write_npy(out.join("queries-one.npy"), &to_array(&one))?;
     ndarray_npy::write_npy(out.join("queries-two.npy"), &to_array(&two))?;

@@ -15,9 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
-use recpipe_shared::catalog::{generate, SyntheticCatalog};
+use recpipe_shared::catalog::{benchmark_queries, generate, SyntheticCatalog};
 use recpipe_shared::model::Recommender;
 use recpipe_shared::settings::HnswSettings;
 
@@ -49,23 +47,7 @@ fn ann(c: &mut Criterion) {
         seed: 1,
         unavailable_share: 0.0,
     }));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let one_interest: Vec<Vec<f32>> = (0..QUERIES)
-        .map(|q| {
-            catalog
-                .embedding(q * 37 % products)
-                .iter()
-                .map(|v| v + 0.05 * rng.sample::<f32, _>(StandardNormal))
-                .collect()
-        })
-        .collect();
-    // Products i and i+1 are of different categories (the generator deals them round).
-    let two_interest: Vec<Vec<f32>> = (0..QUERIES)
-        .map(|q| {
-            (&catalog.embedding(q * 37 % products) + &catalog.embedding((q * 37 + 1) % products))
-                .to_vec()
-        })
-        .collect();
+    let (one_interest, two_interest) = benchmark_queries(&catalog, QUERIES);
     let exact = Recommender::exact(catalog.clone());
     let truth_of = |qs: &[Vec<f32>]| -> Vec<HashSet<usize>> {
         qs.iter()

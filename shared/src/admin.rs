@@ -134,3 +134,24 @@ pub async fn spawn(
     });
     Ok(())
 }
+
+/// Runs a pipeline service: its health and metrics endpoints on
+/// `telemetry.admin_address` (when set), then `processor` under the Kafka framework until
+/// `shutdown`, with readiness following the framework's view.
+pub async fn run_service<P: crate::kafka::framework::Processor>(
+    settings: &crate::settings::Settings,
+    processor: P,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<crate::kafka::framework::RunStats> {
+    let health = Health::new();
+    spawn(
+        settings.telemetry.admin_address.as_deref(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(
+        crate::kafka::framework::run_with_health(&settings.kafka, processor, shutdown, health)
+            .await?,
+    )
+}

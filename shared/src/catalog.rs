@@ -369,6 +369,31 @@ fn embeddings_fingerprint(products: &[Product], embeddings: &Array2<f32>) -> Str
     format!("emb-{:016x}", h.finish())
 }
 
+/// Query sets for nearest-neighbour benchmarks over a generated catalog, deterministic:
+/// "one-interest" queries (a product's embedding plus a little noise, the usual ANN
+/// query) and "two-interest" queries (the sum of two products of different categories —
+/// the generator deals categories round — as the vector of a user with two interests).
+pub fn benchmark_queries(catalog: &Catalog, n: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let products = catalog.len();
+    let one = (0..n)
+        .map(|q| {
+            catalog
+                .embedding(q * 37 % products)
+                .iter()
+                .map(|v| v + 0.05 * rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        })
+        .collect();
+    let two = (0..n)
+        .map(|q| {
+            (&catalog.embedding(q * 37 % products) + &catalog.embedding((q * 37 + 1) % products))
+                .to_vec()
+        })
+        .collect();
+    (one, two)
+}
+
 /// Parameters of a synthetic catalog.
 #[derive(Debug, Clone, Copy)]
 pub struct SyntheticCatalog {

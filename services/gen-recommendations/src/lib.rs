@@ -18,7 +18,7 @@ use recpipe_shared::events::{
     now_ms, Fallback, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID,
 };
 use recpipe_shared::kafka::framework::{
-    self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
+    Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
 use recpipe_shared::model::{
     recommendation_id, vector_from_history, IndexKind, ModelRegistry, Popularity, ServedModel,
@@ -54,13 +54,8 @@ impl GenRecommendations {
         }
     }
 
-    /// The list for one user state, from the model that serves the user: personalised,
-    /// or popularity when the state carries no signal the model can use.
-    pub fn list_for(&self, user: &UserVectorRecord) -> RecommendationRecord {
-        let serving = self.models.current();
-        self.list_from(serving.for_user(&user.user_id), user)
-    }
-
+    /// The list for one user state from `model`: personalised, or popularity when the
+    /// state carries no signal the model can use.
     fn list_from(&self, model: &ServedModel, user: &UserVectorRecord) -> RecommendationRecord {
         let _span = tracing::info_span!(
             "list",
@@ -236,12 +231,5 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         recpipe_shared::kafka::models::start_registry(&settings, IndexKind::Hnsw, shutdown.clone())
             .await?;
     let processor = GenRecommendations::new(models, &settings);
-    let health = recpipe_shared::admin::Health::new();
-    recpipe_shared::admin::spawn(
-        settings.telemetry.admin_address.as_deref(),
-        health.clone(),
-        shutdown.clone(),
-    )
-    .await?;
-    Ok(framework::run_with_health(&settings.kafka, processor, shutdown, health).await?)
+    recpipe_shared::admin::run_service(&settings, processor, shutdown).await
 }

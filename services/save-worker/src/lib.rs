@@ -15,7 +15,7 @@ use recpipe_shared::events::{
     arm, now_ms, Event, Impression, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID,
 };
 use recpipe_shared::kafka::framework::{
-    self, Decoded, Outcome, Processor, RecordMeta, RetryableError, RunStats,
+    Decoded, Outcome, Processor, RecordMeta, RetryableError, RunStats,
 };
 use recpipe_shared::settings::{Settings, Topics};
 use recpipe_shared::store::{self, ExperimentEvent, ExperimentKind, Store, StoreError, WriteBatch};
@@ -205,12 +205,5 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let store = store::open_with(&settings.store.url, &settings.store).await?;
     tracing::info!(url = %settings.store.url, "store opened");
     let processor = SaveWorker::new(store, settings.kafka.topics.clone());
-    let health = recpipe_shared::admin::Health::new();
-    recpipe_shared::admin::spawn(
-        settings.telemetry.admin_address.as_deref(),
-        health.clone(),
-        shutdown.clone(),
-    )
-    .await?;
-    Ok(framework::run_with_health(&settings.kafka, processor, shutdown, health).await?)
+    recpipe_shared::admin::run_service(&settings, processor, shutdown).await
 }

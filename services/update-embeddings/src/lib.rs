@@ -23,7 +23,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use recpipe_shared::events::{now_ms, Event, SourcePosition, UserVectorRecord};
 use recpipe_shared::kafka::client_config;
 use recpipe_shared::kafka::framework::{
-    self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
+    Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
 use recpipe_shared::model::{IndexKind, ModelRegistry, Serving, UserModel};
 use recpipe_shared::settings::{EventRules, KafkaSettings, ModelSettings, Settings};
@@ -300,12 +300,5 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         recpipe_shared::kafka::models::start_registry(&settings, IndexKind::None, shutdown.clone())
             .await?;
     let processor = UpdateEmbeddings::new(models, &settings);
-    let health = recpipe_shared::admin::Health::new();
-    recpipe_shared::admin::spawn(
-        settings.telemetry.admin_address.as_deref(),
-        health.clone(),
-        shutdown.clone(),
-    )
-    .await?;
-    Ok(framework::run_with_health(&settings.kafka, processor, shutdown, health).await?)
+    recpipe_shared::admin::run_service(&settings, processor, shutdown).await
 }
