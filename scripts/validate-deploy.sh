@@ -24,7 +24,8 @@ check "docker-compose.yml (Compose spec)" check-jsonschema --builtin-schema vend
 check "k8s manifests (Kubernetes 1.32, strict)" kubernetes-validate --strict -k 1.32.0 --quiet \
   k8s/base/namespace.yaml k8s/base/config.yaml k8s/base/external-services.yaml \
   k8s/base/update-embeddings.yaml k8s/base/gen-recommendations.yaml \
-  k8s/base/save-worker.yaml k8s/base/query-api.yaml k8s/overlays/production/model-volume.yaml
+  k8s/base/save-worker.yaml k8s/base/query-api.yaml k8s/overlays/production/model-volume.yaml \
+  k8s/overlays/production/kafka-security.yaml
 check "YAML (yamllint)" yamllint --strict docker-compose.yml k8s deploy .yamllint
 check "Dockerfile (hadolint)" hadolint Dockerfile
 exit "$status"

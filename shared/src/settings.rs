@@ -53,6 +53,7 @@ pub struct KafkaSettings {
     /// How long a produced record may wait for delivery before the batch fails.
     pub delivery_timeout_ms: u64,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`, `sasl.*`).
+    /// Read them through [`KafkaSettings::client_properties`].
     pub client: BTreeMap<String, String>,
     /// Records larger than this are dead-lettered unread.
     pub max_record_bytes: usize,
@@ -78,6 +79,18 @@ impl Default for KafkaSettings {
             fetch_wait_max_ms: 1,
             linger_ms: 0,
         }
+    }
+}
+
+impl KafkaSettings {
+    /// The pass-through librdkafka properties. An underscore in a name stands for a dot
+    /// (no librdkafka property has one), so that a secret such as `sasl.password` can come
+    /// from `RECPIPE_KAFKA__CLIENT__SASL_PASSWORD`: environment variables cannot carry
+    /// dots, and the settings loader would read them as nesting.
+    pub fn client_properties(&self) -> impl Iterator<Item = (String, &str)> {
+        self.client
+            .iter()
+            .map(|(key, value)| (key.replace('_', "."), value.as_str()))
     }
 }
 
@@ -448,7 +461,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("base.yaml"),
-            "kafka:\n  brokers: filehost:9092\n  partitions: 8\napi:\n  port: 9000\n",
+            "kafka:\n  brokers: filehost:9092\n  partitions: 8\n  client:\n    security.protocol: SASL_SSL\napi:\n  port: 9000\n",
         )
         .unwrap();
         std::fs::write(dir.path().join("query-api.yaml"), "api:\n  port: 9100\n").unwrap();
@@ -457,7 +470,9 @@ mod tests {
         // Names the directory, and must not be taken for a setting.
         std::env::set_var("RECPIPE_CONFIG_DIR", dir.path());
         std::env::set_var("RECPIPE_API__API_KEYS", "k1,k2");
+        std::env::set_var("RECPIPE_KAFKA__CLIENT__SASL_PASSWORD", "Secret.Pw");
         let s = Settings::load_from(dir.path(), "query-api").unwrap();
+        std::env::remove_var("RECPIPE_KAFKA__CLIENT__SASL_PASSWORD");
         std::env::remove_var("RECPIPE_API__API_KEYS");
         std::env::remove_var("RECPIPE_KAFKA__BROKERS");
         std::env::remove_var("RECPIPE_CONFIG_DIR");
@@ -466,6 +481,16 @@ mod tests {
         assert_eq!(s.api.port, 9100);
         assert_eq!(s.api.api_keys, vec!["k1", "k2"]);
         assert_eq!(s.model, ModelSettings::default());
+        // A dotted name from a file and an underscored one from the environment both
+        // reach librdkafka dotted, values untouched.
+        let client: Vec<(String, &str)> = s.kafka.client_properties().collect();
+        assert_eq!(
+            client,
+            vec![
+                ("sasl.password".to_string(), "Secret.Pw"),
+                ("security.protocol".to_string(), "SASL_SSL"),
+            ]
+        );
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub fn free_port() -> u16 {
 pub struct TestBroker {
     child: Option<Child>,
     port: u16,
+    /// Where clients are told to connect: `port`, or a proxy in front of it.
+    advertised_port: u16,
+    /// SASL/SCRAM required of every client.
+    authentication: bool,
     storage: String,
     dir: tempfile::TempDir,
 }
@@ -59,9 +63,12 @@ impl TestBroker {
     }
 
     async fn start_with(storage: String) -> TestBroker {
+        let port = free_port();
         let mut broker = TestBroker {
             child: None,
-            port: free_port(),
+            port,
+            advertised_port: port,
+            authentication: false,
             storage,
             dir: tempfile::tempdir().unwrap(),
         };
@@ -71,6 +78,7 @@ impl TestBroker {
 
     async fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -82,7 +90,7 @@ impl TestBroker {
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &advertised,
             "--storage-engine",
             &self.storage,
         ])
@@ -90,6 +98,9 @@ impl TestBroker {
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
+        if self.authentication {
+            cmd.arg("--authentication");
+        }
         // tansu reads these from the environment; every setting comes from flags instead.
         for var in [
             "CLUSTER_ID",
@@ -116,7 +127,7 @@ impl TestBroker {
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised_port)
     }
 
     /// Kafka settings pointing at this broker, with small batches for quick tests.
@@ -149,6 +160,50 @@ impl TestBroker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The port the broker listens on (which it may not advertise: see
+    /// [`TestBroker::restart_secured`]).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Adds a SCRAM-SHA-512 user. tansu keeps users in its storage and checks them only
+    /// when started with authentication, so call this before [`TestBroker::restart_secured`]
+    /// on a durable broker.
+    pub fn create_user(&self, name: &str, password: &str) {
+        let out = Command::new(tansu_binary())
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--mechanism",
+                "scram512",
+                name,
+                password,
+            ])
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run tansu user create");
+        assert!(
+            out.status.success(),
+            "tansu user create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Restarts the broker requiring SASL/SCRAM, advertising `advertised_port` (e.g. a
+    /// TLS proxy in front of it) to clients.
+    pub async fn restart_secured(&mut self, advertised_port: u16) {
+        self.restart_advertising(advertised_port, true).await;
+    }
+
+    /// Restarts the broker advertising `advertised_port`, with or without authentication.
+    pub async fn restart_advertising(&mut self, advertised_port: u16, authentication: bool) {
+        self.authentication = authentication;
+        self.advertised_port = advertised_port;
+        self.restart().await;
     }
 
     /// Starts the broker again on the same port and storage.
@@ -193,11 +248,24 @@ pub async fn read_topic(
     at_least: usize,
     timeout: Duration,
 ) -> Vec<OwnedMessage> {
-    let brokers = brokers.to_string();
+    let settings = KafkaSettings {
+        brokers: brokers.to_string(),
+        ..KafkaSettings::default()
+    };
+    read_topic_with(&settings, topic, at_least, timeout).await
+}
+
+/// As [`read_topic`], connecting as `settings` say (e.g. with SASL and TLS).
+pub async fn read_topic_with(
+    settings: &KafkaSettings,
+    topic: &str,
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
+    let mut config = crate::kafka::client_config(settings);
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
+        let consumer: BaseConsumer = config
             .set("group.id", "recpipe-testkit-reader")
             .set("enable.auto.commit", "false")
             .create()

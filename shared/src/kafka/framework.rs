@@ -139,9 +139,33 @@ pub mod dlq_headers {
 struct RebalanceContext {
     rebalanced: Arc<AtomicBool>,
     service: String,
+    health: Arc<Health>,
 }
 
+/// The start of the not-ready reason for a broker that refuses the client's credentials
+/// or certificate: such a service would otherwise sit idle, "ready", doing nothing.
+const SECURITY_PROBLEM: &str = "kafka: the broker refused the connection's security";
+
 impl ClientContext for RebalanceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let refused = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::SSL
+            )
+        );
+        if refused {
+            tracing::error!(service = %self.service, %error, reason, "check kafka.client's sasl.* and ssl.* settings");
+            self.health.set_not_ready(format!(
+                "{SECURITY_PROBLEM} ({reason}); check kafka.client's sasl.* and ssl.* settings"
+            ));
+        } else {
+            tracing::warn!(service = %self.service, %error, reason, "kafka client error");
+        }
+    }
+
     fn stats(&self, statistics: rdkafka::Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
@@ -165,7 +189,15 @@ impl ConsumerContext for RebalanceContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions assigned")
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                // Partitions came from the group coordinator, so the connection works now.
+                if self
+                    .health
+                    .problem()
+                    .is_some_and(|p| p.starts_with(SECURITY_PROBLEM))
+                {
+                    self.health.set_ready();
+                }
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked")
@@ -204,17 +236,19 @@ pub async fn run_with_health<P: Processor>(
         .set("session.timeout.ms", "6000")
         .set("fetch.wait.max.ms", settings.fetch_wait_max_ms.to_string())
         .set("statistics.interval.ms", "5000");
+    // Ready from the start; the consumer's error callback may take it back at once.
+    health.set_ready();
     let consumer: StreamConsumer<RebalanceContext> = super::with_overrides(config, settings)
         .create_with_context(RebalanceContext {
             rebalanced: rebalanced.clone(),
             service: service.clone(),
+            health: health.clone(),
         })?;
     let topics = processor.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
     let mut producer = super::producer(settings)?;
     tracing::info!(service, ?topics, "consuming");
-    health.set_ready();
     crate::admin::metrics(); // the recorder must exist before the handles are made
     let processed = metrics::counter!("recpipe_records_total", "service" => service.clone(), "outcome" => "processed");
     let dead_lettered = metrics::counter!("recpipe_records_total", "service" => service.clone(), "outcome" => "dead_lettered");

@@ -19,16 +19,17 @@ use crate::settings::KafkaSettings;
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.brokers);
-    for (key, value) in &settings.client {
-        config.set(key, value);
-    }
-    config
+    // No KIP-714 client-metrics push: nothing here reads it, and librdkafka may send its
+    // first request before SASL completes, which tansu never answers (the connection
+    // then hangs in the handshake for the request timeout).
+    config.set("enable.metrics.push", "false");
+    with_overrides(config, settings)
 }
 
 /// `config` with the pass-through properties applied again, so that they override the
 /// defaults a client sets (e.g. `linger.ms`, `fetch.wait.max.ms`).
 pub fn with_overrides(mut config: ClientConfig, settings: &KafkaSettings) -> ClientConfig {
-    for (key, value) in &settings.client {
+    for (key, value) in settings.client_properties() {
         config.set(key, value);
     }
     config
