@@ -370,6 +370,9 @@ pub struct ApiSettings {
     pub rate_limit_per_key: u32,
     /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// Most users whose latest list the API holds in memory (each costs about one list,
+    /// ~1–2 KB); users beyond it are read from the store on every GET.
+    pub view_max_users: usize,
 }
 
 impl Default for ApiSettings {
@@ -384,6 +387,7 @@ impl Default for ApiSettings {
             api_keys_file: None,
             rate_limit_per_key: 0,
             cors_origins: Vec::new(),
+            view_max_users: 1_000_000,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod experiments;
 pub mod live;
 pub mod routes;
 pub mod startup;
+pub mod view;
 
 pub use startup::{run, serve, AppState};
 

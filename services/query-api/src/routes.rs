@@ -1,5 +1,6 @@
 //! The HTTP handlers. Every error is JSON: `{"error": "...", "details": [...]}`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -244,26 +245,46 @@ async fn recommendations_for(
     if let Some(category) = &query.category {
         return Ok((category_list(state, user_id, category, k).await?, None));
     }
-    let mut list = state.store.latest_recommendations(&user_id).await?;
+    let mut list = latest_list(state, &user_id).await?;
     let mut fallback = None;
     if list.is_none() {
         // Never seen this user: the popularity list, marked as such.
-        list = state.store.latest_recommendations(POPULAR_USER_ID).await?;
+        list = latest_list(state, POPULAR_USER_ID).await?;
         fallback = Some(Fallback::Popularity);
     }
     let list = match list {
         Some(l) if !l.items.is_empty() => l,
-        _ => catalog_fallback(state, &|_| true),
+        _ => Arc::new(catalog_fallback(state, &|_| true)),
     };
     let freshness = match (list.fallback, list.source_event_ts) {
         (None, Some(ts)) if now_ms() - list.generated_at < 60_000 => Some(list.generated_at - ts),
         _ => None,
     };
-    let response = respond(state, user_id, list, fallback, k);
+    let response = respond(state, user_id, &list, fallback, k);
     let kind = response.fallback.map_or("personalised", Fallback::as_str);
     metrics::counter!("recpipe_recommendations_served_total", "kind" => kind, "version" => response.model_version.clone()).increment(1);
     record_impression(state, &response);
     Ok((response, freshness))
+}
+
+/// The user's newest list: from the in-memory view, else from the store (and then kept
+/// in the view, which the topic keeps current from there on).
+async fn latest_list(
+    state: &AppState,
+    user_id: &str,
+) -> Result<Option<Arc<RecommendationRecord>>, ApiError> {
+    if let Some(list) = state.view.get(user_id) {
+        return Ok(Some(list));
+    }
+    let stored = state
+        .store
+        .latest_recommendations(user_id)
+        .await?
+        .map(Arc::new);
+    if let Some(list) = &stored {
+        state.view.offer(list.clone());
+    }
+    Ok(stored)
 }
 
 /// Emits the served list to `impressions` without waiting: a lost impression only
@@ -311,7 +332,7 @@ fn model_of(state: &AppState, version: &str) -> std::sync::Arc<ServedModel> {
 fn respond(
     state: &AppState,
     user_id: String,
-    list: RecommendationRecord,
+    list: &RecommendationRecord,
     fallback: Option<Fallback>,
     k: usize,
 ) -> RecommendationsResponse {
@@ -340,14 +361,14 @@ fn respond(
     let fallback = list.fallback.or(fallback);
     RecommendationsResponse {
         user_id,
-        recommendation_id: list.recommendation_id,
-        model_version: list.model_version,
+        recommendation_id: list.recommendation_id.clone(),
+        model_version: list.model_version.clone(),
         fallback,
         generated_at: list.generated_at,
         source_event_id: if fallback.is_some() {
             None
         } else {
-            list.source_event_id
+            list.source_event_id.clone()
         },
         items,
     }
@@ -411,7 +432,7 @@ async fn category_list(
                 source: Some(user.source),
                 input_event_ids: user.recent_event_ids.clone(),
             };
-            return Ok(respond(state, user_id, list, None, k));
+            return Ok(respond(state, user_id, &list, None, k));
         }
     }
     // No personal signal: popular products of the category, then the rest of it.
@@ -438,7 +459,7 @@ async fn category_list(
         list.items = items;
         list.fallback = Some(Fallback::Popularity);
     }
-    Ok(respond(state, user_id, list, None, k))
+    Ok(respond(state, user_id, &list, None, k))
 }
 
 #[derive(Debug, Deserialize)]

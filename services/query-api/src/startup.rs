@@ -24,6 +24,8 @@ pub struct AppState {
     pub keys: Arc<crate::auth::KeyRing>,
     pub settings: Arc<Settings>,
     pub live: Arc<crate::live::LiveStats>,
+    /// Every user's latest list, followed from the `recommendations` topic.
+    pub view: Arc<crate::view::ListView>,
 }
 
 impl AppState {
@@ -34,9 +36,18 @@ impl AppState {
         shutdown: CancellationToken,
     ) -> anyhow::Result<AppState> {
         let store = store::open_with(&settings.store.url, &settings.store).await?;
-        let models =
-            recpipe_shared::kafka::models::start_registry(&settings, IndexKind::Hnsw, shutdown)
-                .await?;
+        let models = recpipe_shared::kafka::models::start_registry(
+            &settings,
+            IndexKind::Hnsw,
+            shutdown.clone(),
+        )
+        .await?;
+        let view = Arc::new(crate::view::ListView::new(settings.api.view_max_users));
+        {
+            let (view, settings) = (view.clone(), settings.clone());
+            tokio::task::spawn_blocking(move || crate::view::follow(view, &settings, shutdown))
+                .await??;
+        }
         let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
         let keys = Arc::new(crate::auth::KeyRing::from_settings(&settings.api)?);
         if keys.is_open() {
@@ -49,6 +60,7 @@ impl AppState {
             models,
             settings: Arc::new(settings),
             live: Arc::new(crate::live::LiveStats::new()),
+            view,
         })
     }
 }

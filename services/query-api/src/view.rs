@@ -1,0 +1,248 @@
+//! The latest list of every user, held in memory so that a GET needs no store read.
+//!
+//! A follower thread consumes every partition of `recommendations` starting at the
+//! offsets save-worker has committed: every list before them is already in the store, so
+//! the view and the store together always hold each user's newest list. A GET for a user
+//! the view lacks reads the store and offers what it finds to the view. Newest means the
+//! highest (user version, generated at), the order the store uses.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use recpipe_shared::events::RecommendationRecord;
+use recpipe_shared::settings::Settings;
+use tokio_util::sync::CancellationToken;
+
+pub struct ListView {
+    lists: DashMap<String, Arc<RecommendationRecord>>,
+    max_users: usize,
+    /// The follower has read every partition to the end it saw at start.
+    caught_up: AtomicBool,
+    applied: AtomicU64,
+}
+
+impl ListView {
+    pub fn new(max_users: usize) -> ListView {
+        ListView {
+            lists: DashMap::new(),
+            max_users,
+            caught_up: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+        }
+    }
+
+    pub fn get(&self, user_id: &str) -> Option<Arc<RecommendationRecord>> {
+        self.lists.get(user_id).map(|l| l.value().clone())
+    }
+
+    /// Keeps `list` if it is newer than the one held for its user (and, for a user not
+    /// held yet, if there is room). Returns whether it was kept.
+    pub fn offer(&self, list: Arc<RecommendationRecord>) -> bool {
+        // The length is read before the shard lock is taken (DashMap's len locks every
+        // shard), so the bound may be passed by a few concurrent inserts.
+        let full = self.lists.len() >= self.max_users;
+        match self.lists.entry(list.user_id.clone()) {
+            Entry::Occupied(mut held) => {
+                if is_newer(&list, held.get()) {
+                    held.insert(list);
+                    true
+                } else {
+                    false
+                }
+            }
+            Entry::Vacant(slot) if !full => {
+                slot.insert(list);
+                true
+            }
+            Entry::Vacant(_) => false,
+        }
+    }
+
+    pub fn users(&self) -> usize {
+        self.lists.len()
+    }
+
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Relaxed)
+    }
+
+    /// Lists taken from the topic so far.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+}
+
+fn is_newer(list: &RecommendationRecord, than: &RecommendationRecord) -> bool {
+    (list.user_version, list.generated_at) > (than.user_version, than.generated_at)
+}
+
+/// Starts following `recommendations` into `view` on a thread of its own, until
+/// `shutdown`. Fails only if the topic cannot be read at all.
+pub fn follow(
+    view: Arc<ListView>,
+    settings: &Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let kafka = &settings.kafka;
+    let topic = kafka.topics.recommendations.clone();
+    let consumer: BaseConsumer = recpipe_shared::kafka::client_config(kafka)
+        // Assigned, never subscribed: the group is only a label, and nothing is committed.
+        .set("group.id", format!("{}-query-api-view", kafka.group_prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
+        .create()?;
+    let partitions: Vec<i32> = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("cannot reach Kafka at {}: {e}", kafka.brokers))?
+        .topics()
+        .first()
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    anyhow::ensure!(
+        !partitions.is_empty(),
+        "the topic {topic:?} does not exist: create the pipeline's topics (recpipe-admin topics create)"
+    );
+    let start = persisted_offsets(settings, &topic, &partitions)?;
+    consumer.assign(&start)?;
+    tracing::info!(
+        topic,
+        partitions = partitions.len(),
+        "following the latest lists"
+    );
+    let users = metrics::gauge!("recpipe_view_users");
+    std::thread::Builder::new()
+        .name("list-view".into())
+        .spawn(move || {
+            let mut at_end = std::collections::HashSet::new();
+            while !shutdown.is_cancelled() {
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        let Some(payload) = m.payload() else { continue };
+                        match serde_json::from_slice::<RecommendationRecord>(payload) {
+                            Ok(list) => {
+                                view.offer(Arc::new(list));
+                                view.applied.fetch_add(1, Ordering::Relaxed);
+                            }
+                            // save-worker dead-letters it; here it is only skipped.
+                            Err(e) => {
+                                tracing::warn!(offset = m.offset(), error = %e, "list skipped")
+                            }
+                        }
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(p)))
+                        if at_end.insert(p) && at_end.len() == partitions.len() =>
+                    {
+                        view.caught_up.store(true, Ordering::Relaxed);
+                        tracing::info!(users = view.users(), "list view caught up");
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
+                    Some(Err(e)) => tracing::warn!(error = %e, "list view: kafka error"),
+                    None => {}
+                }
+                users.set(view.users() as f64);
+            }
+        })?;
+    Ok(())
+}
+
+/// Where save-worker's group stands on `topic`: lists before these offsets are stored.
+/// A partition it never committed starts from the beginning.
+fn persisted_offsets(
+    settings: &Settings,
+    topic: &str,
+    partitions: &[i32],
+) -> anyhow::Result<TopicPartitionList> {
+    let kafka = &settings.kafka;
+    let group = format!("{}-{}", kafka.group_prefix, SAVE_WORKER);
+    // Only asks the group's committed offsets; it does not join the group.
+    let reader: BaseConsumer = recpipe_shared::kafka::client_config(kafka)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut wanted = TopicPartitionList::new();
+    for &p in partitions {
+        wanted.add_partition(topic, p);
+    }
+    let committed = reader
+        .committed_offsets(wanted, Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("cannot read {group}'s committed offsets: {e}"))?;
+    let mut start = TopicPartitionList::new();
+    for e in committed.elements() {
+        let offset = match e.offset() {
+            Offset::Offset(n) => Offset::Offset(n),
+            _ => Offset::Beginning,
+        };
+        start.add_partition_offset(topic, e.partition(), offset)?;
+    }
+    Ok(start)
+}
+
+/// save-worker's service name, which names its consumer group (`save_worker::SERVICE`:
+/// the API does not link save-worker; a test checks they agree).
+const SAVE_WORKER: &str = "save-worker";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recpipe_shared::events::ScoredProduct;
+
+    fn list(user: &str, version: u64, generated_at: i64) -> Arc<RecommendationRecord> {
+        Arc::new(RecommendationRecord {
+            recommendation_id: format!("{user}-{version}-{generated_at}"),
+            user_id: user.into(),
+            model_version: "v1".into(),
+            fallback: None,
+            items: vec![ScoredProduct {
+                product_id: "p-00001".into(),
+                score: 1.0,
+                because: None,
+            }],
+            user_version: version,
+            source_event_id: None,
+            source_event_ts: None,
+            generated_at,
+            source: None,
+            input_event_ids: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn keeps_the_newest_list_whatever_order_they_come_in() {
+        let view = ListView::new(10);
+        assert!(view.offer(list("u", 2, 100)));
+        assert!(
+            !view.offer(list("u", 1, 500)),
+            "an older version is refused"
+        );
+        assert!(
+            !view.offer(list("u", 2, 100)),
+            "the same list again changes nothing"
+        );
+        assert!(view.offer(list("u", 2, 200)), "same version, made later");
+        assert!(view.offer(list("u", 3, 50)));
+        assert_eq!(view.get("u").unwrap().recommendation_id, "u-3-50");
+        assert!(view.get("other").is_none());
+    }
+
+    #[test]
+    fn follows_save_workers_group() {
+        assert_eq!(SAVE_WORKER, save_worker::SERVICE);
+    }
+
+    #[test]
+    fn holds_at_most_max_users_but_keeps_updating_those_it_holds() {
+        let view = ListView::new(2);
+        assert!(view.offer(list("a", 1, 1)));
+        assert!(view.offer(list("b", 1, 1)));
+        assert!(!view.offer(list("c", 1, 1)), "full");
+        assert!(view.offer(list("a", 2, 1)), "a held user is still updated");
+        assert_eq!(view.users(), 2);
+        assert!(view.get("c").is_none());
+    }
+}
