@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::startup::AppState;
+use crate::view::{Rendered, ViewEntry};
 
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
@@ -214,14 +215,14 @@ async fn recommendations(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
     query: Result<Query<RecommendationsQuery>, QueryRejection>,
-) -> Result<Json<RecommendationsResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let started = std::time::Instant::now();
     let result = recommendations_for(&state, user_id, query).await;
     match &result {
-        Ok((response, freshness)) => state.live.record_get(
+        Ok((answer, freshness)) => state.live.record_get(
             started.elapsed(),
             false,
-            response.fallback.is_none(),
+            answer.response.fallback.is_none(),
             *freshness,
         ),
         Err(e) if e.status.is_server_error() => {
@@ -229,7 +230,16 @@ async fn recommendations(
         }
         Err(_) => {}
     }
-    result.map(|(response, _)| Json(response))
+    result.map(|(answer, _)| {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            answer.body.clone(),
+        )
+            .into_response()
+    })
 }
 
 /// The answer, and its freshness (event time → list made) when it is a personalised list
@@ -238,51 +248,80 @@ async fn recommendations_for(
     state: &AppState,
     user_id: String,
     query: Result<Query<RecommendationsQuery>, QueryRejection>,
-) -> Result<(RecommendationsResponse, Option<i64>), ApiError> {
+) -> Result<(Arc<Rendered>, Option<i64>), ApiError> {
     check_id("user_id", &user_id)?;
     let query = parse_query(query)?;
     let k = checked_k(query.k, state)?;
     if let Some(category) = &query.category {
-        return Ok((category_list(state, user_id, category, k).await?, None));
+        let response = category_list(state, user_id, category, k).await?;
+        let model = state.models.current().primary().clone();
+        return Ok((Arc::new(Rendered::new(response, k, &model)), None));
     }
-    let mut list = latest_list(state, &user_id).await?;
-    let mut fallback = None;
-    if list.is_none() {
+    let own = latest_list(state, &user_id).await?;
+    let (entry, fallback) = match own {
+        Some(entry) => (Some(entry), None),
         // Never seen this user: the popularity list, marked as such.
-        list = latest_list(state, POPULAR_USER_ID).await?;
-        fallback = Some(Fallback::Popularity);
-    }
-    let list = match list {
-        Some(l) if !l.items.is_empty() => l,
-        _ => Arc::new(catalog_fallback(state, &|_| true)),
+        None => (
+            latest_list(state, POPULAR_USER_ID).await?,
+            Some(Fallback::Popularity),
+        ),
     };
-    let freshness = match (list.fallback, list.source_event_ts) {
-        (None, Some(ts)) if now_ms() - list.generated_at < 60_000 => Some(list.generated_at - ts),
-        _ => None,
+    let mut freshness = None;
+    let answer = match entry {
+        Some(entry) if !entry.list.items.is_empty() => {
+            let list = &entry.list;
+            if fallback.is_none()
+                && list.fallback.is_none()
+                && now_ms() - list.generated_at < 60_000
+            {
+                freshness = list.source_event_ts.map(|ts| list.generated_at - ts);
+            }
+            let model = model_of(state, &entry.list.model_version);
+            // The user's own list: its answer is made once and sent again while it is
+            // current. The popularity list names the asking user, so it is made each time.
+            let cached = fallback
+                .is_none()
+                .then(|| entry.rendered(k, &model))
+                .flatten();
+            cached.unwrap_or_else(|| {
+                let response = respond(state, user_id, &entry.list, fallback, k);
+                let rendered = Arc::new(Rendered::new(response, k, &model));
+                if fallback.is_none() {
+                    entry.keep_rendered(rendered.clone());
+                }
+                rendered
+            })
+        }
+        _ => {
+            let list = catalog_fallback(state, &|_| true);
+            let model = model_of(state, &list.model_version);
+            Arc::new(Rendered::new(
+                respond(state, user_id, &list, fallback, k),
+                k,
+                &model,
+            ))
+        }
     };
-    let response = respond(state, user_id, &list, fallback, k);
+    let response = &answer.response;
     let kind = response.fallback.map_or("personalised", Fallback::as_str);
     metrics::counter!("recpipe_recommendations_served_total", "kind" => kind, "version" => response.model_version.clone()).increment(1);
-    record_impression(state, &response);
-    Ok((response, freshness))
+    record_impression(state, response);
+    Ok((answer, freshness))
 }
 
 /// The user's newest list: from the in-memory view, else from the store (and then kept
 /// in the view, which the topic keeps current from there on).
-async fn latest_list(
-    state: &AppState,
-    user_id: &str,
-) -> Result<Option<Arc<RecommendationRecord>>, ApiError> {
-    if let Some(list) = state.view.get(user_id) {
-        return Ok(Some(list));
+async fn latest_list(state: &AppState, user_id: &str) -> Result<Option<Arc<ViewEntry>>, ApiError> {
+    if let Some(entry) = state.view.get(user_id) {
+        return Ok(Some(entry));
     }
     let stored = state
         .store
         .latest_recommendations(user_id)
         .await?
-        .map(Arc::new);
-    if let Some(list) = &stored {
-        state.view.offer(list.clone());
+        .map(|list| ViewEntry::new(Arc::new(list)));
+    if let Some(entry) = &stored {
+        state.view.offer(entry.clone());
     }
     Ok(stored)
 }

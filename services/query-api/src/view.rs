@@ -5,21 +5,82 @@
 //! the view and the store together always hold each user's newest list. A GET for a user
 //! the view lacks reads the store and offers what it finds to the view. Newest means the
 //! highest (user version, generated at), the order the store uses.
+//!
+//! Each entry also keeps the last answer made from its list, encoded, so that repeated
+//! GETs of one user (page views) encode nothing: it is made again when `k` or the model
+//! serving the list changes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use axum::body::Bytes;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use recpipe_shared::events::RecommendationRecord;
+use recpipe_shared::model::ServedModel;
 use recpipe_shared::settings::Settings;
 use tokio_util::sync::CancellationToken;
 
+/// A user's latest list, and the last answer made from it.
+pub struct ViewEntry {
+    pub list: Arc<RecommendationRecord>,
+    rendered: ArcSwapOption<Rendered>,
+}
+
+/// An answer as sent, and what it was made for.
+pub struct Rendered {
+    pub k: usize,
+    /// The model whose catalog gave titles and availability (weak: a swapped-out model
+    /// must not be kept alive by cached answers; the weak reference still holds the
+    /// allocation, so no later model can reuse its address and pass for it).
+    model: Weak<ServedModel>,
+    pub response: crate::routes::RecommendationsResponse,
+    pub body: Bytes,
+}
+
+impl Rendered {
+    pub fn new(
+        response: crate::routes::RecommendationsResponse,
+        k: usize,
+        model: &Arc<ServedModel>,
+    ) -> Rendered {
+        let body = serde_json::to_vec(&response).expect("response serialises");
+        Rendered {
+            k,
+            model: Arc::downgrade(model),
+            response,
+            body: Bytes::from(body),
+        }
+    }
+}
+
+impl ViewEntry {
+    pub fn new(list: Arc<RecommendationRecord>) -> Arc<ViewEntry> {
+        Arc::new(ViewEntry {
+            list,
+            rendered: ArcSwapOption::empty(),
+        })
+    }
+
+    /// The answer made earlier for `k` from `model`, if any.
+    pub fn rendered(&self, k: usize, model: &Arc<ServedModel>) -> Option<Arc<Rendered>> {
+        self.rendered
+            .load_full()
+            .filter(|r| r.k == k && std::ptr::eq(r.model.as_ptr(), Arc::as_ptr(model)))
+    }
+
+    pub fn keep_rendered(&self, rendered: Arc<Rendered>) {
+        self.rendered.store(Some(rendered));
+    }
+}
+
 pub struct ListView {
-    lists: DashMap<String, Arc<RecommendationRecord>>,
+    lists: DashMap<String, Arc<ViewEntry>>,
     max_users: usize,
     /// The follower has read every partition to the end it saw at start.
     caught_up: AtomicBool,
@@ -36,27 +97,27 @@ impl ListView {
         }
     }
 
-    pub fn get(&self, user_id: &str) -> Option<Arc<RecommendationRecord>> {
+    pub fn get(&self, user_id: &str) -> Option<Arc<ViewEntry>> {
         self.lists.get(user_id).map(|l| l.value().clone())
     }
 
-    /// Keeps `list` if it is newer than the one held for its user (and, for a user not
-    /// held yet, if there is room). Returns whether it was kept.
-    pub fn offer(&self, list: Arc<RecommendationRecord>) -> bool {
+    /// Keeps `entry` if its list is newer than the one held for its user (and, for a user
+    /// not held yet, if there is room). Returns whether it was kept.
+    pub fn offer(&self, entry: Arc<ViewEntry>) -> bool {
         // The length is read before the shard lock is taken (DashMap's len locks every
         // shard), so the bound may be passed by a few concurrent inserts.
         let full = self.lists.len() >= self.max_users;
-        match self.lists.entry(list.user_id.clone()) {
+        match self.lists.entry(entry.list.user_id.clone()) {
             Entry::Occupied(mut held) => {
-                if is_newer(&list, held.get()) {
-                    held.insert(list);
+                if is_newer(&entry.list, &held.get().list) {
+                    held.insert(entry);
                     true
                 } else {
                     false
                 }
             }
             Entry::Vacant(slot) if !full => {
-                slot.insert(list);
+                slot.insert(entry);
                 true
             }
             Entry::Vacant(_) => false,
@@ -126,7 +187,7 @@ pub fn follow(
                         let Some(payload) = m.payload() else { continue };
                         match serde_json::from_slice::<RecommendationRecord>(payload) {
                             Ok(list) => {
-                                view.offer(Arc::new(list));
+                                view.offer(ViewEntry::new(Arc::new(list)));
                                 view.applied.fetch_add(1, Ordering::Relaxed);
                             }
                             // save-worker dead-letters it; here it is only skipped.
@@ -192,8 +253,8 @@ mod tests {
     use super::*;
     use recpipe_shared::events::ScoredProduct;
 
-    fn list(user: &str, version: u64, generated_at: i64) -> Arc<RecommendationRecord> {
-        Arc::new(RecommendationRecord {
+    fn list(user: &str, version: u64, generated_at: i64) -> Arc<ViewEntry> {
+        ViewEntry::new(Arc::new(RecommendationRecord {
             recommendation_id: format!("{user}-{version}-{generated_at}"),
             user_id: user.into(),
             model_version: "v1".into(),
@@ -209,7 +270,7 @@ mod tests {
             generated_at,
             source: None,
             input_event_ids: Vec::new(),
-        })
+        }))
     }
 
     #[test]
@@ -226,8 +287,58 @@ mod tests {
         );
         assert!(view.offer(list("u", 2, 200)), "same version, made later");
         assert!(view.offer(list("u", 3, 50)));
-        assert_eq!(view.get("u").unwrap().recommendation_id, "u-3-50");
+        assert_eq!(view.get("u").unwrap().list.recommendation_id, "u-3-50");
         assert!(view.get("other").is_none());
+    }
+
+    fn served_model(version: &str) -> Arc<ServedModel> {
+        use recpipe_shared::catalog::{generate, SyntheticCatalog};
+        use recpipe_shared::model::Recommender;
+        let catalog = Arc::new(generate(SyntheticCatalog {
+            products: 50,
+            dim: 4,
+            ..Default::default()
+        }));
+        Arc::new(ServedModel {
+            version: version.into(),
+            path: "unused".into(),
+            share: 1.0,
+            recommender: Arc::new(Recommender::new(catalog, &Default::default())),
+        })
+    }
+
+    fn response(entry: &ViewEntry) -> crate::routes::RecommendationsResponse {
+        crate::routes::RecommendationsResponse {
+            user_id: entry.list.user_id.clone(),
+            recommendation_id: entry.list.recommendation_id.clone(),
+            model_version: entry.list.model_version.clone(),
+            fallback: None,
+            generated_at: entry.list.generated_at,
+            source_event_id: None,
+            items: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_answer_is_reused_only_for_the_same_k_and_model() {
+        let (v1, v2) = (served_model("v1"), served_model("v1"));
+        let entry = list("u", 1, 1);
+        assert!(entry.rendered(10, &v1).is_none());
+        entry.keep_rendered(Arc::new(Rendered::new(response(&entry), 10, &v1)));
+        let again = entry.rendered(10, &v1).expect("same k, same model");
+        assert!(std::str::from_utf8(&again.body)
+            .unwrap()
+            .contains("\"u-1-1\""));
+        assert!(entry.rendered(5, &v1).is_none(), "another k");
+        assert!(
+            entry.rendered(10, &v2).is_none(),
+            "another model (same version name, e.g. a republished catalog)"
+        );
+        drop(v1);
+        assert!(
+            entry.rendered(10, &v2).is_none(),
+            "a dropped model is not kept alive, and matches nothing"
+        );
     }
 
     #[test]
