@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::startup::AppState;
-use crate::view::{Rendered, ViewEntry};
+use crate::view::{Lookup, Rendered, ViewEntry};
 
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
@@ -219,7 +219,7 @@ async fn recommendations(
     let started = std::time::Instant::now();
     let result = recommendations_for(&state, user_id, query).await;
     match &result {
-        Ok((answer, freshness)) => state.live.record_get(
+        Ok((answer, _, freshness)) => state.live.record_get(
             started.elapsed(),
             false,
             answer.response.fallback.is_none(),
@@ -230,13 +230,13 @@ async fn recommendations(
         }
         Err(_) => {}
     }
-    result.map(|(answer, _)| {
+    result.map(|(_, body, _)| {
         (
             [(
                 axum::http::header::CONTENT_TYPE,
                 axum::http::HeaderValue::from_static("application/json"),
             )],
-            answer.body.clone(),
+            body,
         )
             .into_response()
     })
@@ -248,14 +248,16 @@ async fn recommendations_for(
     state: &AppState,
     user_id: String,
     query: Result<Query<RecommendationsQuery>, QueryRejection>,
-) -> Result<(Arc<Rendered>, Option<i64>), ApiError> {
+) -> Result<(Arc<Rendered>, Bytes, Option<i64>), ApiError> {
     check_id("user_id", &user_id)?;
     let query = parse_query(query)?;
     let k = checked_k(query.k, state)?;
     if let Some(category) = &query.category {
         let response = category_list(state, user_id, category, k).await?;
         let model = state.models.current().primary().clone();
-        return Ok((Arc::new(Rendered::new(response, k, &model)), None));
+        let rendered = Arc::new(Rendered::new(response, k, &model));
+        let body = rendered.body.clone();
+        return Ok((rendered, body, None));
     }
     let own = latest_list(state, &user_id).await?;
     let (entry, fallback) = match own {
@@ -277,18 +279,13 @@ async fn recommendations_for(
                 freshness = list.source_event_ts.map(|ts| list.generated_at - ts);
             }
             let model = model_of(state, &entry.list.model_version);
-            // The user's own list: its answer is made once and sent again while it is
-            // current. The popularity list names the asking user, so it is made each time.
-            let cached = fallback
-                .is_none()
-                .then(|| entry.rendered(k, &model))
-                .flatten();
-            cached.unwrap_or_else(|| {
-                let response = respond(state, user_id, &entry.list, fallback, k);
+            // An answer is made once per list, k and model and sent again while current;
+            // the popularity list's answer is shared by every user without a list, each
+            // getting their own id spliced in.
+            entry.rendered(k, &model).unwrap_or_else(|| {
+                let response = respond(state, user_id.clone(), &entry.list, fallback, k);
                 let rendered = Arc::new(Rendered::new(response, k, &model));
-                if fallback.is_none() {
-                    entry.keep_rendered(rendered.clone());
-                }
+                entry.keep_rendered(rendered.clone());
                 rendered
             })
         }
@@ -296,7 +293,7 @@ async fn recommendations_for(
             let list = catalog_fallback(state, &|_| true);
             let model = model_of(state, &list.model_version);
             Arc::new(Rendered::new(
-                respond(state, user_id, &list, fallback, k),
+                respond(state, user_id.clone(), &list, fallback, k),
                 k,
                 &model,
             ))
@@ -305,37 +302,42 @@ async fn recommendations_for(
     let response = &answer.response;
     let kind = response.fallback.map_or("personalised", Fallback::as_str);
     metrics::counter!("recpipe_recommendations_served_total", "kind" => kind, "version" => response.model_version.clone()).increment(1);
-    record_impression(state, response);
-    Ok((answer, freshness))
+    record_impression(state, &user_id, response);
+    let body = answer.body_for(&user_id);
+    Ok((answer, body, freshness))
 }
 
 /// The user's newest list: from the in-memory view, else from the store (and then kept
 /// in the view, which the topic keeps current from there on).
 async fn latest_list(state: &AppState, user_id: &str) -> Result<Option<Arc<ViewEntry>>, ApiError> {
-    if let Some(entry) = state.view.get(user_id) {
-        return Ok(Some(entry));
+    match state.view.lookup(user_id) {
+        Lookup::Present(entry) => return Ok(Some(entry)),
+        Lookup::NoList => return Ok(None),
+        Lookup::Unknown => {}
     }
-    let stored = state
-        .store
-        .latest_recommendations(user_id)
-        .await?
-        .map(|list| ViewEntry::new(Arc::new(list)));
-    if let Some(entry) = &stored {
-        state.view.offer(entry.clone());
+    match state.store.latest_recommendations(user_id).await? {
+        Some(list) => {
+            let entry = ViewEntry::new(Arc::new(list));
+            state.view.offer(entry.clone());
+            Ok(Some(entry))
+        }
+        None => {
+            state.view.note_no_list(user_id);
+            Ok(None)
+        }
     }
-    Ok(stored)
 }
 
 /// Emits the served list to `impressions` without waiting: a lost impression only
 /// lowers a count, and GET latency must not depend on Kafka.
-fn record_impression(state: &AppState, response: &RecommendationsResponse) {
+fn record_impression(state: &AppState, user_id: &str, response: &RecommendationsResponse) {
     if response.fallback == Some(Fallback::Catalog) {
         return; // nothing a click could be attributed to
     }
     let impression = Impression {
         impression_id: uuid::Uuid::new_v4().to_string(),
         recommendation_id: response.recommendation_id.clone(),
-        user_id: response.user_id.clone(),
+        user_id: user_id.to_string(),
         model_version: response.model_version.clone(),
         fallback: response.fallback,
         items: response

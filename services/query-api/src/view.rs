@@ -44,12 +44,30 @@ pub struct Rendered {
 }
 
 impl Rendered {
+    /// The body as sent to `user_id`: this one, or (for a list shared by users, such as
+    /// the popularity list) this one with `user_id` in place of the id it was made for.
+    /// The id is the body's first field, so the rest is copied untouched.
+    pub fn body_for(&self, user_id: &str) -> Bytes {
+        if self.response.user_id == user_id {
+            return self.body.clone();
+        }
+        let made_for = serde_json::to_string(&self.response.user_id).expect("a string");
+        let rest = &self.body[USER_ID_FIELD.len() + made_for.len()..];
+        let id = serde_json::to_string(user_id).expect("a string");
+        let mut body = Vec::with_capacity(USER_ID_FIELD.len() + id.len() + rest.len());
+        body.extend_from_slice(USER_ID_FIELD.as_bytes());
+        body.extend_from_slice(id.as_bytes());
+        body.extend_from_slice(rest);
+        Bytes::from(body)
+    }
+
     pub fn new(
         response: crate::routes::RecommendationsResponse,
         k: usize,
         model: &Arc<ServedModel>,
     ) -> Rendered {
         let body = serde_json::to_vec(&response).expect("response serialises");
+        debug_assert!(body.starts_with(USER_ID_FIELD.as_bytes()));
         Rendered {
             k,
             model: Arc::downgrade(model),
@@ -58,6 +76,9 @@ impl Rendered {
         }
     }
 }
+
+/// How an answer begins (`RecommendationsResponse`'s first field).
+const USER_ID_FIELD: &str = "{\"user_id\":";
 
 impl ViewEntry {
     pub fn new(list: Arc<RecommendationRecord>) -> Arc<ViewEntry> {
@@ -79,8 +100,22 @@ impl ViewEntry {
     }
 }
 
+/// What the view knows of a user.
+pub enum Lookup {
+    /// Not held: ask the store.
+    Unknown,
+    /// The store had no list for them when asked, and none has come on the topic since.
+    NoList,
+    Present(Arc<ViewEntry>),
+}
+
+enum Slot {
+    NoList,
+    Present(Arc<ViewEntry>),
+}
+
 pub struct ListView {
-    lists: DashMap<String, Arc<ViewEntry>>,
+    lists: DashMap<String, Slot>,
     max_users: usize,
     /// The follower has read every partition to the end it saw at start.
     caught_up: AtomicBool,
@@ -98,7 +133,32 @@ impl ListView {
     }
 
     pub fn get(&self, user_id: &str) -> Option<Arc<ViewEntry>> {
-        self.lists.get(user_id).map(|l| l.value().clone())
+        match self.lookup(user_id) {
+            Lookup::Present(entry) => Some(entry),
+            _ => None,
+        }
+    }
+
+    pub fn lookup(&self, user_id: &str) -> Lookup {
+        match self.lists.get(user_id).as_deref() {
+            None => Lookup::Unknown,
+            Some(Slot::NoList) => Lookup::NoList,
+            Some(Slot::Present(entry)) => Lookup::Present(entry.clone()),
+        }
+    }
+
+    /// Notes that the store has no list for `user_id`, unless a list arrived meanwhile
+    /// (checked under the map's lock, so a list from the topic is never hidden). A list
+    /// stored before the follower's start is in the store, and every later one comes
+    /// through the follower, which replaces this mark: unknown users stop costing a
+    /// store read per GET.
+    pub fn note_no_list(&self, user_id: &str) {
+        if self.lists.len() >= self.max_users {
+            return;
+        }
+        if let Entry::Vacant(slot) = self.lists.entry(user_id.to_string()) {
+            slot.insert(Slot::NoList);
+        }
     }
 
     /// Keeps `entry` if its list is newer than the one held for its user (and, for a user
@@ -109,15 +169,17 @@ impl ListView {
         let full = self.lists.len() >= self.max_users;
         match self.lists.entry(entry.list.user_id.clone()) {
             Entry::Occupied(mut held) => {
-                if is_newer(&entry.list, &held.get().list) {
-                    held.insert(entry);
-                    true
-                } else {
-                    false
+                let newer = match held.get() {
+                    Slot::NoList => true,
+                    Slot::Present(current) => is_newer(&entry.list, &current.list),
+                };
+                if newer {
+                    held.insert(Slot::Present(entry));
                 }
+                newer
             }
             Entry::Vacant(slot) if !full => {
-                slot.insert(entry);
+                slot.insert(Slot::Present(entry));
                 true
             }
             Entry::Vacant(_) => false,
@@ -342,8 +404,38 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_answer_names_whoever_asks() {
+        let model = served_model("v1");
+        let entry = list("__popular__", 0, 7);
+        let mut made = response(&entry);
+        made.user_id = "first-asker".into();
+        let rendered = Rendered::new(made, 10, &model);
+        for asker in ["first-asker", "someone \"else\" ü", ""] {
+            let body: serde_json::Value =
+                serde_json::from_slice(&rendered.body_for(asker)).unwrap();
+            let mut expected = serde_json::to_value(&rendered.response).unwrap();
+            expected["user_id"] = asker.into();
+            assert_eq!(body, expected, "{asker}");
+        }
+    }
+
+    #[test]
     fn follows_save_workers_group() {
         assert_eq!(SAVE_WORKER, save_worker::SERVICE);
+    }
+
+    #[test]
+    fn a_user_without_a_list_is_noted_until_a_list_comes() {
+        let view = ListView::new(10);
+        assert!(matches!(view.lookup("u"), Lookup::Unknown));
+        view.note_no_list("u");
+        assert!(matches!(view.lookup("u"), Lookup::NoList));
+        assert!(view.offer(list("u", 1, 1)), "a list replaces the mark");
+        view.note_no_list("u");
+        assert!(
+            matches!(view.lookup("u"), Lookup::Present(e) if e.list.user_version == 1),
+            "a late 'no list' never hides a list"
+        );
     }
 
     #[test]
