@@ -370,8 +370,8 @@ pub struct ApiSettings {
     pub rate_limit_per_key: u32,
     /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
     pub cors_origins: Vec<String>,
-    /// Most users whose latest list the API holds in memory (each costs about one list,
-    /// ~1–2 KB); users beyond it are read from the store on every GET.
+    /// Most users whose latest list the API holds in memory (each a list and its encoded
+    /// answer, a few KB); users beyond it are read from the store on every GET.
     pub view_max_users: usize,
 }
 
