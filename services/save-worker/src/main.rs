@@ -1,5 +1,10 @@
 use recpipe_shared::{settings::Settings, shutdown, telemetry};
 
+// glibc's malloc was a quarter of the instructions of a GET (callgrind); mimalloc's
+// thread-local heaps suit these many small, short-lived allocations.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(save_worker::SERVICE)?;
