@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use recpipe_shared::events::{Event, EventType, RecommendationRecord, UserVectorRecord};
 use recpipe_shared::store::{self, Store};
-use recpipe_shared::testkit::{event, produce, TestEnv};
+use recpipe_shared::testkit::{event, TestEnv};
 
 const SERVICES: [&str; 3] = ["update-embeddings", "gen-recommendations", "save-worker"];
 const USERS: usize = 30;
@@ -148,15 +148,7 @@ async fn run(
     let chunk = EVENTS / (kills + 1);
     let mut killed = 0;
     for (i, part) in all.chunks(chunk).enumerate() {
-        for e in part {
-            produce(
-                &env.broker.brokers(),
-                &env.settings.kafka.topics.events,
-                &e.user_id,
-                &serde_json::to_vec(e).unwrap(),
-            )
-            .await;
-        }
+        env.send_events(part).await;
         if i < kills {
             // Let some of the chunk be processed, then crash a service mid-stream.
             tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;

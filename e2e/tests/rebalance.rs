@@ -14,7 +14,7 @@ use recpipe_shared::events::{Event, EventType, RecommendationRecord};
 use recpipe_shared::kafka::framework::{self, Processor, RunStats};
 use recpipe_shared::model::{IndexKind, ModelRegistry};
 use recpipe_shared::store::{self, Store};
-use recpipe_shared::testkit::{event, eventually, produce, read_topic, TestEnv};
+use recpipe_shared::testkit::{event, eventually, read_topic, TestEnv};
 use save_worker::SaveWorker;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -67,18 +67,6 @@ fn events(env: &TestEnv, from: usize, to: usize) -> Vec<Event> {
             )
         })
         .collect()
-}
-
-async fn send(env: &TestEnv, events: &[Event]) {
-    for e in events {
-        produce(
-            &env.broker.brokers(),
-            &env.settings.kafka.topics.events,
-            &e.user_id,
-            &serde_json::to_vec(e).unwrap(),
-        )
-        .await;
-    }
 }
 
 /// The users' lists on the topic (popularity lists left out).
@@ -139,7 +127,7 @@ async fn second_gen_recommendations_and_save_worker_join_then_first_leave_withou
     let gen_a = Instance::start(&env, gen_recommendations(&env));
     let save_a = Instance::start(&env, save_worker(&env, &store));
     let mut sent = events(&env, 0, 40);
-    send(&env, &sent).await;
+    env.send_events(&sent).await;
     wait_for_phase(&env, &store, &sent).await;
 
     // B instances join: each group's partitions are split between A and B.
@@ -147,7 +135,7 @@ async fn second_gen_recommendations_and_save_worker_join_then_first_leave_withou
     let save_b = Instance::start(&env, save_worker(&env, &store));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let more = events(&env, 40, 80);
-    send(&env, &more).await;
+    env.send_events(&more).await;
     sent.extend(more);
     wait_for_phase(&env, &store, &sent).await;
 
@@ -155,7 +143,7 @@ async fn second_gen_recommendations_and_save_worker_join_then_first_leave_withou
     let gen_a = gen_a.stop().await;
     let save_a = save_a.stop().await;
     let more = events(&env, 80, 120);
-    send(&env, &more).await;
+    env.send_events(&more).await;
     sent.extend(more);
     wait_for_phase(&env, &store, &sent).await;
 

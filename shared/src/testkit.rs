@@ -342,6 +342,19 @@ impl TestEnv {
     pub fn catalog(&self) -> crate::catalog::Catalog {
         crate::catalog::Catalog::load(&self.settings.catalog.dir).unwrap()
     }
+
+    /// Produces `events` to the events topic, keyed by user, one acknowledged at a time.
+    pub async fn send_events(&self, events: &[crate::events::Event]) {
+        for e in events {
+            produce(
+                &self.broker.brokers(),
+                &self.settings.kafka.topics.events,
+                &e.user_id,
+                &serde_json::to_vec(e).unwrap(),
+            )
+            .await;
+        }
+    }
 }
 
 /// An event with a product, as JSON-ready struct.

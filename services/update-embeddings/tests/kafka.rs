@@ -31,18 +31,6 @@ fn start(settings: &Settings) -> (CancellationToken, tokio::task::JoinHandle<Run
     (token, handle)
 }
 
-async fn send(env: &TestEnv, events: &[recpipe_shared::events::Event]) {
-    for e in events {
-        produce(
-            &env.broker.brokers(),
-            &env.settings.kafka.topics.events,
-            &e.user_id,
-            &serde_json::to_vec(e).unwrap(),
-        )
-        .await;
-    }
-}
-
 async fn states(env: &TestEnv, at_least: usize) -> Vec<UserVectorRecord> {
     read_topic(
         &env.broker.brokers(),
@@ -105,11 +93,8 @@ async fn every_bad_record_goes_to_the_dead_letter_topic_and_the_next_good_one_is
         .await;
     }
     let good_ts = recpipe_shared::events::now_ms();
-    send(
-        &env,
-        &[event("good", "u9", EventType::View, "p-00001", good_ts)],
-    )
-    .await;
+    env.send_events(&[event("good", "u9", EventType::View, "p-00001", good_ts)])
+        .await;
     let (stop, handle) = start(&env.settings);
 
     let dead = read_topic(
@@ -158,14 +143,14 @@ async fn every_bad_record_goes_to_the_dead_letter_topic_and_the_next_good_one_is
 #[tokio::test]
 async fn a_restarted_service_resumes_from_its_committed_offsets() {
     let env = TestEnv::start().await;
-    send(&env, &batch(0, 12)).await;
+    env.send_events(&batch(0, 12)).await;
     let (stop, handle) = start(&env.settings);
     assert_eq!(states(&env, 12).await.len(), 12);
     stop.cancel();
     assert_eq!(handle.await.unwrap().records, 12);
 
     // Events that arrive while the service is down.
-    send(&env, &batch(12, 30)).await;
+    env.send_events(&batch(12, 30)).await;
     let (stop, handle) = start(&env.settings);
     let out = states(&env, 30).await;
     stop.cancel();
@@ -195,7 +180,7 @@ async fn a_restarted_service_resumes_from_its_committed_offsets() {
 #[tokio::test]
 async fn replaying_already_applied_events_changes_nothing() {
     let env = TestEnv::start().await;
-    send(&env, &batch(0, 9)).await;
+    env.send_events(&batch(0, 9)).await;
     let (stop, handle) = start(&env.settings);
     let first = states(&env, 9).await;
     stop.cancel();
@@ -204,7 +189,7 @@ async fn replaying_already_applied_events_changes_nothing() {
     // A new consumer group re-reads every event, as after a crash before any commit.
     let mut replay = env.settings.clone();
     replay.kafka.group_prefix = "replay".into();
-    send(&env, &batch(9, 10)).await;
+    env.send_events(&batch(9, 10)).await;
     let (stop, handle) = start(&replay);
     let all = states(&env, 10).await;
     stop.cancel();
@@ -246,7 +231,7 @@ async fn replaying_already_applied_events_changes_nothing() {
 #[tokio::test]
 async fn sigterm_finishes_commits_and_exits_zero() {
     let env = TestEnv::start().await;
-    send(&env, &batch(0, 5)).await;
+    env.send_events(&batch(0, 5)).await;
     let config_dir = tempfile::tempdir().unwrap();
     let admin = format!("127.0.0.1:{}", recpipe_shared::testkit::free_port());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_update-embeddings"))
@@ -284,7 +269,7 @@ async fn sigterm_finishes_commits_and_exits_zero() {
     assert!(status.success(), "exit status {status:?}");
 
     // Its offsets were committed: a new run reads only the new event.
-    send(&env, &batch(5, 6)).await;
+    env.send_events(&batch(5, 6)).await;
     let (stop, handle) = start(&env.settings);
     assert_eq!(states(&env, 6).await.len(), 6);
     stop.cancel();
@@ -308,20 +293,20 @@ fn spread(from: usize, to: usize) -> Vec<recpipe_shared::events::Event> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_joins_and_the_first_leaves_without_loss_or_double_counting() {
     let env = TestEnv::start().await;
-    send(&env, &spread(0, 40)).await;
+    env.send_events(&spread(0, 40)).await;
     let (stop_a, a) = start(&env.settings);
     assert_eq!(states(&env, 40).await.len(), 40);
 
     // B joins: the partitions are split, and B restores its users from the changelog.
     let (stop_b, b) = start(&env.settings);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    send(&env, &spread(40, 80)).await;
+    env.send_events(&spread(40, 80)).await;
     assert_eq!(states(&env, 80).await.len(), 80);
 
     // A leaves: B takes every partition.
     stop_a.cancel();
     let a = a.await.unwrap();
-    send(&env, &spread(80, 120)).await;
+    env.send_events(&spread(80, 120)).await;
     let out = states(&env, 120).await;
     stop_b.cancel();
     let b = b.await.unwrap();

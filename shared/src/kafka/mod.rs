@@ -19,10 +19,6 @@ use crate::settings::KafkaSettings;
 pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.brokers);
-    // No KIP-714 client-metrics push: nothing here reads it, and librdkafka may send its
-    // first request before SASL completes, which tansu never answers (the connection
-    // then hangs in the handshake for the request timeout).
-    config.set("enable.metrics.push", "false");
     with_overrides(config, settings)
 }
 
