@@ -35,6 +35,25 @@ pub struct SaveWorker {
     topics: Topics,
 }
 
+/// Each user's newest state of a batch: the store keeps only the newest anyway (an older
+/// version never overwrites a newer one), so the older ones need not be encoded and
+/// written. Order of first appearance is kept.
+fn newest_states(states: Vec<UserVectorRecord>) -> Vec<UserVectorRecord> {
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut newest: Vec<UserVectorRecord> = Vec::with_capacity(states.len());
+    for state in states {
+        match at.get(&state.user_id) {
+            Some(&i) if newest[i].version >= state.version => {}
+            Some(&i) => newest[i] = state,
+            None => {
+                at.insert(state.user_id.clone(), newest.len());
+                newest.push(state);
+            }
+        }
+    }
+    newest
+}
+
 impl SaveWorker {
     pub fn new(store: Arc<dyn Store>, topics: Topics) -> Self {
         SaveWorker { store, topics }
@@ -100,6 +119,7 @@ impl Processor for SaveWorker {
                 }),
             }
         }
+        writes.user_states = newest_states(std::mem::take(&mut writes.user_states));
         let attributed = self
             .attribute(&writes.events, &writes.recommendations)
             .await
@@ -206,4 +226,50 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!(url = %settings.store.url, "store opened");
     let processor = SaveWorker::new(store, settings.kafka.topics.clone());
     recpipe_shared::admin::run_service(&settings, processor, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recpipe_shared::events::{EventType, LastEvent, SourcePosition};
+
+    fn state(user: &str, version: u64) -> UserVectorRecord {
+        UserVectorRecord {
+            user_id: user.into(),
+            vector: vec![version as f32],
+            anchor_ts: 0,
+            version,
+            recent_products: Vec::new(),
+            purchased: Vec::new(),
+            last_event: LastEvent {
+                event_id: format!("{user}-{version}"),
+                event_type: EventType::View,
+                product_id: None,
+                ts: 0,
+            },
+            source: SourcePosition {
+                partition: 0,
+                offset: version as i64,
+            },
+            updated_at: 0,
+            embeddings: None,
+            recent_event_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_each_users_newest_state_of_a_batch_is_written() {
+        let batch = vec![
+            state("a", 1),
+            state("b", 4),
+            state("a", 3),
+            state("a", 2), // a replay arriving late
+            state("b", 5),
+        ];
+        let newest: Vec<(String, u64)> = newest_states(batch)
+            .into_iter()
+            .map(|s| (s.user_id, s.version))
+            .collect();
+        assert_eq!(newest, vec![("a".to_string(), 3), ("b".to_string(), 5)]);
+    }
 }
