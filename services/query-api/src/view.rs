@@ -243,7 +243,15 @@ pub fn follow(
         .name("list-view".into())
         .spawn(move || {
             let mut at_end = std::collections::HashSet::new();
+            let mut followed = partitions.clone();
+            let mut checked = std::time::Instant::now();
             while !shutdown.is_cancelled() {
+                // Partitions added to the topic later carry lists of users that moved
+                // there; following them from their start keeps those users current.
+                if checked.elapsed() >= PARTITION_CHECK {
+                    checked = std::time::Instant::now();
+                    follow_new_partitions(&consumer, &topic, &mut followed);
+                }
                 match consumer.poll(Duration::from_millis(100)) {
                     Some(Ok(m)) => {
                         let Some(payload) = m.payload() else { continue };
@@ -272,6 +280,35 @@ pub fn follow(
             }
         })?;
     Ok(())
+}
+
+/// How often the follower looks for partitions added to the topic.
+const PARTITION_CHECK: Duration = Duration::from_secs(30);
+
+/// Assigns, from their beginning, the partitions of `topic` not yet in `followed`.
+fn follow_new_partitions(consumer: &BaseConsumer, topic: &str, followed: &mut Vec<i32>) {
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+        return; // the next check tries again
+    };
+    let mut added = TopicPartitionList::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        if !followed.contains(&p.id())
+            && added
+                .add_partition_offset(topic, p.id(), Offset::Beginning)
+                .is_ok()
+        {
+            followed.push(p.id());
+        }
+    }
+    if added.count() > 0 {
+        match consumer.incremental_assign(&added) {
+            Ok(()) => tracing::info!(topic, added = added.count(), "following new partitions"),
+            Err(e) => {
+                tracing::warn!(error = %e, "new partitions not followed; retrying");
+                followed.retain(|p| added.find_partition(topic, *p).is_none());
+            }
+        }
+    }
 }
 
 /// Where save-worker's group stands on `topic`: lists before these offsets are stored.
@@ -417,6 +454,52 @@ mod tests {
             expected["user_id"] = asker.into();
             assert_eq!(body, expected, "{asker}");
         }
+    }
+
+    #[tokio::test]
+    async fn partitions_added_later_are_followed_from_their_start() {
+        use recpipe_shared::testkit::{produce, TestEnv};
+        let env = TestEnv::start().await;
+        let topic = env.settings.kafka.topics.recommendations.clone();
+        for u in 0..12 {
+            let l = list(&format!("user-{u}"), 1, 1);
+            produce(
+                &env.broker.brokers(),
+                &topic,
+                &l.list.user_id,
+                &serde_json::to_vec(&*l.list).unwrap(),
+            )
+            .await;
+        }
+        let (kafka, topic2) = (env.settings.kafka.clone(), topic.clone());
+        let got = tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = recpipe_shared::kafka::client_config(&kafka)
+                .set("group.id", "view-test")
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            // As if the topic had one partition when the API started.
+            let mut start = TopicPartitionList::new();
+            start
+                .add_partition_offset(&topic2, 0, Offset::Beginning)
+                .unwrap();
+            consumer.assign(&start).unwrap();
+            let mut followed = vec![0];
+            follow_new_partitions(&consumer, &topic2, &mut followed);
+            followed.sort();
+            assert_eq!(followed, vec![0, 1, 2, 3]);
+            let mut users = std::collections::BTreeSet::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while users.len() < 12 && std::time::Instant::now() < deadline {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    users.insert(String::from_utf8(m.key().unwrap().to_vec()).unwrap());
+                }
+            }
+            users
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.len(), 12, "lists on every partition were read: {got:?}");
     }
 
     #[test]
