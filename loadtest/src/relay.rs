@@ -10,66 +10,18 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use recpipe_shared::catalog::Catalog;
 use recpipe_shared::events::Event;
-use recpipe_shared::kafka::framework::{
-    self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError,
-};
+use recpipe_shared::kafka::framework;
+use recpipe_shared::kafka::relay::Relay;
 use recpipe_shared::settings::KafkaSettings;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::traffic::Clickstream;
-
-/// Passes every record on to the next topic, same key, same partition.
-struct Relay {
-    from: String,
-    to: String,
-}
-
-#[async_trait]
-impl Processor for Relay {
-    type Input = Vec<u8>;
-
-    fn name(&self) -> &str {
-        &self.from
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec![self.from.clone()]
-    }
-
-    fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<Vec<u8>, String> {
-        Ok(payload.to_vec())
-    }
-
-    async fn process(
-        &mut self,
-        batch: Vec<Decoded<Vec<u8>>>,
-    ) -> Result<Vec<Outcome>, RetryableError> {
-        Ok(batch
-            .into_iter()
-            .map(|d| {
-                let key = d
-                    .meta
-                    .key
-                    .as_deref()
-                    .map(|k| String::from_utf8_lossy(k).into_owned())
-                    .unwrap_or_default();
-                Outcome::Emit(vec![Output {
-                    topic: self.to.clone(),
-                    key,
-                    payload: d.input,
-                    partition: Some(d.meta.partition),
-                }])
-            })
-            .collect())
-    }
-}
 
 #[derive(Debug, Serialize)]
 pub struct RelaySummary {

@@ -9,16 +9,18 @@ use async_trait::async_trait;
 use rdkafka::Message;
 use recpipe_shared::admin::Health;
 use recpipe_shared::kafka::framework::{
-    self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError,
+    self, Decoded, Outcome, Processor, RecordMeta, RetryableError,
 };
+use recpipe_shared::kafka::relay::Relay;
 use recpipe_shared::settings::KafkaSettings;
 use recpipe_shared::testkit::{eventually, produce, read_topic, TestBroker};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-/// Copies records from `in` to `out`, but each batch waits for a permit first, so the
-/// test can take the broker away between consuming and producing.
+/// A relay from `in` to `out` whose batches each wait for a permit first, so the test can
+/// take the broker away between consuming and producing.
 struct GatedCopy {
+    relay: Relay,
     gate: Arc<Semaphore>,
     got: mpsc::UnboundedSender<usize>,
 }
@@ -32,11 +34,11 @@ impl Processor for GatedCopy {
     }
 
     fn topics(&self) -> Vec<String> {
-        vec!["in".into()]
+        self.relay.topics()
     }
 
-    fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<Vec<u8>, String> {
-        Ok(payload.to_vec())
+    fn decode(&self, meta: &RecordMeta, payload: &[u8]) -> Result<Vec<u8>, String> {
+        self.relay.decode(meta, payload)
     }
 
     async fn process(
@@ -45,17 +47,7 @@ impl Processor for GatedCopy {
     ) -> Result<Vec<Outcome>, RetryableError> {
         let _ = self.got.send(batch.len());
         self.gate.acquire().await.expect("gate open").forget();
-        Ok(batch
-            .into_iter()
-            .map(|d| {
-                Outcome::Emit(vec![Output {
-                    topic: "out".into(),
-                    key: "k".into(),
-                    payload: d.input,
-                    partition: None,
-                }])
-            })
-            .collect())
+        self.relay.process(batch).await
     }
 }
 
@@ -85,6 +77,10 @@ async fn a_broker_outage_during_delivery_is_waited_out_without_loss() {
     let service = {
         let (settings, stop, health) = (settings.clone(), stop.clone(), health.clone());
         let processor = GatedCopy {
+            relay: Relay {
+                from: "in".into(),
+                to: "out".into(),
+            },
             gate: gate.clone(),
             got,
         };

@@ -9,13 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
 use recpipe_shared::admin::Health;
-use recpipe_shared::kafka::framework::{
-    self, Decoded, Outcome, Output, Processor, RecordMeta, RetryableError,
-};
+use recpipe_shared::kafka::framework;
+use recpipe_shared::kafka::relay::Relay;
 use recpipe_shared::settings::KafkaSettings;
 use recpipe_shared::testkit::{eventually, read_topic_with, TestBroker};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,43 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 const USER: &str = "recpipe-service";
 const PASSWORD: &str = "correct horse battery staple";
-
-/// Copies `in` to `out`.
-struct Copy;
-
-#[async_trait]
-impl Processor for Copy {
-    type Input = Vec<u8>;
-
-    fn name(&self) -> &str {
-        "secure-copy"
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec!["in".into()]
-    }
-
-    fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<Vec<u8>, String> {
-        Ok(payload.to_vec())
-    }
-
-    async fn process(
-        &mut self,
-        batch: Vec<Decoded<Vec<u8>>>,
-    ) -> Result<Vec<Outcome>, RetryableError> {
-        Ok(batch
-            .into_iter()
-            .map(|d| {
-                Outcome::Emit(vec![Output {
-                    topic: "out".into(),
-                    key: "k".into(),
-                    payload: d.input,
-                    partition: None,
-                }])
-            })
-            .collect())
-    }
-}
 
 /// A certificate authority and a server certificate for 127.0.0.1 signed by it; the CA is
 /// written to `dir/<name>.pem` for librdkafka's `ssl.ca.location`.
@@ -155,26 +116,45 @@ fn secured_settings(brokers: &str, password: &str, ca_file: &Path) -> KafkaSetti
     }
 }
 
-/// Runs the copy service with `settings`, returning its health, its stop token and its task.
-fn start_copy(
-    settings: &KafkaSettings,
-) -> (
-    Arc<Health>,
-    CancellationToken,
-    tokio::task::JoinHandle<Result<framework::RunStats, framework::FrameworkError>>,
-) {
-    let health = Health::new();
-    let stop = CancellationToken::new();
-    let task = {
-        let (settings, stop, health) = (settings.clone(), stop.clone(), health.clone());
-        tokio::spawn(async move { framework::run_with_health(&settings, Copy, stop, health).await })
-    };
-    (health, stop, task)
+/// The framework running a relay from `in` to `out`, as a service would.
+struct CopyService {
+    health: Arc<Health>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<framework::RunStats, framework::FrameworkError>>,
+}
+
+impl CopyService {
+    fn start(settings: &KafkaSettings) -> CopyService {
+        let health = Health::new();
+        let stop = CancellationToken::new();
+        let relay = Relay {
+            from: "in".into(),
+            to: "out".into(),
+        };
+        let task = {
+            let (settings, stop, health) = (settings.clone(), stop.clone(), health.clone());
+            tokio::spawn(
+                async move { framework::run_with_health(&settings, relay, stop, health).await },
+            )
+        };
+        CopyService { health, stop, task }
+    }
+
+    /// Stops it and returns what it did.
+    async fn stop(self) -> framework::RunStats {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("stops")
+            .unwrap()
+            .expect("stops without error")
+    }
 }
 
 /// Waits for the service to report a refused connection, and checks it did nothing.
 async fn assert_refused(settings: &KafkaSettings, expect_in_reason: &str) {
-    let (health, stop, task) = start_copy(settings);
+    let service = CopyService::start(settings);
+    let health = service.health.clone();
     let reason = eventually(
         Duration::from_secs(30),
         "the service reports the refusal",
@@ -199,13 +179,7 @@ async fn assert_refused(settings: &KafkaSettings, expect_in_reason: &str) {
         !reason.contains(PASSWORD) && !reason.contains("wrong-password"),
         "a password leaked into the reason: {reason}"
     );
-    stop.cancel();
-    let stats = tokio::time::timeout(Duration::from_secs(30), task)
-        .await
-        .expect("stops")
-        .unwrap()
-        .expect("stops without error");
-    assert_eq!(stats.records, 0);
+    assert_eq!(service.stop().await.records, 0);
 }
 
 #[tokio::test]
@@ -242,7 +216,8 @@ async fn sasl_scram_over_tls_carries_records_and_refusals_are_reported() {
             .expect("produced over SASL_SSL");
     }
 
-    let (health, stop, task) = start_copy(&settings);
+    let service = CopyService::start(&settings);
+    let health = service.health.clone();
     let out = read_topic_with(&settings, "out", 5, Duration::from_secs(60)).await;
     let payloads: Vec<String> = out
         .iter()
@@ -256,13 +231,7 @@ async fn sasl_scram_over_tls_carries_records_and_refusals_are_reported() {
         broker.log()
     );
     assert!(health.is_ready(), "{:?}", health.problem());
-    stop.cancel();
-    let stats = tokio::time::timeout(Duration::from_secs(30), task)
-        .await
-        .expect("stops")
-        .unwrap()
-        .expect("stops without error");
-    assert_eq!(stats.records, 5);
+    assert_eq!(service.stop().await.records, 5);
 
     // A wrong password: the broker refuses the SCRAM exchange.
     assert_refused(
