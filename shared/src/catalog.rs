@@ -112,6 +112,12 @@ impl Catalog {
                 row.mapv_inplace(|v| v / norm);
             }
         }
+        // Row-major and contiguous, so the index can read a row as a plain slice.
+        let embeddings = if embeddings.is_standard_layout() {
+            embeddings
+        } else {
+            embeddings.as_standard_layout().into_owned()
+        };
         let mut by_id = HashMap::with_capacity(products.len());
         let mut by_token: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, p) in products.iter().enumerate() {
@@ -298,6 +304,13 @@ impl Catalog {
     /// Unit-length embeddings, one row per product.
     pub fn embeddings(&self) -> &Array2<f32> {
         &self.embeddings
+    }
+
+    /// The embeddings as one row-major slice (`len() × dim()` floats).
+    pub fn embeddings_slice(&self) -> &[f32] {
+        self.embeddings
+            .as_slice()
+            .expect("Catalog::new keeps the embeddings in standard layout")
     }
 
     pub fn embedding(&self, index: usize) -> ArrayView1<'_, f32> {

@@ -303,7 +303,7 @@ impl Default for HnswSettings {
         Self {
             max_connections: 32,
             ef_construction: 200,
-            ef_search: 64,
+            ef_search: 128,
             exact_below: 0,
         }
     }

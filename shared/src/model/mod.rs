@@ -1,6 +1,7 @@
 //! The model code the services run, kept free of Kafka so the evaluator and tests call
 //! exactly what production runs.
 
+pub mod graph;
 pub mod popularity;
 pub mod recommender;
 pub mod registry;

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use hnsw_rs::prelude::{Distance, Hnsw};
 use ndarray::ArrayView1;
 
+use super::graph::FlatHnsw;
+
 use crate::catalog::Catalog;
 use crate::events::{ScoredProduct, UserVectorRecord};
 use crate::settings::HnswSettings;
@@ -40,6 +42,12 @@ impl Distance<f32> for UnitDot {
     }
 }
 
+fn availability(catalog: &Catalog) -> Vec<bool> {
+    (0..catalog.len())
+        .map(|i| catalog.product(i).available)
+        .collect()
+}
+
 /// Dot product in 8 independent lanes (vectorisable without `unsafe`).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
@@ -60,13 +68,16 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 enum Index {
     Exact,
-    Hnsw(Box<Hnsw<'static, f32, UnitDot>>),
+    /// Built by `hnsw_rs`, searched flat (see [`FlatHnsw`]).
+    Hnsw(FlatHnsw),
 }
 
 pub struct Recommender {
     catalog: Arc<Catalog>,
     index: Index,
     ef_search: usize,
+    /// The catalog's availability flags, dense: the search consults them per candidate.
+    available: Vec<bool>,
 }
 
 impl Recommender {
@@ -102,11 +113,11 @@ impl Recommender {
             } else {
                 hnsw.parallel_insert_slice(&data);
             }
-            let mut hnsw = hnsw;
-            hnsw.set_searching_mode(true);
-            Index::Hnsw(Box::new(hnsw))
+            // The builder (and its copy of every vector) is dropped once frozen.
+            Index::Hnsw(FlatHnsw::freeze(&hnsw, catalog.len(), catalog.dim()))
         };
         Recommender {
+            available: availability(&catalog),
             catalog,
             index,
             ef_search: settings.ef_search,
@@ -116,6 +127,7 @@ impl Recommender {
     /// A recommender that always scores exactly (the reference for recall).
     pub fn exact(catalog: Arc<Catalog>) -> Self {
         Recommender {
+            available: availability(&catalog),
             catalog,
             index: Index::Exact,
             ef_search: 0,
@@ -149,16 +161,20 @@ impl Recommender {
             return Vec::new();
         }
         let unit: Vec<f32> = query.iter().map(|v| v / norm).collect();
-        let allowed = |i: usize| self.catalog.product(i).available && !exclude(i);
+        let allowed = |i: usize| self.available[i] && !exclude(i);
         let found = match &self.index {
             Index::Exact => Vec::new(),
-            Index::Hnsw(hnsw) => {
-                let filter = |id: &usize| allowed(*id);
-                hnsw.search_filter(&unit, k, self.ef_search.max(k), Some(&filter))
-                    .into_iter()
-                    .map(|n| (n.d_id, 1.0 - n.distance))
-                    .collect()
-            }
+            Index::Hnsw(graph) => graph
+                .search(
+                    self.catalog.embeddings_slice(),
+                    &unit,
+                    k,
+                    self.ef_search,
+                    &allowed,
+                )
+                .into_iter()
+                .map(|(i, distance)| (i, 1.0 - distance))
+                .collect(),
         };
         if found.len() >= k {
             return found;

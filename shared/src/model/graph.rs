@@ -1,0 +1,572 @@
+//! The HNSW graph `hnsw_rs` builds, frozen into flat arrays for serving.
+//!
+//! `hnsw_rs` builds the graph (in parallel, with its pruning heuristic), but its search
+//! takes a lock per neighbour list, allocates an `Arc` per visited point and keeps the
+//! visited set in a `HashMap`: at 100k × 64 it answered 8× slower than hnswlib. Once the
+//! catalog is loaded the graph never changes, so the serving side needs none of that: the
+//! neighbour lists become one array of `u32` (layer 0 at a fixed stride, as hnswlib lays it
+//! out), the vectors stay in the catalog's contiguous matrix, and a search reuses its
+//! visited marks and heaps from a thread-local scratch space.
+
+use std::cell::RefCell;
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+
+use hnsw_rs::prelude::{Distance, Hnsw};
+
+/// A node id and its distance to the query, ordered by distance (ties by id, so results
+/// are deterministic).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Candidate {
+    distance: f32,
+    node: u32,
+}
+
+impl Eq for Candidate {}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.distance
+            .total_cmp(&other.distance)
+            .then(self.node.cmp(&other.node))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Nearest first when popped from a `BinaryHeap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Nearest(Candidate);
+
+impl Ord for Nearest {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.0.cmp(&self.0)
+    }
+}
+
+impl PartialOrd for Nearest {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Per-thread search state, kept between searches so a search allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    /// `visited[node] == epoch` marks a node seen in the current search.
+    visited: Vec<u32>,
+    epoch: u32,
+    candidates: BinaryHeap<Nearest>,
+    results: BinaryHeap<Candidate>,
+}
+
+impl Scratch {
+    fn start(&mut self, nodes: usize) {
+        if self.visited.len() < nodes {
+            self.visited.resize(nodes, 0);
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            // Wrapped: old marks could collide with the new epoch.
+            self.visited.fill(0);
+            self.epoch = 1;
+        }
+        self.candidates.clear();
+        self.results.clear();
+    }
+
+    /// Marks `node` visited; false if it already was.
+    fn visit(&mut self, node: u32) -> bool {
+        let mark = &mut self.visited[node as usize];
+        if *mark == self.epoch {
+            false
+        } else {
+            *mark = self.epoch;
+            true
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// One search's arguments.
+#[derive(Clone, Copy)]
+struct Request<'a> {
+    vectors: &'a [f32],
+    query: &'a [f32],
+    k: usize,
+    ef: usize,
+    allowed: &'a dyn Fn(usize) -> bool,
+}
+
+/// The graph's upper layers (few nodes each): a node's neighbours by node id.
+type UpperLayer = HashMap<u32, Box<[u32]>>;
+
+/// A built HNSW graph over `nodes` vectors of `dim` floats, searched by cosine distance
+/// (`1 - dot`, vectors of unit length) against a row-major matrix the caller passes.
+#[derive(Debug)]
+pub struct FlatHnsw {
+    dim: usize,
+    nodes: usize,
+    entry: u32,
+    /// Layer 0: node `i`'s neighbour count at `i * stride`, its neighbours after it.
+    base: Vec<u32>,
+    stride: usize,
+    /// Layers 1 and up, lowest first.
+    upper: Vec<UpperLayer>,
+}
+
+impl FlatHnsw {
+    /// Copies the graph out of `hnsw`, whose data ids must be the row numbers `0..nodes`
+    /// of the matrix later searched.
+    pub fn freeze<D: Distance<f32> + Send + Sync>(
+        hnsw: &Hnsw<'_, f32, D>,
+        nodes: usize,
+        dim: usize,
+    ) -> Self {
+        let indexation = hnsw.get_point_indexation();
+        let top = indexation.get_max_level_observed() as usize;
+        let mut neighbours: Vec<Vec<Vec<u32>>> = vec![Vec::new(); nodes];
+        let mut entry = None;
+        for point in indexation {
+            let id = point.get_origin_id();
+            assert!(id < nodes, "data id {id} outside 0..{nodes}");
+            let level = point.get_point_id().0 as usize;
+            if level == top && entry.is_none() {
+                entry = Some(id as u32);
+            }
+            neighbours[id] = point
+                .get_neighborhood_id()
+                .into_iter()
+                .take(level + 1)
+                .map(|layer| layer.iter().map(|n| n.d_id as u32).collect())
+                .collect();
+        }
+        let degree = neighbours
+            .iter()
+            .filter_map(|layers| layers.first().map(Vec::len))
+            .max()
+            .unwrap_or(0);
+        let stride = degree + 1;
+        let mut base = vec![0u32; nodes * stride];
+        for (id, layers) in neighbours.iter().enumerate() {
+            if let Some(layer0) = layers.first() {
+                let slot = &mut base[id * stride..(id + 1) * stride];
+                slot[0] = layer0.len() as u32;
+                slot[1..=layer0.len()].copy_from_slice(layer0);
+            }
+        }
+        let upper = (1..=top)
+            .map(|layer| {
+                neighbours
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(id, layers)| {
+                        layers
+                            .get(layer)
+                            .map(|l| (id as u32, l.clone().into_boxed_slice()))
+                    })
+                    .collect()
+            })
+            .collect();
+        FlatHnsw {
+            dim,
+            nodes,
+            entry: entry.unwrap_or(0),
+            base,
+            stride,
+            upper,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes == 0
+    }
+
+    /// Bytes the graph itself holds (the vectors are the caller's).
+    pub fn graph_bytes(&self) -> usize {
+        self.base.len() * 4
+            + self
+                .upper
+                .iter()
+                .flat_map(|l| l.values())
+                .map(|n| n.len() * 4 + 16)
+                .sum::<usize>()
+    }
+
+    fn base_neighbours(&self, node: u32) -> &[u32] {
+        let slot = &self.base[node as usize * self.stride..(node as usize + 1) * self.stride];
+        &slot[1..=slot[0] as usize]
+    }
+
+    /// The `k` nodes nearest to `query` (unit length) that `allowed` accepts, nearest
+    /// first, as `(node, distance)`. Examines at least `ef` candidates on layer 0; nodes
+    /// `allowed` rejects are still walked through, only not returned.
+    pub fn search(
+        &self,
+        vectors: &[f32],
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        allowed: &dyn Fn(usize) -> bool,
+    ) -> Vec<(usize, f32)> {
+        assert_eq!(
+            vectors.len(),
+            self.nodes * self.dim,
+            "vectors of another shape"
+        );
+        assert_eq!(query.len(), self.dim, "query of another dimension");
+        let request = Request {
+            vectors,
+            query,
+            k,
+            ef,
+            allowed,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return self.search_avx2(&request);
+        }
+        self.search_with(&request, dot16, |_| {})
+    }
+
+    /// The same search compiled for AVX2 and FMA: the inlined dot product works with
+    /// 256-bit fused multiply-adds (the portable build targets SSE2 only), and rows are
+    /// prefetched.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    fn search_avx2(&self, request: &Request<'_>) -> Vec<(usize, f32)> {
+        #[target_feature(enable = "avx2,fma")]
+        fn compiled_for_avx2(graph: &FlatHnsw, request: &Request<'_>) -> Vec<(usize, f32)> {
+            // The closures, defined here, are compiled with AVX2 and FMA, and `dot_fma` is
+            // inlined into them (a function item passed instead was not, and ran 5× slower).
+            #[allow(clippy::redundant_closure)]
+            graph.search_with(
+                request,
+                |a, b| dot_fma(a, b),
+                |row: &[f32]| {
+                    // Each cache line of the row is asked for before the distance loop,
+                    // so the misses of one neighbour list overlap instead of queueing.
+                    for line in row.chunks(16) {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                            line.as_ptr().cast(),
+                        );
+                    }
+                },
+            )
+        }
+        // SAFETY: `search` calls this only after detecting AVX2 and FMA on this CPU.
+        unsafe { compiled_for_avx2(self, request) }
+    }
+
+    #[inline(always)]
+    fn search_with(
+        &self,
+        request: &Request<'_>,
+        dot: impl Fn(&[f32], &[f32]) -> f32,
+        prefetch: impl Fn(&[f32]),
+    ) -> Vec<(usize, f32)> {
+        let Request {
+            vectors,
+            query,
+            k,
+            ef,
+            allowed,
+        } = *request;
+        if self.nodes == 0 || k == 0 {
+            return Vec::new();
+        }
+        let row = |node: u32| &vectors[node as usize * self.dim..(node as usize + 1) * self.dim];
+        let distance = |node: u32| 1.0 - dot(query, row(node));
+        // Greedy descent through the upper layers to the closest entry into layer 0.
+        let mut at = Candidate {
+            node: self.entry,
+            distance: distance(self.entry),
+        };
+        for layer in self.upper.iter().rev() {
+            loop {
+                let mut moved = false;
+                for &n in layer.get(&at.node).map(|n| &n[..]).unwrap_or_default() {
+                    let d = distance(n);
+                    if d < at.distance {
+                        at = Candidate {
+                            node: n,
+                            distance: d,
+                        };
+                        moved = true;
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+        let ef = ef.max(k);
+        SCRATCH.with(|scratch| {
+            let scratch = &mut *scratch.borrow_mut();
+            scratch.start(self.nodes);
+            scratch.visit(at.node);
+            scratch.candidates.push(Nearest(at));
+            // The farthest result kept: candidates beyond it cannot improve the results.
+            let mut bound = f32::INFINITY;
+            if allowed(at.node as usize) {
+                scratch.results.push(at);
+                bound = at.distance;
+            }
+            while let Some(Nearest(current)) = scratch.candidates.pop() {
+                // With a filter the results may still be short of ef; walk on until full.
+                if current.distance > bound && scratch.results.len() >= ef {
+                    break;
+                }
+                let neighbours = self.base_neighbours(current.node);
+                for &n in neighbours {
+                    if scratch.visited[n as usize] != scratch.epoch {
+                        prefetch(row(n));
+                    }
+                }
+                for &n in neighbours {
+                    if !scratch.visit(n) {
+                        continue;
+                    }
+                    let d = distance(n);
+                    if scratch.results.len() < ef || d < bound {
+                        let found = Candidate {
+                            node: n,
+                            distance: d,
+                        };
+                        scratch.candidates.push(Nearest(found));
+                        if allowed(n as usize) {
+                            scratch.results.push(found);
+                            if scratch.results.len() > ef {
+                                scratch.results.pop();
+                            }
+                        }
+                        if let Some(worst) = scratch.results.peek() {
+                            bound = worst.distance;
+                        }
+                    }
+                }
+            }
+            let mut found: Vec<Candidate> = scratch.results.drain().collect();
+            found.sort_unstable();
+            found.truncate(k);
+            found
+                .into_iter()
+                .map(|c| (c.node as usize, c.distance))
+                .collect()
+        })
+    }
+}
+
+/// Dot product in 16 lanes (two 256-bit registers under AVX2, so consecutive adds do not
+/// wait on each other).
+#[inline(always)]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// [`dot16`] with fused multiply-adds. Only for code compiled with FMA: elsewhere
+/// `mul_add` is a call to libm's `fmaf`.
+#[inline(always)]
+fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] = x[i].mul_add(y[i], lanes[i]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::catalog::{generate, Catalog, SyntheticCatalog};
+    use crate::model::recommender::dot;
+    use crate::model::recommender::UnitDot;
+
+    fn built(products: usize) -> (Catalog, Hnsw<'static, f32, UnitDot>, FlatHnsw) {
+        let catalog = generate(SyntheticCatalog {
+            products,
+            dim: 32,
+            seed: 3,
+            unavailable_share: 0.0,
+        });
+        let hnsw = Hnsw::<f32, UnitDot>::new(16, products, 16, 100, UnitDot);
+        for (i, row) in catalog.embeddings().rows().into_iter().enumerate() {
+            hnsw.insert_slice((row.as_slice().unwrap(), i));
+        }
+        let flat = FlatHnsw::freeze(&hnsw, catalog.len(), catalog.dim());
+        (catalog, hnsw, flat)
+    }
+
+    /// The `k` smallest distances from `query` to any product, ascending.
+    fn exact(catalog: &Catalog, query: &[f32], k: usize) -> Vec<(usize, f32)> {
+        let mut all: Vec<(usize, f32)> = (0..catalog.len())
+            .map(|i| {
+                (
+                    i,
+                    1.0 - dot(query, catalog.embedding(i).as_slice().unwrap()),
+                )
+            })
+            .collect();
+        all.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        all.truncate(k);
+        all
+    }
+
+    /// Two answers are the same up to rounding: equal distances rank for rank (products at
+    /// the same distance, such as the two a query is the sum of, may come in either order).
+    fn assert_same_answer(got: &[(usize, f32)], want: &[(usize, f32)], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!((g.1 - w.1).abs() < 1e-5, "{what}: {got:?} vs {want:?}");
+        }
+    }
+
+    fn query(catalog: &Catalog, i: usize) -> Vec<f32> {
+        let v = &catalog.embedding(i) + &catalog.embedding((i * 7 + 3) % catalog.len());
+        let norm = v.dot(&v).sqrt();
+        v.iter().map(|x| x / norm).collect()
+    }
+
+    #[test]
+    fn frozen_graph_keeps_every_neighbour_list_of_the_built_one() {
+        let (_, hnsw, flat) = built(1_500);
+        let mut upper_lists = 0;
+        for point in hnsw.get_point_indexation() {
+            let id = point.get_origin_id() as u32;
+            let level = point.get_point_id().0 as usize;
+            let lists = point.get_neighborhood_id();
+            let ids =
+                |layer: usize| -> Vec<u32> { lists[layer].iter().map(|n| n.d_id as u32).collect() };
+            assert_eq!(flat.base_neighbours(id), &ids(0)[..], "node {id}, layer 0");
+            for layer in 1..=level {
+                assert_eq!(&flat.upper[layer - 1][&id][..], &ids(layer)[..]);
+                upper_lists += 1;
+            }
+        }
+        assert!(upper_lists > 0, "a 1,500-node graph has upper layers");
+        assert_eq!(
+            flat.upper.len(),
+            hnsw.get_point_indexation().get_max_level_observed() as usize
+        );
+    }
+
+    #[test]
+    fn a_search_as_wide_as_the_catalog_finds_the_exact_neighbours() {
+        let (catalog, _, flat) = built(1_500);
+        let vectors = catalog.embeddings_slice();
+        for i in (0..catalog.len()).step_by(50) {
+            let q = query(&catalog, i);
+            let found = flat.search(vectors, &q, 10, catalog.len(), &|_| true);
+            assert_same_answer(&found, &exact(&catalog, &q, 10), &format!("query {i}"));
+            // Each distance reported is the product's true distance.
+            for (node, distance) in found {
+                let truth = 1.0 - dot(&q, catalog.embedding(node).as_slice().unwrap());
+                assert!((distance - truth).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn the_default_width_reaches_high_recall_and_returns_sorted_distances() {
+        let (catalog, _, flat) = built(1_500);
+        let vectors = catalog.embeddings_slice();
+        let (mut hits, mut total) = (0, 0);
+        for i in (0..catalog.len()).step_by(10) {
+            let q = query(&catalog, i);
+            let found = flat.search(vectors, &q, 10, 64, &|_| true);
+            assert_eq!(found.len(), 10);
+            assert!(found.windows(2).all(|w| w[0].1 <= w[1].1), "{found:?}");
+            let truth: HashSet<usize> = exact(&catalog, &q, 10).iter().map(|x| x.0).collect();
+            hits += found.iter().filter(|x| truth.contains(&x.0)).count();
+            total += 10;
+        }
+        let recall = hits as f64 / total as f64;
+        assert!(recall >= 0.95, "recall@10 {recall}");
+    }
+
+    #[test]
+    fn rejected_nodes_are_walked_through_but_never_returned() {
+        let (catalog, _, flat) = built(1_500);
+        let vectors = catalog.embeddings_slice();
+        for i in (0..catalog.len()).step_by(100) {
+            let q = query(&catalog, i);
+            // Reject the 40 nearest: the search must pass them to reach the rest.
+            let banned: HashSet<usize> = exact(&catalog, &q, 40).iter().map(|x| x.0).collect();
+            let found = flat.search(vectors, &q, 10, 64, &|n| !banned.contains(&n));
+            assert_eq!(found.len(), 10);
+            assert!(found.iter().all(|x| !banned.contains(&x.0)));
+            // Rejecting everything leaves nothing, after walking the whole graph.
+            assert!(flat.search(vectors, &q, 10, 64, &|_| false).is_empty());
+        }
+    }
+
+    #[test]
+    fn visited_marks_survive_the_epoch_wrapping_around() {
+        let (catalog, _, flat) = built(300);
+        let vectors = catalog.embeddings_slice();
+        let q = query(&catalog, 5);
+        let before = flat.search(vectors, &q, 10, 300, &|_| true);
+        SCRATCH.with(|s| s.borrow_mut().epoch = u32::MAX - 1);
+        for _ in 0..4 {
+            assert_eq!(flat.search(vectors, &q, 10, 300, &|_| true), before);
+        }
+        assert!(SCRATCH.with(|s| s.borrow().epoch) < 10);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_portable_and_the_avx2_search_agree() {
+        let (catalog, _, flat) = built(1_500);
+        let vectors = catalog.embeddings_slice();
+        for i in (0..catalog.len()).step_by(25) {
+            let q = query(&catalog, i);
+            let request = Request {
+                vectors,
+                query: &q,
+                k: 10,
+                ef: 64,
+                allowed: &|_| true,
+            };
+            let portable = flat.search_with(&request, dot16, |_| {});
+            // On a CPU without AVX2 `search` takes the portable path: equal trivially.
+            let dispatched = flat.search(vectors, &q, 10, 64, &|_| true);
+            assert_same_answer(&dispatched, &portable, &format!("query {i}"));
+        }
+    }
+}
