@@ -373,6 +373,9 @@ pub struct ApiSettings {
     /// Most users whose latest list the API holds in memory (each a list and its encoded
     /// answer, a few KB); users beyond it are read from the store on every GET.
     pub view_max_users: usize,
+    /// How long impressions (one per GET) wait to be sent in a batch. Nobody waits on
+    /// them, and batching spares librdkafka a wake-up and the broker a request per GET.
+    pub impressions_linger_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -388,6 +391,7 @@ impl Default for ApiSettings {
             rate_limit_per_key: 0,
             cors_origins: Vec::new(),
             view_max_users: 1_000_000,
+            impressions_linger_ms: 100,
         }
     }
 }

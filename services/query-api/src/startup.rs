@@ -17,7 +17,10 @@ use tower_http::trace::TraceLayer;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// Accepted events (sent at once: freshness waits on them).
     pub producer: FutureProducer,
+    /// Impressions (batched over `api.impressions_linger_ms`: nobody waits on them).
+    pub impressions: FutureProducer,
     /// The models served (following the `models` topic): titles, product checks, and the
     /// similar-product and category lists computed at request time.
     pub models: Arc<ModelRegistry>,
@@ -49,6 +52,10 @@ impl AppState {
                 .await??;
         }
         let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
+        let mut impressions = recpipe_shared::kafka::producer_config(&settings.kafka);
+        impressions.set("linger.ms", settings.api.impressions_linger_ms.to_string());
+        let impressions =
+            recpipe_shared::kafka::with_overrides(impressions, &settings.kafka).create()?;
         let keys = Arc::new(crate::auth::KeyRing::from_settings(&settings.api)?);
         if keys.is_open() {
             tracing::warn!("POST /v1/events accepts requests without an API key: set api.api_keys (RECPIPE_API__API_KEYS) in production");
@@ -57,6 +64,7 @@ impl AppState {
             keys,
             store,
             producer,
+            impressions,
             models,
             settings: Arc::new(settings),
             live: Arc::new(crate::live::LiveStats::new()),
@@ -97,16 +105,40 @@ async fn record_request(
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+        .cloned();
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("recpipe_http_requests_total", "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("recpipe_http_request_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
+    let (requests, seconds) = request_metrics(route, response.status().as_u16());
+    requests.increment(1);
+    seconds.record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The request counter and timer of a route and status, registered on first use and
+/// then reused: looking a metric up by its labels on every request cost more than the
+/// GET's own work once answers came from memory.
+fn request_metrics(route: &str, status: u16) -> (metrics::Counter, metrics::Histogram) {
+    type ByStatus = Vec<(u16, metrics::Counter, metrics::Histogram)>;
+    static HANDLES: std::sync::OnceLock<dashmap::DashMap<String, ByStatus>> =
+        std::sync::OnceLock::new();
+    let handles = HANDLES.get_or_init(Default::default);
+    let find = |by_status: &ByStatus| {
+        by_status
+            .iter()
+            .find(|(s, _, _)| *s == status)
+            .map(|(_, c, h)| (c.clone(), h.clone()))
+    };
+    if let Some(found) = handles.get(route).and_then(|r| find(&r)) {
+        return found;
+    }
+    let mut by_status = handles.entry(route.to_string()).or_default();
+    find(&by_status).unwrap_or_else(|| {
+        let counter = metrics::counter!("recpipe_http_requests_total", "route" => route.to_string(), "status" => status.to_string());
+        let seconds = metrics::histogram!("recpipe_http_request_seconds", "route" => route.to_string());
+        by_status.push((status, counter.clone(), seconds.clone()));
+        (counter, seconds)
+    })
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight
@@ -116,13 +148,15 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let producer = state.producer.clone();
+    let (producer, impressions) = (state.producer.clone(), state.impressions.clone());
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
-    // Accepted events must reach Kafka before the process exits.
+    // Accepted events (and the impressions served) must reach Kafka before the process
+    // exits.
     use rdkafka::producer::Producer;
     let _ = producer.flush(Duration::from_secs(10));
+    let _ = impressions.flush(Duration::from_secs(10));
     Ok(())
 }
 

@@ -41,6 +41,9 @@ pub struct Rendered {
     model: Weak<ServedModel>,
     pub response: crate::routes::RecommendationsResponse,
     pub body: Bytes,
+    /// `recpipe_recommendations_served_total` for this answer's kind and model version,
+    /// registered once here rather than looked up by its labels on every GET.
+    pub served: metrics::Counter,
 }
 
 impl Rendered {
@@ -68,11 +71,16 @@ impl Rendered {
     ) -> Rendered {
         let body = serde_json::to_vec(&response).expect("response serialises");
         debug_assert!(body.starts_with(USER_ID_FIELD.as_bytes()));
+        let kind = response
+            .fallback
+            .map_or("personalised", recpipe_shared::events::Fallback::as_str);
+        let served = metrics::counter!("recpipe_recommendations_served_total", "kind" => kind, "version" => response.model_version.clone());
         Rendered {
             k,
             model: Arc::downgrade(model),
             response,
             body: Bytes::from(body),
+            served,
         }
     }
 }

@@ -35,6 +35,12 @@ pub fn with_overrides(mut config: ClientConfig, settings: &KafkaSettings) -> Cli
 /// An idempotent producer that partitions by key like the Java client does, so other
 /// producers that key by user id put a user's events on the same partition.
 pub fn producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
+    with_overrides(producer_config(settings), settings).create()
+}
+
+/// [`producer`]'s configuration, for a producer that sets more of its own (the
+/// pass-through properties still go last: [`with_overrides`]).
+pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = client_config(settings);
     config
         .set("enable.idempotence", "true")
@@ -44,7 +50,7 @@ pub fn producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> 
             "message.timeout.ms",
             settings.delivery_timeout_ms.to_string(),
         );
-    with_overrides(config, settings).create()
+    config
 }
 
 /// Creates the pipeline's missing topics: the user-partitioned ones with `partitions`
