@@ -370,29 +370,21 @@ impl FlatHnsw {
 }
 
 /// Dot product in 16 lanes (two 256-bit registers under AVX2, so consecutive adds do not
-/// wait on each other).
+/// wait on each other); vectorisable without `unsafe`.
 #[inline(always)]
-fn dot16(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes::<false>(a, b)
 }
 
 /// [`dot16`] with fused multiply-adds. Only for code compiled with FMA: elsewhere
 /// `mul_add` is a call to libm's `fmaf`.
 #[inline(always)]
 fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes::<true>(a, b)
+}
+
+#[inline(always)]
+fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
@@ -403,7 +395,11 @@ fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
         .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            lanes[i] = x[i].mul_add(y[i], lanes[i]);
+            lanes[i] = if FUSED {
+                x[i].mul_add(y[i], lanes[i])
+            } else {
+                lanes[i] + x[i] * y[i]
+            };
         }
     }
     lanes.iter().sum::<f32>() + tail

@@ -31,8 +31,7 @@ pub fn recommendation_id(user_id: &str, user_version: u64, model_version: &str) 
 }
 
 /// `1 - dot` for unit vectors. hnsw_rs's own `DistDot` asserts the result is not
-/// negative, which rounding breaks for a vector and itself; this clamps instead. The
-/// 8-lane accumulation lets the compiler vectorise it.
+/// negative, which rounding breaks for a vector and itself; this clamps instead.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UnitDot;
 
@@ -48,22 +47,9 @@ fn availability(catalog: &Catalog) -> Vec<bool> {
         .collect()
 }
 
-/// Dot product in 8 independent lanes (vectorisable without `unsafe`).
+/// Dot product in independent lanes (vectorisable without `unsafe`).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
+    super::graph::dot16(a, b)
 }
 
 enum Index {
