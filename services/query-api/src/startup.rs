@@ -76,12 +76,15 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.api.max_body_bytes;
     recpipe_shared::admin::metrics();
-    let cors = cors_layer(&state.settings.api.cors_origins);
+    // No origins configured: no CORS layer at all (it would only add `Vary` headers to
+    // every answer, at a cost on every GET).
+    let cors = (!state.settings.api.cors_origins.is_empty())
+        .then(|| cors_layer(&state.settings.api.cors_origins));
     crate::routes::routes(state.clone())
         .route_layer(axum::middleware::from_fn(record_request))
         .with_state(state)
         .layer(RequestBodyLimitLayer::new(max_body))
-        .layer(cors)
+        .layer(tower::util::option_layer(cors))
         .layer(TraceLayer::new_for_http())
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use recpipe_shared::events::{
-    arm, now_ms, Event, Impression, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID,
+    arm, now_ms, Event, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID,
 };
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Processor, RecordMeta, RetryableError, RunStats,
@@ -27,7 +27,18 @@ pub enum Record {
     Event(Event),
     UserState(UserVectorRecord),
     Recommendation(RecommendationRecord),
-    Impression(Impression),
+    Impression(ImpressionCount),
+}
+
+/// What the experiment counts need of an [`Impression`](recpipe_shared::events::Impression): the shown items and the ids of
+/// list and user are not decoded (a GET's impression is the most frequent record here).
+#[derive(Debug, serde::Deserialize)]
+pub struct ImpressionCount {
+    pub impression_id: String,
+    pub model_version: String,
+    #[serde(default)]
+    pub fallback: Option<recpipe_shared::events::Fallback>,
+    pub ts: i64,
 }
 
 pub struct SaveWorker {
@@ -112,7 +123,7 @@ impl Processor for SaveWorker {
                 Record::UserState(s) => writes.user_states.push(s),
                 Record::Recommendation(r) => writes.recommendations.push(r),
                 Record::Impression(i) => writes.experiment.push(ExperimentEvent {
-                    arm: i.arm().to_string(),
+                    arm: arm(&i.model_version, i.fallback).to_string(),
                     kind: ExperimentKind::Impression,
                     id: i.impression_id,
                     ts: i.ts,
@@ -132,11 +143,19 @@ impl Processor for SaveWorker {
             .filter_map(|r| r.source_event_ts)
             .map(|ts| (now - ts).max(0) as f64 / 1000.0)
             .collect();
-        let counted: Vec<(String, &'static str)> = writes
-            .experiment
-            .iter()
-            .map(|x| (x.arm.clone(), x.kind.as_str()))
-            .collect();
+        // Counted per arm and kind, so a metric is looked up once per pair, not per row.
+        // (A batch names a few arms: a short list beats hashing every row's arm.)
+        let mut counted: Vec<(String, &'static str, u64)> = Vec::new();
+        for x in &writes.experiment {
+            let kind = x.kind.as_str();
+            match counted
+                .iter_mut()
+                .find(|(a, k, _)| *a == x.arm && *k == kind)
+            {
+                Some((_, _, n)) => *n += 1,
+                None => counted.push((x.arm.clone(), kind, 1)),
+            }
+        }
         let started = std::time::Instant::now();
         self.store.write(writes).await.map_err(|e| {
             metrics::counter!("recpipe_store_errors_total").increment(1);
@@ -149,9 +168,9 @@ impl Processor for SaveWorker {
                 .record(seconds);
         }
         // Approximate (a replay counts again); the store's counts are exact.
-        for (arm, kind) in counted {
+        for (arm, kind, n) in counted {
             metrics::counter!("recpipe_experiment_events_total", "arm" => arm, "kind" => kind)
-                .increment(1);
+                .increment(n);
         }
         Ok((0..n).map(|_| Outcome::Emit(Vec::new())).collect())
     }
