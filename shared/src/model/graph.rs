@@ -193,17 +193,6 @@ impl FlatHnsw {
         self.nodes == 0
     }
 
-    /// Bytes the graph itself holds (the vectors are the caller's).
-    pub fn graph_bytes(&self) -> usize {
-        self.base.len() * 4
-            + self
-                .upper
-                .iter()
-                .flat_map(|l| l.values())
-                .map(|n| n.len() * 4 + 16)
-                .sum::<usize>()
-    }
-
     fn base_neighbours(&self, node: u32) -> &[u32] {
         let slot = &self.base[node as usize * self.stride..(node as usize + 1) * self.stride];
         &slot[1..=slot[0] as usize]
