@@ -3,14 +3,13 @@
 //! recall@10 each reaches against exact search; and the same vectors and queries written
 //! as `.npy` so that `bench/ann_vs_hnswlib.py` runs hnswlib on exactly them.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::Array2;
 use recpipe_shared::catalog::{benchmark_queries, generate, SyntheticCatalog};
-use recpipe_shared::model::Recommender;
+use recpipe_shared::model::{recall, Recommender};
 use recpipe_shared::settings::HnswSettings;
 use serde::Serialize;
 
@@ -61,16 +60,7 @@ pub fn run(
     );
     let mut points = Vec::new();
     for (name, set) in [("one-interest", &one), ("two-interest", &two)] {
-        let truth: Vec<HashSet<usize>> = set
-            .iter()
-            .map(|q| {
-                exact
-                    .nearest(q, K, &|_| false)
-                    .into_iter()
-                    .map(|x| x.0)
-                    .collect()
-            })
-            .collect();
+        let truth = exact.neighbour_sets(set, K);
         for ef in [10, 16, 32, 64, 128, 256] {
             hnsw.set_ef_search(ef);
             // Best of a few passes: the machine is shared, and a pass another process
@@ -82,15 +72,10 @@ pub fn run(
                 results = set.iter().map(|q| hnsw.nearest(q, K, &|_| false)).collect();
                 seconds = seconds.min(started.elapsed().as_secs_f64());
             }
-            let hits: usize = results
-                .iter()
-                .zip(&truth)
-                .map(|(r, t)| r.iter().filter(|x| t.contains(&x.0)).count())
-                .sum();
             points.push(AnnPoint {
                 queries: name,
                 ef_search: ef,
-                recall_at_10: hits as f64 / (set.len() * K) as f64,
+                recall_at_10: recall(&results, &truth),
                 queries_per_sec: set.len() as f64 / seconds,
             });
         }

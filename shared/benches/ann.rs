@@ -16,24 +16,18 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use recpipe_shared::catalog::{benchmark_queries, generate, SyntheticCatalog};
-use recpipe_shared::model::Recommender;
+use recpipe_shared::model::{recall, Recommender};
 use recpipe_shared::settings::HnswSettings;
 
 const QUERIES: usize = 500;
 const K: usize = 10;
 
-fn recall(rec: &Recommender, queries: &[Vec<f32>], truth: &[HashSet<usize>]) -> f64 {
-    let hits: usize = queries
+fn recall_of(rec: &Recommender, queries: &[Vec<f32>], truth: &[HashSet<usize>]) -> f64 {
+    let found: Vec<_> = queries
         .iter()
-        .zip(truth)
-        .map(|(q, t)| {
-            rec.nearest(q, K, &|_| false)
-                .iter()
-                .filter(|x| t.contains(&x.0))
-                .count()
-        })
-        .sum();
-    hits as f64 / (queries.len() * K) as f64
+        .map(|q| rec.nearest(q, K, &|_| false))
+        .collect();
+    recall(&found, truth)
 }
 
 fn ann(c: &mut Criterion) {
@@ -49,18 +43,10 @@ fn ann(c: &mut Criterion) {
     }));
     let (one_interest, two_interest) = benchmark_queries(&catalog, QUERIES);
     let exact = Recommender::exact(catalog.clone());
-    let truth_of = |qs: &[Vec<f32>]| -> Vec<HashSet<usize>> {
-        qs.iter()
-            .map(|q| {
-                exact
-                    .nearest(q, K, &|_| false)
-                    .into_iter()
-                    .map(|x| x.0)
-                    .collect()
-            })
-            .collect()
-    };
-    let (truth_one, truth_two) = (truth_of(&one_interest), truth_of(&two_interest));
+    let (truth_one, truth_two) = (
+        exact.neighbour_sets(&one_interest, K),
+        exact.neighbour_sets(&two_interest, K),
+    );
 
     let m = std::env::var("RECPIPE_BENCH_M")
         .ok()
@@ -84,8 +70,8 @@ fn ann(c: &mut Criterion) {
         hnsw.set_ef_search(ef);
         eprintln!(
             "HNSW ef_search={ef}: recall@{K} {:.3} on one-interest queries, {:.3} on two-interest queries",
-            recall(&hnsw, &one_interest, &truth_one),
-            recall(&hnsw, &two_interest, &truth_two)
+            recall_of(&hnsw, &one_interest, &truth_one),
+            recall_of(&hnsw, &two_interest, &truth_two)
         );
         let mut i = 0;
         group.bench_function(format!("hnsw_ef{ef}"), |b| {

@@ -8,7 +8,7 @@ pub mod registry;
 pub mod user_update;
 
 pub use popularity::Popularity;
-pub use recommender::{recommendation_id, Recommender};
+pub use recommender::{recall, recommendation_id, Recommender};
 pub use registry::{IndexKind, ModelRegistry, ServedModel, Serving};
 pub use user_update::{vector_from_history, UpdateError, UserModel};
 

@@ -47,6 +47,18 @@ fn availability(catalog: &Catalog) -> Vec<bool> {
         .collect()
 }
 
+/// Recall of `found` (each query's answers) against `truth` (each query's true
+/// neighbours, all sets of the same size `k`): the share of true neighbours found.
+pub fn recall(found: &[Vec<(usize, f32)>], truth: &[HashSet<usize>]) -> f64 {
+    let hits: usize = found
+        .iter()
+        .zip(truth)
+        .map(|(f, t)| f.iter().filter(|x| t.contains(&x.0)).count())
+        .sum();
+    let wanted: usize = truth.iter().map(HashSet::len).sum();
+    hits as f64 / wanted.max(1) as f64
+}
+
 /// Dot product in independent lanes (vectorisable without `unsafe`).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     super::graph::dot16(a, b)
@@ -234,6 +246,20 @@ impl Recommender {
         )
     }
 
+    /// Each query's `k` nearest products, as sets: the truth recall is measured against
+    /// (from an exact recommender).
+    pub fn neighbour_sets(&self, queries: &[Vec<f32>], k: usize) -> Vec<HashSet<usize>> {
+        queries
+            .iter()
+            .map(|q| {
+                self.nearest(q, k, &|_| false)
+                    .into_iter()
+                    .map(|x| x.0)
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The product of `among` most similar to product `i`.
     fn closest(&self, i: usize, among: &[usize]) -> Option<usize> {
         let e = self.catalog.embedding(i);
@@ -413,6 +439,14 @@ mod tests {
         assert!(similar
             .iter()
             .all(|&(j, _)| catalog.product(j).category == "coffee"));
+    }
+
+    #[test]
+    fn recall_is_the_share_of_true_neighbours_found() {
+        let truth: Vec<HashSet<usize>> = vec![[1, 2].into(), [3, 4].into()];
+        let found = vec![vec![(1, 0.9), (5, 0.8)], vec![(4, 0.7), (3, 0.6)]];
+        assert_eq!(recall(&found, &truth), 0.75);
+        assert_eq!(recall(&[vec![], vec![]], &truth), 0.0);
     }
 
     #[test]
