@@ -300,7 +300,7 @@ async fn recommendations_for(
         }
     };
     answer.served.increment(1);
-    record_impression(state, &user_id, &answer.response);
+    record_impression(state, &user_id, &answer);
     let body = answer.body_for(&user_id);
     Ok((answer, body, freshness))
 }
@@ -328,11 +328,13 @@ async fn latest_list(state: &AppState, user_id: &str) -> Result<Option<Arc<ViewE
 
 /// Emits the served list to `impressions` without waiting: a lost impression only
 /// lowers a count, and GET latency must not depend on Kafka.
-fn record_impression(state: &AppState, user_id: &str, response: &RecommendationsResponse) {
-    if response.fallback == Some(Fallback::Catalog) {
+fn record_impression(state: &AppState, user_id: &str, answer: &Rendered) {
+    if answer.response.fallback == Some(Fallback::Catalog) {
         return; // nothing a click could be attributed to
     }
-    let payload = impression_json(user_id, response, uuid::Uuid::new_v4(), now_ms());
+    let payload = answer
+        .impression
+        .encode(user_id, uuid::Uuid::new_v4(), now_ms());
     let record = FutureRecord::to(&state.settings.kafka.topics.impressions)
         .key(user_id.as_bytes())
         .payload(&payload);
@@ -345,43 +347,68 @@ fn record_impression(state: &AppState, user_id: &str, response: &Recommendations
     }
 }
 
-/// An [`Impression`](recpipe_shared::events::Impression) encoded straight from the answer: the same JSON, without copying
-/// the answer's strings into an `Impression` first (a GET's largest cost after the view).
-fn impression_json(
-    user_id: &str,
-    response: &RecommendationsResponse,
-    impression_id: uuid::Uuid,
-    ts: i64,
-) -> Vec<u8> {
-    /// The shown products' ids, as a JSON array.
-    struct Items<'a>(&'a [RecommendedItem]);
-    impl serde::Serialize for Items<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_seq(self.0.iter().map(|i| i.product_id.as_str()))
+/// An answer's [`Impression`](recpipe_shared::events::Impression) with the parts that
+/// are the same for every GET of it encoded once (the list's id, model, fallback and
+/// items; escaping them was most of a GET's work), and the rest (impression id, user,
+/// time) filled in per GET. The result is byte for byte what encoding the `Impression`
+/// gives (unit test).
+#[derive(Debug)]
+pub struct ImpressionTemplate {
+    /// `"recommendation_id"`'s value, as JSON.
+    recommendation_id: Vec<u8>,
+    /// The fields after `"user_id"` and before `"ts"`, without braces.
+    middle: Vec<u8>,
+}
+
+impl ImpressionTemplate {
+    pub fn new(response: &RecommendationsResponse) -> Self {
+        /// The shown products' ids, as a JSON array.
+        struct Items<'a>(&'a [RecommendedItem]);
+        impl serde::Serialize for Items<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.iter().map(|i| i.product_id.as_str()))
+            }
+        }
+        /// `Impression`'s fields from `model_version` to `items`, in its order.
+        #[derive(serde::Serialize)]
+        struct Middle<'a> {
+            model_version: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            fallback: Option<Fallback>,
+            items: Items<'a>,
+        }
+        let object = serde_json::to_vec(&Middle {
+            model_version: &response.model_version,
+            fallback: response.fallback,
+            items: Items(&response.items),
+        })
+        .expect("impression fields serialise");
+        ImpressionTemplate {
+            recommendation_id: serde_json::to_vec(&response.recommendation_id)
+                .expect("a string serialises"),
+            middle: object[1..object.len() - 1].to_vec(),
         }
     }
-    /// Field for field `Impression` (a test checks that it decodes as one).
-    #[derive(serde::Serialize)]
-    struct Borrowed<'a> {
-        impression_id: uuid::Uuid,
-        recommendation_id: &'a str,
-        user_id: &'a str,
-        model_version: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        fallback: Option<Fallback>,
-        items: Items<'a>,
-        ts: i64,
+
+    pub fn encode(&self, user_id: &str, impression_id: uuid::Uuid, ts: i64) -> Vec<u8> {
+        use std::io::Write;
+        let mut json = Vec::with_capacity(self.middle.len() + user_id.len() + 128);
+        json.extend_from_slice(b"{\"impression_id\":\"");
+        json.extend_from_slice(
+            impression_id
+                .hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .as_bytes(),
+        );
+        json.extend_from_slice(b"\",\"recommendation_id\":");
+        json.extend_from_slice(&self.recommendation_id);
+        json.extend_from_slice(b",\"user_id\":");
+        serde_json::to_writer(&mut json, user_id).expect("a string serialises");
+        json.push(b',');
+        json.extend_from_slice(&self.middle);
+        write!(json, ",\"ts\":{ts}}}").expect("writing to a Vec");
+        json
     }
-    serde_json::to_vec(&Borrowed {
-        impression_id,
-        recommendation_id: &response.recommendation_id,
-        user_id,
-        model_version: &response.model_version,
-        fallback: response.fallback,
-        items: Items(&response.items),
-        ts,
-    })
-    .expect("impression serialises")
 }
 
 /// The model that made a list (by version), else the primary one.
@@ -786,7 +813,7 @@ mod tests {
     fn the_impression_encoded_from_an_answer_is_the_impression_of_the_schema() {
         for fallback in [None, Some(Fallback::Popularity)] {
             let id = uuid::Uuid::from_u128(0x1234);
-            let json = impression_json("asker \u{1F600}", &answer(fallback), id, 77);
+            let json = ImpressionTemplate::new(&answer(fallback)).encode("asker \u{1F600}", id, 77);
             let decoded: Impression = serde_json::from_slice(&json).expect("an Impression");
             assert_eq!(
                 decoded,

@@ -44,6 +44,8 @@ pub struct Rendered {
     /// `recpipe_recommendations_served_total` for this answer's kind and model version,
     /// registered once here rather than looked up by its labels on every GET.
     pub served: metrics::Counter,
+    /// The impression each GET of this answer records, encoded but for its own fields.
+    pub impression: crate::routes::ImpressionTemplate,
 }
 
 impl Rendered {
@@ -75,12 +77,14 @@ impl Rendered {
             .fallback
             .map_or("personalised", recpipe_shared::events::Fallback::as_str);
         let served = metrics::counter!("recpipe_recommendations_served_total", "kind" => kind, "version" => response.model_version.clone());
+        let impression = crate::routes::ImpressionTemplate::new(&response);
         Rendered {
             k,
             model: Arc::downgrade(model),
             response,
             body: Bytes::from(body),
             served,
+            impression,
         }
     }
 }
