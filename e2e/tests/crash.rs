@@ -71,6 +71,8 @@ impl<'a> Pipeline<'a> {
             .env("RECPIPE_KAFKA__BROKERS", &s.kafka.brokers)
             .env("RECPIPE_STORE__URL", &s.store.url)
             .env("RECPIPE_CATALOG__DIR", &s.catalog.dir)
+            .env("RECPIPE_STATE__HOT_USERS", s.state.hot_users.to_string())
+            .env("RECPIPE_STATE__DIR", s.state.dir.as_ref().unwrap())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

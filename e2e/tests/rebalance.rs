@@ -122,7 +122,10 @@ async fn second_gen_recommendations_and_save_worker_join_then_first_leave_withou
     let store = store::open(&env.settings.store.url).await.unwrap();
     let embeddings = {
         let models = ModelRegistry::from_settings(&env.settings, IndexKind::None).unwrap();
-        Instance::start(&env, UpdateEmbeddings::new(Arc::new(models), &env.settings))
+        Instance::start(
+            &env,
+            UpdateEmbeddings::new(Arc::new(models), &env.settings).unwrap(),
+        )
     };
     let gen_a = Instance::start(&env, gen_recommendations(&env));
     let save_a = Instance::start(&env, save_worker(&env, &store));

@@ -25,6 +25,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+// The services' allocator, so that `memory` measures what update-embeddings would hold.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use recpipe_shared::catalog::Catalog;
@@ -172,6 +176,9 @@ enum Command {
         /// Events applied to each user (the history is bounded at 50 products and ids).
         #[arg(long, default_value_t = 10)]
         events_per_user: usize,
+        /// Users kept in memory (`state.hot_users`; default: the service's default).
+        #[arg(long)]
+        hot_users: Option<usize>,
     },
     /// Shoppers who GET their recommendations and click the ones they like (closed loop),
     /// then the click-through per model version.
@@ -316,12 +323,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Memory {
             users,
             events_per_user,
+            hot_users,
         } => {
             let catalog = std::sync::Arc::new(Catalog::load(&cli.catalog)?);
-            let m = memory::run(catalog, users, events_per_user)?;
+            let hot_users =
+                hot_users.unwrap_or(recpipe_shared::settings::StateSettings::default().hot_users);
+            let m = memory::run(catalog, users, events_per_user, hot_users)?;
             println!(
-                "{} users × {} events, dim {}: {:.0} bytes of state per user in memory, {} bytes of raw vector: ratio {:.1} (as JSON on the changelog: {:.0} bytes)",
-                m.users, m.events_per_user, m.dim, m.bytes_per_user, m.raw_vector_bytes, m.ratio, m.json_bytes_per_user
+                "{} users × {} events, dim {}, at most {} in memory: {:.0} bytes of state per user in memory, {} bytes of raw vector: ratio {:.2}; state file {:.0} bytes per user; {:.1} µs per event (as JSON on the changelog: {:.0} bytes)",
+                m.users, m.events_per_user, m.dim, m.hot_users, m.bytes_per_user, m.raw_vector_bytes, m.ratio, m.file_bytes_per_user, m.micros_per_event, m.json_bytes_per_user
             );
             println!("{}", serde_json::to_string(&m)?);
             Ok(())

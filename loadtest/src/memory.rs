@@ -1,27 +1,41 @@
 //! `memory`: bytes of user state per user against the raw vector (dim × 4 bytes), as
-//! update-embeddings keeps it: the same `UserModel` applies events to users held in a
-//! map of `UserVectorRecord`s. Measured as the growth of this process's resident memory
-//! while the map fills (no allocator hooks needed).
+//! update-embeddings keeps it: the same `UserModel` applies events to users held in the
+//! service's `UserStates` (the most recent `hot_users` in memory, the rest in the state
+//! file), batch by batch as the service does: load the batch's users, apply, spill.
+//! Events come in rounds (every user's first event, then every user's second...), the
+//! order in which a bounded memory is used least well. Memory is the growth of this
+//! process's resident set while the states fill (no allocator hooks needed); the state
+//! file's size is reported beside it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use recpipe_shared::catalog::Catalog;
-use recpipe_shared::events::{Event, EventType, SourcePosition, UserVectorRecord};
-use recpipe_shared::model::UserModel;
-use recpipe_shared::settings::ModelSettings;
+use recpipe_shared::events::{Event, EventType, SourcePosition};
+use recpipe_shared::model::{UserModel, UserStates};
+use recpipe_shared::settings::{ModelSettings, StateSettings};
 use serde::Serialize;
+
+/// Events per batch, as `kafka.batch_max`.
+const BATCH: usize = 500;
 
 #[derive(Debug, Serialize)]
 pub struct MemorySummary {
     pub users: usize,
     pub events_per_user: usize,
+    pub hot_users: usize,
     pub dim: usize,
     pub raw_vector_bytes: usize,
     pub bytes_per_user: f64,
     pub ratio: f64,
+    /// The state file on disk, per user.
+    pub file_bytes_per_user: f64,
+    /// Users in memory at the end.
+    pub users_in_memory: usize,
     /// The same state as JSON on the changelog topic, for comparison.
     pub json_bytes_per_user: f64,
+    /// Wall time per event applied (load, apply, encode for the changelog, spill).
+    pub micros_per_event: f64,
 }
 
 fn resident_bytes() -> anyhow::Result<f64> {
@@ -38,52 +52,80 @@ pub fn run(
     catalog: Arc<Catalog>,
     users: usize,
     events_per_user: usize,
+    hot_users: usize,
 ) -> anyhow::Result<MemorySummary> {
+    anyhow::ensure!(
+        users > 0 && events_per_user > 0,
+        "--users and --events-per-user must be at least 1"
+    );
     let model = UserModel::new(catalog.clone(), ModelSettings::default());
     let products: Vec<&str> = catalog
         .products()
         .iter()
         .map(|p| p.product_id.as_str())
         .collect();
+    let names: Vec<String> = (0..users).map(|u| format!("user-{u:07}")).collect();
+    let dir = tempfile::tempdir()?;
     let before = resident_bytes()?;
-    let mut states: HashMap<String, UserVectorRecord> = HashMap::with_capacity(users);
+    let mut states = UserStates::open(&StateSettings {
+        hot_users,
+        dir: Some(dir.path().to_path_buf()),
+    })?;
+    let started = Instant::now();
     let mut json = 0usize;
-    for u in 0..users {
-        let user = format!("user-{u:07}");
-        let mut state: Option<UserVectorRecord> = None;
-        for i in 0..events_per_user {
-            let event = Event {
-                event_id: format!("{user}-e{i:04}"),
-                user_id: user.clone(),
-                event_type: EventType::View,
-                product_id: Some(products[(u * 31 + i * 7) % products.len()].to_string()),
-                query: None,
-                ts: 1_700_000_000_000 + i as i64,
-                recommendation_id: None,
-            };
+    let total = users * events_per_user;
+    let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
+    for n in 0..total {
+        let (round, u) = (n / users, n % users);
+        batch.push(Event {
+            event_id: format!("{}-e{round:04}", names[u]),
+            user_id: names[u].clone(),
+            event_type: EventType::View,
+            product_id: Some(products[(u * 31 + round * 7) % products.len()].to_string()),
+            query: None,
+            ts: 1_700_000_000_000 + round as i64,
+            recommendation_id: None,
+        });
+        if batch.len() < BATCH && n + 1 < total {
+            continue;
+        }
+        states.load(batch.iter().map(|e| e.user_id.as_str()))?;
+        for event in batch.drain(..) {
+            let round = event.ts - 1_700_000_000_000;
             let position = SourcePosition {
                 partition: 0,
-                offset: i as i64,
+                offset: round,
             };
-            state = Some(model.apply(state.as_ref(), &event, position, 0)?);
+            let after = model.apply(states.get(&event.user_id), &event, position, 0)?;
+            // The service encodes every state for the changelog.
+            let encoded = serde_json::to_vec(&after)?;
+            if round as usize + 1 == events_per_user {
+                json += encoded.len();
+            }
+            states.insert(after);
         }
-        let state = state.expect("at least one event");
-        if u % 100 == 0 {
-            json += serde_json::to_vec(&state)?.len();
-        }
-        states.insert(user, state);
+        states.spill()?;
     }
+    let elapsed = started.elapsed();
     let after = resident_bytes()?;
+    let file_bytes: u64 = std::fs::read_dir(dir.path())?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
     let bytes_per_user = (after - before) / users as f64;
     let raw = catalog.dim() * 4;
     let summary = MemorySummary {
         users,
         events_per_user,
+        hot_users,
         dim: catalog.dim(),
         raw_vector_bytes: raw,
         bytes_per_user,
         ratio: bytes_per_user / raw as f64,
-        json_bytes_per_user: json as f64 / users.div_ceil(100) as f64,
+        file_bytes_per_user: file_bytes as f64 / users as f64,
+        users_in_memory: states.hot_len(),
+        json_bytes_per_user: json as f64 / users as f64,
+        micros_per_event: elapsed.as_secs_f64() * 1e6 / total as f64,
     };
     drop(states);
     Ok(summary)

@@ -17,9 +17,32 @@ pub struct Settings {
     pub store: StoreSettings,
     pub catalog: CatalogSettings,
     pub model: ModelSettings,
+    pub state: StateSettings,
     pub api: ApiSettings,
     pub telemetry: TelemetrySettings,
     pub process: ProcessSettings,
+}
+
+/// Where update-embeddings keeps user states (see `model::user_states`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateSettings {
+    /// Users whose states stay in memory between batches (the most recently active);
+    /// the others are spilled to a local file and read back on their next event. A state
+    /// with a full history takes about 9 KB in memory.
+    pub hot_users: usize,
+    /// Directory of that file (the system's temporary directory when unset). It is a
+    /// cache of the changelog, made anew at start: no volume needs to survive a restart.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            hot_users: 10_000,
+            dir: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]

@@ -324,6 +324,9 @@ impl TestEnv {
         settings.store.url = format!("sqlite://{}", dir.path().join("recpipe.db").display());
         settings.model.popularity_publish_ms = 100;
         settings.api.port = 0;
+        // Fewer hot users than most tests have users: the state file is always in use.
+        settings.state.hot_users = 8;
+        settings.state.dir = Some(dir.path().join("state"));
         crate::catalog::generate(crate::catalog::SyntheticCatalog {
             products: 1_000,
             dim: 16,

@@ -8,11 +8,14 @@
 //! and an event at or below a user's recorded source offset is a replay and is skipped:
 //! each event moves the vector exactly once, even across crashes.
 //!
+//! Only the most recently active users stay in memory (`state.hot_users`); the others
+//! are spilled to a local file that is itself a cache of the changelog
+//! ([`recpipe_shared::model::UserStates`]).
+//!
 //! Vectors live in the embedding space of the primary model of the served assignment
 //! (the `models` topic); when it changes, a user's vector is rebuilt from their recent
 //! history on their next event.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +28,9 @@ use recpipe_shared::kafka::client_config;
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
-use recpipe_shared::model::{IndexKind, ModelRegistry, Serving, UserModel};
+use recpipe_shared::model::{
+    IndexKind, ModelRegistry, Restorer, Serving, StateError, UserModel, UserStates,
+};
 use recpipe_shared::settings::{EventRules, KafkaSettings, ModelSettings, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -41,27 +46,34 @@ pub struct UpdateEmbeddings {
     model_settings: ModelSettings,
     model: UserModel,
     rules: EventRules,
-    users: HashMap<String, UserVectorRecord>,
+    users: UserStates,
     kafka: KafkaSettings,
 }
 
 impl UpdateEmbeddings {
-    pub fn new(models: Arc<ModelRegistry>, settings: &Settings) -> Self {
+    /// Opens a new state file (`state.dir`); fails when it cannot be written.
+    pub fn new(models: Arc<ModelRegistry>, settings: &Settings) -> Result<Self, StateError> {
         let serving = models.current();
-        UpdateEmbeddings {
+        Ok(UpdateEmbeddings {
             models,
             model_settings: settings.model.clone(),
             model: user_model(&serving, &settings.model),
             serving,
             rules: settings.events,
-            users: HashMap::new(),
+            users: UserStates::open(&settings.state)?,
             kafka: settings.kafka.clone(),
-        }
+        })
     }
 
-    /// The state of `user_id`, if known.
-    pub fn user(&self, user_id: &str) -> Option<&UserVectorRecord> {
-        self.users.get(user_id)
+    /// The state of `user_id`, if known (from memory or the state file).
+    pub fn user(&mut self, user_id: &str) -> Result<Option<UserVectorRecord>, StateError> {
+        self.users.load([user_id])?;
+        Ok(self.users.get(user_id).cloned())
+    }
+
+    /// Users whose states are in memory now.
+    pub fn users_in_memory(&self) -> usize {
+        self.users.hot_len()
     }
 
     /// Applies one event read at `meta`; None when it is a replay already applied.
@@ -95,7 +107,7 @@ impl UpdateEmbeddings {
         metrics::counter!("recpipe_events_applied_total", "type" => event.event_type.as_str())
             .increment(1);
         let payload = serde_json::to_vec(&after).map_err(|e| e.to_string())?;
-        self.users.insert(event.user_id.clone(), after);
+        self.users.insert(after);
         Ok(Some(Output {
             topic: self.kafka.topics.user_vectors.clone(),
             key: event.user_id.clone(),
@@ -150,13 +162,25 @@ impl Processor for UpdateEmbeddings {
             );
             self.serving = serving;
         }
-        Ok(batch
+        // The one step that can fail comes before any state changes, so a retry of the
+        // batch finds it as it was.
+        self.users
+            .load(batch.iter().map(|d| d.input.user_id.as_str()))
+            .map_err(|e| RetryableError(e.to_string()))?;
+        let outcomes = batch
             .iter()
             .map(|d| match self.apply(&d.meta, &d.input) {
                 Ok(out) => Outcome::Emit(out.into_iter().collect()),
                 Err(reason) => Outcome::Reject(reason),
             })
-            .collect())
+            .collect();
+        // A failed spill keeps the states in memory; the next batch tries again.
+        if let Err(e) = self.users.spill() {
+            metrics::counter!("recpipe_user_state_spill_errors_total").increment(1);
+            tracing::error!(error = %e, "user states could not be spilled to the state file; kept in memory");
+        }
+        metrics::gauge!("recpipe_user_states_in_memory").set(self.users.hot_len() as f64);
+        Ok(outcomes)
     }
 
     async fn prepare_partitions(
@@ -166,21 +190,22 @@ impl Processor for UpdateEmbeddings {
         let kafka = self.kafka.clone();
         let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
         let started = std::time::Instant::now();
+        let err = |e: StateError| RetryableError(format!("restoring partitions {numbers:?}: {e}"));
+        // A restore retried after a failure starts again from nothing.
+        self.users.forget_partitions(&numbers).map_err(err)?;
+        let restorer = self.users.restorer().map_err(err)?;
         let restored = {
             let numbers = numbers.clone();
-            tokio::task::spawn_blocking(move || restore_partitions(&kafka, &numbers))
+            tokio::task::spawn_blocking(move || restore_partitions(&kafka, &numbers, restorer))
                 .await
                 .map_err(|e| RetryableError(e.to_string()))??
         };
         tracing::info!(
             partitions = ?numbers,
-            users = restored.len(),
+            states = restored,
             ms = started.elapsed().as_millis() as u64,
-            "user states restored from the changelog"
+            "user states restored from the changelog into the state file"
         );
-        self.users
-            .retain(|_, s| !numbers.contains(&s.source.partition));
-        self.users.extend(restored);
         Ok(())
     }
 }
@@ -204,15 +229,17 @@ impl rdkafka::ClientContext for RestoreContext {
 
 impl rdkafka::consumer::ConsumerContext for RestoreContext {}
 
-/// Reads the given partitions of `user-vectors` from the start to their end: the latest
-/// state of every user whose events live on them.
+/// Reads the given partitions of `user-vectors` from the start to their end into the
+/// state file: the latest state of every user whose events live on them. Returns the
+/// records read.
 ///
 /// The end is found by librdkafka's partition-EOF signal rather than by the high
 /// watermark, which tansu 0.6 under-reports after a multi-record batch.
 fn restore_partitions(
     kafka: &KafkaSettings,
     partitions: &[i32],
-) -> Result<HashMap<String, UserVectorRecord>, RetryableError> {
+    mut restorer: Restorer,
+) -> Result<usize, RetryableError> {
     let err = |e: &dyn std::fmt::Display| {
         RetryableError(format!("restoring partitions {partitions:?}: {e}"))
     };
@@ -234,7 +261,6 @@ fn restore_partitions(
     }
     consumer.assign(&tpl).map_err(|e| err(&e))?;
     let deadline = std::time::Instant::now() + RESTORE_TIMEOUT;
-    let mut users: HashMap<String, UserVectorRecord> = HashMap::new();
     let mut open: std::collections::HashSet<i32> = partitions.iter().copied().collect();
     while !open.is_empty() {
         if std::time::Instant::now() > deadline {
@@ -245,18 +271,12 @@ fn restore_partitions(
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let Some(payload) = m.payload() else { continue };
-                match serde_json::from_slice::<UserVectorRecord>(payload) {
-                    Ok(state) => {
-                        let newer = users
-                            .get(&state.user_id)
-                            .is_none_or(|old| state.version >= old.version);
-                        if newer {
-                            users.insert(state.user_id.clone(), state);
-                        }
-                    }
-                    Err(e) => {
+                match restorer.put(payload) {
+                    Ok(()) => {}
+                    Err(StateError::Unreadable(e)) => {
                         tracing::warn!(offset = m.offset(), error = %e, "unreadable changelog record skipped")
                     }
+                    Err(e) => return Err(err(&e)),
                 }
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
@@ -266,7 +286,7 @@ fn restore_partitions(
             None => {}
         }
     }
-    Ok(users)
+    restorer.finish().map_err(|e| err(&e))
 }
 
 /// Checks that `user-vectors` can hold every `events` partition (states go to the same
@@ -299,6 +319,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let models =
         recpipe_shared::kafka::models::start_registry(&settings, IndexKind::None, shutdown.clone())
             .await?;
-    let processor = UpdateEmbeddings::new(models, &settings);
+    let processor = UpdateEmbeddings::new(models, &settings)?;
     recpipe_shared::admin::run_service(&settings, processor, shutdown).await
 }

@@ -21,7 +21,7 @@ const T0: i64 = 1_700_000_000_000;
 fn start(settings: &Settings) -> (CancellationToken, tokio::task::JoinHandle<RunStats>) {
     let token = CancellationToken::new();
     let models = Arc::new(ModelRegistry::from_settings(settings, IndexKind::None).unwrap());
-    let processor = UpdateEmbeddings::new(models, settings);
+    let processor = UpdateEmbeddings::new(models, settings).unwrap();
     let (kafka, t) = (settings.kafka.clone(), token.clone());
     let handle = tokio::spawn(async move {
         recpipe_shared::kafka::framework::run(&kafka, processor, t)
@@ -175,6 +175,55 @@ async fn a_restarted_service_resumes_from_its_committed_offsets() {
         HashMap::from([("u0", 10), ("u1", 10), ("u2", 10)]),
         "state continued from before the restart"
     );
+}
+
+#[tokio::test]
+async fn users_spilled_from_memory_come_back_exactly_as_they_were() {
+    let mut env = TestEnv::start().await;
+    // One user in memory between batches, three users taking turns: nearly every event
+    // finds its user in the state file.
+    env.settings.state.hot_users = 1;
+    env.settings.kafka.batch_max = 2;
+    let mut events = batch(0, 30);
+    // A producer's retry of u0's first event, long after u0 was spilled: skipped.
+    let retry = events[0].clone();
+    events.push(retry);
+    env.send_events(&events).await;
+    let (stop, handle) = start(&env.settings);
+    let out = states(&env, 30).await;
+    stop.cancel();
+    assert_eq!(handle.await.unwrap().records, 31);
+    assert_eq!(out.len(), 30, "the retried event made a state");
+
+    // The same events applied by the model alone, every state in memory.
+    let model =
+        recpipe_shared::model::UserModel::new(Arc::new(env.catalog()), env.settings.model.clone());
+    let mut expected: HashMap<String, UserVectorRecord> = HashMap::new();
+    for (e, produced) in events[..30].iter().zip(&out_in_event_order(&out)) {
+        let state = model
+            .apply(
+                expected.get(&e.user_id),
+                e,
+                produced.source,
+                produced.updated_at,
+            )
+            .unwrap();
+        assert_eq!(&state, *produced, "state after {}", e.event_id);
+        expected.insert(e.user_id.clone(), state);
+    }
+    let finals: HashMap<&str, u64> = expected
+        .values()
+        .map(|s| (s.user_id.as_str(), s.version))
+        .collect();
+    assert_eq!(finals, HashMap::from([("u0", 10), ("u1", 10), ("u2", 10)]));
+}
+
+/// States in the order of their events (e0, e1, ...).
+fn out_in_event_order(out: &[UserVectorRecord]) -> Vec<&UserVectorRecord> {
+    let number = |s: &UserVectorRecord| s.last_event.event_id[1..].parse::<usize>().unwrap();
+    let mut sorted: Vec<&UserVectorRecord> = out.iter().collect();
+    sorted.sort_by_key(|s| number(s));
+    sorted
 }
 
 #[tokio::test]

@@ -5,11 +5,13 @@ pub mod graph;
 pub mod popularity;
 pub mod recommender;
 pub mod registry;
+pub mod user_states;
 pub mod user_update;
 
 pub use popularity::Popularity;
 pub use recommender::{recall, recommendation_id, Recommender};
 pub use registry::{IndexKind, ModelRegistry, ServedModel, Serving};
+pub use user_states::{Restorer, StateError, UserStates};
 pub use user_update::{vector_from_history, UpdateError, UserModel};
 
 /// Milliseconds in which a decayed quantity falls by a factor e, for a half-life in hours.

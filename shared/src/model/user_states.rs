@@ -1,0 +1,413 @@
+//! Where update-embeddings keeps its users' states: the most recently active ones in
+//! memory (at most `state.hot_users` between batches), the rest spilled to a local
+//! SQLite file, as Kafka Streams keeps a bounded cache in front of its RocksDB store.
+//!
+//! The file is a cache of the changelog (`user-vectors`), never the source of truth: it
+//! is made anew when the service starts and refilled from the changelog whenever
+//! partitions are assigned. So it needs no journal and no fsync, and a crash loses
+//! nothing that the changelog does not hold.
+//!
+//! Only the two ends of a batch can fail: [`UserStates::load`] before anything changes
+//! (a failure leaves the batch to be retried whole) and [`UserStates::spill`] after
+//! (a failure keeps the states in memory and is tried again after the next batch).
+//! In between, [`UserStates::get`] and [`UserStates::insert`] touch memory only.
+
+use std::path::{Path, PathBuf};
+
+use hashlink::LruCache;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+
+use crate::events::UserVectorRecord;
+use crate::settings::StateSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("user state file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("user state file: {0} (check that state.dir is writable and has space)")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("user state of {user:?} in the state file is unreadable: {source}")]
+    Decode {
+        user: String,
+        source: serde_json::Error,
+    },
+    #[error("unreadable changelog record: {0}")]
+    Unreadable(serde_json::Error),
+    #[error("encoding a user state: {0}")]
+    Encode(serde_json::Error),
+}
+
+struct Hot {
+    state: UserVectorRecord,
+    /// Newer than the file's copy (or not in the file): written when spilled.
+    dirty: bool,
+}
+
+pub struct UserStates {
+    hot: LruCache<String, Hot>,
+    hot_users: usize,
+    cold: Connection,
+    /// Removed (with the file) when the states are dropped.
+    file: tempfile::TempPath,
+}
+
+// A rowid table: states of a kilobyte or more are what WITHOUT ROWID tables are bad at.
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    state BLOB NOT NULL
+)";
+
+/// A newer (or equal: later on the changelog) version replaces what the file has.
+const UPSERT_NEWEST: &str = "INSERT INTO users (user_id, partition, version, state)
+    VALUES (?1, ?2, ?3, ?4)
+    ON CONFLICT (user_id) DO UPDATE SET
+        partition = excluded.partition, version = excluded.version, state = excluded.state
+    WHERE excluded.version >= users.version";
+
+fn open_connection(path: &Path) -> Result<Connection, StateError> {
+    let conn = Connection::open(path)?;
+    // A cache of the changelog: nothing to roll back or make durable.
+    conn.execute_batch(
+        "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA cache_size = -8192;",
+    )?;
+    Ok(conn)
+}
+
+impl UserStates {
+    /// A new, empty state file in `settings.dir` (the system's temporary directory when
+    /// unset).
+    pub fn open(settings: &StateSettings) -> Result<Self, StateError> {
+        let dir = settings.dir.clone().unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&dir).map_err(|source| StateError::File {
+            path: dir.clone(),
+            source,
+        })?;
+        let file = tempfile::Builder::new()
+            .prefix("recpipe-user-states-")
+            .suffix(".db")
+            .tempfile_in(&dir)
+            .map_err(|source| StateError::File {
+                path: dir.clone(),
+                source,
+            })?
+            .into_temp_path();
+        let cold = open_connection(&file)?;
+        cold.execute_batch(SCHEMA)?;
+        Ok(UserStates {
+            hot: LruCache::new_unbounded(),
+            hot_users: settings.hot_users.max(1),
+            cold,
+            file,
+        })
+    }
+
+    /// Users held in memory now.
+    pub fn hot_len(&self) -> usize {
+        self.hot.len()
+    }
+
+    /// Users in the state file (spilled, or restored and not touched since).
+    pub fn cold_len(&self) -> Result<usize, StateError> {
+        let n: i64 = self
+            .cold
+            .query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
+        Ok(n as usize)
+    }
+
+    /// Brings these users' states into memory (those the file has), so that [`get`]
+    /// finds them. Changes no state.
+    ///
+    /// [`get`]: UserStates::get
+    pub fn load<'a>(&mut self, users: impl IntoIterator<Item = &'a str>) -> Result<(), StateError> {
+        let mut select = self
+            .cold
+            .prepare_cached("SELECT state FROM users WHERE user_id = ?1")?;
+        let mut loaded = 0u64;
+        for user in users {
+            if self.hot.get(user).is_some() {
+                continue;
+            }
+            let Some(bytes) = select
+                .query_row([user], |r| r.get::<_, Vec<u8>>(0))
+                .optional()?
+            else {
+                continue;
+            };
+            let state: UserVectorRecord =
+                serde_json::from_slice(&bytes).map_err(|source| StateError::Decode {
+                    user: user.to_string(),
+                    source,
+                })?;
+            self.hot.insert(
+                user.to_string(),
+                Hot {
+                    state,
+                    dirty: false,
+                },
+            );
+            loaded += 1;
+        }
+        if loaded > 0 {
+            metrics::counter!("recpipe_user_states_loaded_total").increment(loaded);
+        }
+        Ok(())
+    }
+
+    /// The user's state if it is in memory (see [`UserStates::load`]).
+    pub fn get(&mut self, user: &str) -> Option<&UserVectorRecord> {
+        self.hot.get(user).map(|h| &h.state)
+    }
+
+    /// Keeps `state` as its user's newest, in memory until it is spilled.
+    pub fn insert(&mut self, state: UserVectorRecord) {
+        self.hot
+            .insert(state.user_id.clone(), Hot { state, dirty: true });
+    }
+
+    /// Writes the least recently used states beyond `hot_users` to the file and drops
+    /// them from memory. On an error nothing is dropped.
+    pub fn spill(&mut self) -> Result<usize, StateError> {
+        let excess = self.hot.len().saturating_sub(self.hot_users);
+        if excess == 0 {
+            return Ok(0);
+        }
+        // Spill a little more than the excess, so that the next batches' new users do
+        // not each cost a transaction.
+        let count = (excess + self.hot_users / 16).min(self.hot.len());
+        let tx = self.cold.transaction()?;
+        {
+            let mut upsert = tx.prepare_cached(UPSERT_NEWEST)?;
+            for (user, hot) in self.hot.iter().take(count) {
+                if hot.dirty {
+                    let bytes = serde_json::to_vec(&hot.state).map_err(StateError::Encode)?;
+                    upsert.execute(params![
+                        user,
+                        hot.state.source.partition,
+                        hot.state.version as i64,
+                        bytes
+                    ])?;
+                }
+            }
+        }
+        tx.commit()?;
+        for _ in 0..count {
+            self.hot.remove_lru();
+        }
+        metrics::counter!("recpipe_user_states_spilled_total").increment(count as u64);
+        Ok(count)
+    }
+
+    /// Forgets every user whose events live on these partitions (they were revoked, or
+    /// are about to be restored from the changelog).
+    pub fn forget_partitions(&mut self, partitions: &[i32]) -> Result<(), StateError> {
+        let gone: Vec<String> = self
+            .hot
+            .iter()
+            .filter(|(_, h)| partitions.contains(&h.state.source.partition))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for user in gone {
+            self.hot.remove(&user);
+        }
+        let mut delete = self
+            .cold
+            .prepare_cached("DELETE FROM users WHERE partition = ?1")?;
+        for p in partitions {
+            delete.execute([p])?;
+        }
+        Ok(())
+    }
+
+    /// A writer for restoring states into the file from another thread (the changelog
+    /// is read on a blocking thread while this stays with the processor).
+    pub fn restorer(&self) -> Result<Restorer, StateError> {
+        let conn = open_connection(&self.file)?;
+        conn.execute_batch("BEGIN")?;
+        Ok(Restorer { conn, written: 0 })
+    }
+}
+
+/// Writes changelog records into the state file in one transaction; the newest version
+/// of each user wins.
+pub struct Restorer {
+    conn: Connection,
+    written: usize,
+}
+
+#[derive(Deserialize)]
+struct StateKey<'a> {
+    #[serde(borrow)]
+    user_id: std::borrow::Cow<'a, str>,
+    version: u64,
+    source: crate::events::SourcePosition,
+}
+
+impl Restorer {
+    /// Keeps one changelog record (the state's JSON, as produced) unless the file has a
+    /// newer version of its user. An unreadable record is [`StateError::Unreadable`].
+    pub fn put(&mut self, payload: &[u8]) -> Result<(), StateError> {
+        let key: StateKey = serde_json::from_slice(payload).map_err(StateError::Unreadable)?;
+        self.conn.prepare_cached(UPSERT_NEWEST)?.execute(params![
+            key.user_id.as_ref(),
+            key.source.partition,
+            key.version as i64,
+            payload
+        ])?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Commits; returns the records written.
+    pub fn finish(self) -> Result<usize, StateError> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(self.written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EventType, LastEvent, SourcePosition};
+
+    fn state(user: &str, partition: i32, version: u64) -> UserVectorRecord {
+        UserVectorRecord {
+            user_id: user.into(),
+            vector: vec![version as f32 * 0.1, -1.5, 1e-7],
+            anchor_ts: 1_700_000_000_000,
+            version,
+            recent_products: vec!["p-00001".into(), "p-00002".into()],
+            purchased: vec!["p-00002".into()],
+            last_event: LastEvent {
+                event_id: format!("{user}-e{version}"),
+                event_type: EventType::Purchase,
+                product_id: Some("p-00002".into()),
+                ts: 1_700_000_000_000,
+            },
+            source: SourcePosition {
+                partition,
+                offset: version as i64,
+            },
+            updated_at: 5,
+            embeddings: Some("abc".into()),
+            recent_event_ids: vec![format!("{user}-e{version}")],
+        }
+    }
+
+    fn states(hot_users: usize) -> (tempfile::TempDir, UserStates) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = UserStates::open(&StateSettings {
+            hot_users,
+            dir: Some(dir.path().join("nested")),
+        })
+        .unwrap();
+        (dir, s)
+    }
+
+    fn fetch(s: &mut UserStates, user: &str) -> Option<UserVectorRecord> {
+        s.load([user]).unwrap();
+        s.get(user).cloned()
+    }
+
+    #[test]
+    fn memory_holds_at_most_hot_users_and_spilled_states_come_back_equal() {
+        let (_dir, mut s) = states(16);
+        for u in 0..100 {
+            s.insert(state(&format!("u{u}"), u % 4, 1));
+            s.spill().unwrap();
+            assert!(s.hot_len() <= 16, "{} in memory", s.hot_len());
+        }
+        assert_eq!(s.cold_len().unwrap() + s.hot_len(), 100);
+        for u in 0..100 {
+            let user = format!("u{u}");
+            assert_eq!(fetch(&mut s, &user), Some(state(&user, u % 4, 1)));
+        }
+        assert_eq!(fetch(&mut s, "nobody"), None);
+    }
+
+    #[test]
+    fn the_least_recently_used_are_spilled_first_and_updates_after_a_spill_win() {
+        let (_dir, mut s) = states(2);
+        s.insert(state("a", 0, 1));
+        s.insert(state("b", 0, 1));
+        assert!(s.get("a").is_some()); // a is now the most recent
+        s.insert(state("c", 0, 1));
+        s.spill().unwrap();
+        assert!(s.get("b").is_none(), "b was the least recently used");
+        assert!(s.get("a").is_some() && s.get("c").is_some());
+        // b comes back, changes, goes out again: the file keeps the change.
+        s.load(["b"]).unwrap();
+        s.insert(state("b", 0, 2));
+        s.insert(state("d", 0, 1));
+        s.insert(state("e", 0, 1));
+        s.spill().unwrap();
+        assert!(s.get("b").is_none());
+        assert_eq!(fetch(&mut s, "b").unwrap().version, 2);
+    }
+
+    #[test]
+    fn forgetting_partitions_drops_their_users_from_memory_and_file() {
+        let (_dir, mut s) = states(2);
+        for (u, p) in [("a", 0), ("b", 1), ("c", 0), ("d", 1), ("e", 0)] {
+            s.insert(state(u, p, 1));
+        }
+        s.spill().unwrap();
+        s.forget_partitions(&[0]).unwrap();
+        for u in ["a", "c", "e"] {
+            assert_eq!(fetch(&mut s, u), None, "{u} is on partition 0");
+        }
+        for u in ["b", "d"] {
+            assert!(fetch(&mut s, u).is_some(), "{u} is on partition 1");
+        }
+    }
+
+    #[test]
+    fn a_restore_keeps_the_newest_version_of_each_user_and_skips_unreadable_records() {
+        let (_dir, mut s) = states(4);
+        let mut r = s.restorer().unwrap();
+        for (u, v) in [("a", 1), ("a", 3), ("b", 2), ("a", 2)] {
+            r.put(&serde_json::to_vec(&state(u, 0, v)).unwrap())
+                .unwrap();
+        }
+        assert!(matches!(
+            r.put(b"{not json"),
+            Err(StateError::Unreadable(_))
+        ));
+        assert_eq!(r.finish().unwrap(), 4);
+        assert_eq!(fetch(&mut s, "a"), Some(state("a", 0, 3)));
+        assert_eq!(fetch(&mut s, "b"), Some(state("b", 0, 2)));
+        // A spilled state older than the file's copy does not overwrite it.
+        let (_d2, mut t) = states(1);
+        let mut r = t.restorer().unwrap();
+        r.put(&serde_json::to_vec(&state("a", 0, 5)).unwrap())
+            .unwrap();
+        r.finish().unwrap();
+        t.insert(state("a", 0, 4));
+        t.insert(state("z", 0, 1));
+        t.spill().unwrap();
+        assert_eq!(fetch(&mut t, "a").unwrap().version, 5);
+    }
+
+    #[test]
+    fn the_file_goes_with_the_states_and_an_unwritable_dir_is_a_clear_error() {
+        let (dir, s) = states(4);
+        let nested = dir.path().join("nested");
+        assert_eq!(std::fs::read_dir(&nested).unwrap().count(), 1);
+        drop(s);
+        assert_eq!(std::fs::read_dir(&nested).unwrap().count(), 0);
+        let blocker = dir.path().join("a-file");
+        std::fs::write(&blocker, b"").unwrap();
+        let err = UserStates::open(&StateSettings {
+            hot_users: 1,
+            dir: Some(blocker.join("sub")),
+        })
+        .err()
+        .expect("a directory under a file cannot be made");
+        assert!(err.to_string().contains("a-file"), "{err}");
+    }
+}
