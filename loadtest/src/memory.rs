@@ -1,7 +1,8 @@
 //! `memory`: bytes of user state per user against the raw vector (dim × 4 bytes), as
 //! update-embeddings keeps it: the same `UserModel` applies events to users held in the
 //! service's `UserStates` (the most recent `hot_users` in memory, the rest in the state
-//! file), batch by batch as the service does: load the batch's users, apply, spill.
+//! file; each held as its changelog JSON), batch by batch as the service does: load the
+//! batch's users, apply, encode, keep, spill.
 //! Events come in rounds (every user's first event, then every user's second...), the
 //! order in which a bounded memory is used least well. Memory is the growth of this
 //! process's resident set while the states fill (no allocator hooks needed); the state
@@ -96,13 +97,14 @@ pub fn run(
                 partition: 0,
                 offset: round,
             };
-            let after = model.apply(states.get(&event.user_id), &event, position, 0)?;
+            let before = states.get(&event.user_id)?;
+            let after = model.apply(before.as_ref(), &event, position, 0)?;
             // The service encodes every state for the changelog.
             let encoded = serde_json::to_vec(&after)?;
             if round as usize + 1 == events_per_user {
                 json += encoded.len();
             }
-            states.insert(after);
+            states.insert(&after, &encoded);
         }
         states.spill()?;
     }

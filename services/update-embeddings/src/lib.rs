@@ -68,7 +68,7 @@ impl UpdateEmbeddings {
     /// The state of `user_id`, if known (from memory or the state file).
     pub fn user(&mut self, user_id: &str) -> Result<Option<UserVectorRecord>, StateError> {
         self.users.load([user_id])?;
-        Ok(self.users.get(user_id).cloned())
+        self.users.get(user_id)
     }
 
     /// Users whose states are in memory now.
@@ -82,8 +82,8 @@ impl UpdateEmbeddings {
         let _span =
             tracing::info_span!("event", event_id = %event.event_id, user_id = %event.user_id)
                 .entered();
-        let before = self.users.get(&event.user_id);
-        if let Some(b) = before {
+        let before = self.users.get(&event.user_id).map_err(|e| e.to_string())?;
+        if let Some(b) = &before {
             if b.source.partition == meta.partition && meta.offset <= b.source.offset {
                 tracing::debug!(user = %event.user_id, offset = meta.offset, "replayed event skipped");
                 return Ok(None);
@@ -102,12 +102,12 @@ impl UpdateEmbeddings {
         };
         let after = self
             .model
-            .apply(before, event, source, now_ms())
+            .apply(before.as_ref(), event, source, now_ms())
             .map_err(|e| e.to_string())?;
         metrics::counter!("recpipe_events_applied_total", "type" => event.event_type.as_str())
             .increment(1);
         let payload = serde_json::to_vec(&after).map_err(|e| e.to_string())?;
-        self.users.insert(after);
+        self.users.insert(&after, &payload);
         Ok(Some(Output {
             topic: self.kafka.topics.user_vectors.clone(),
             key: event.user_id.clone(),
