@@ -10,7 +10,7 @@ shift || true
 per_user=("${@:-1 10 60}")
 cargo build --release -p recpipe-loadtest -p recpipe-shared --quiet
 [ -f .run/catalog/products.jsonl ] || target/release/recpipe-admin catalog generate --products 2000 --dim 32 >/dev/null
-run() { target/release/recpipe-loadtest --catalog .run/catalog memory --users "$users" --events-per-user "$1" ${2:+--hot-users "$2"} | head -1; }
+run() { target/release/recpipe-loadtest --catalog .run/catalog memory --users "$users" --events-per-user "$1" ${2:+--hot-users "$2"} | sed -n 1p; }
 for n in ${per_user[*]}; do
   echo "-- $users users, $n events each"
   run "$n" "$users"   # every state in memory

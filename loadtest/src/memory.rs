@@ -110,10 +110,7 @@ pub fn run(
     }
     let elapsed = started.elapsed();
     let after = resident_bytes()?;
-    let file_bytes: u64 = std::fs::read_dir(dir.path())?
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let file_bytes = states.file_bytes()?;
     let bytes_per_user = (after - before) / users as f64;
     let raw = catalog.dim() * 4;
     let summary = MemorySummary {

@@ -5,7 +5,8 @@
 //! The file is a cache of the changelog (`user-vectors`), never the source of truth: it
 //! is made anew when the service starts and refilled from the changelog whenever
 //! partitions are assigned. So it needs no journal and no fsync, and a crash loses
-//! nothing that the changelog does not hold.
+//! nothing that the changelog does not hold. Its name is removed as soon as it is open,
+//! so that not even a SIGKILL leaves it behind on the disk.
 //!
 //! Memory holds each state as the JSON it was produced to the changelog with (about a
 //! third of the decoded struct, whose 100 small strings of history are each an
@@ -18,6 +19,7 @@
 //! In between, [`UserStates::get`] and [`UserStates::insert`] touch memory only.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hashlink::LruCache;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -55,9 +57,14 @@ struct Hot {
 pub struct UserStates {
     hot: LruCache<String, Hot>,
     hot_users: usize,
-    cold: Connection,
-    /// Removed (with the file) when the states are dropped.
-    file: tempfile::TempPath,
+    /// Shared with a [`Restorer`] on the restore thread (the file has no name to open
+    /// a second connection by); the processor does not touch it meanwhile.
+    cold: Arc<Mutex<Connection>>,
+}
+
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A panic mid-statement leaves nothing to repair: SQLite keeps its own state.
+    conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 // A rowid table: states of a kilobyte or more are what WITHOUT ROWID tables are bad at.
@@ -77,10 +84,11 @@ const UPSERT_NEWEST: &str = "INSERT INTO users (user_id, partition, version, sta
 
 fn open_connection(path: &Path) -> Result<Connection, StateError> {
     let conn = Connection::open(path)?;
-    // A cache of the changelog: nothing to roll back or make durable. 16 KiB pages hold
-    // several states of a full history (1–3 KB) where 4 KiB pages held one.
+    // A cache of the changelog: nothing to make durable, so no fsync and the rollback
+    // journal in memory (a failed spill or restore still rolls back cleanly). 16 KiB
+    // pages hold several states of a full history (1–3 KB) where 4 KiB pages held one.
     conn.execute_batch(
-        "PRAGMA page_size = 16384; PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;
+        "PRAGMA page_size = 16384; PRAGMA journal_mode = MEMORY; PRAGMA synchronous = OFF;
          PRAGMA cache_size = -8192;",
     )?;
     Ok(conn)
@@ -106,11 +114,15 @@ impl UserStates {
             .into_temp_path();
         let cold = open_connection(&file)?;
         cold.execute_batch(SCHEMA)?;
+        // The open connection keeps the file; its name is no longer needed.
+        file.close().map_err(|source| StateError::File {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(UserStates {
             hot: LruCache::new_unbounded(),
             hot_users: settings.hot_users.max(1),
-            cold,
-            file,
+            cold: Arc::new(Mutex::new(cold)),
         })
     }
 
@@ -121,10 +133,16 @@ impl UserStates {
 
     /// Users in the state file (spilled, or restored and not touched since).
     pub fn cold_len(&self) -> Result<usize, StateError> {
-        let n: i64 = self
-            .cold
-            .query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
+        let n: i64 = lock(&self.cold).query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
         Ok(n as usize)
+    }
+
+    /// Size of the state file.
+    pub fn file_bytes(&self) -> Result<u64, StateError> {
+        let cold = lock(&self.cold);
+        let pages: i64 = cold.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let size: i64 = cold.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok((pages * size) as u64)
     }
 
     /// Brings these users' states into memory (those the file has), so that [`get`]
@@ -132,9 +150,9 @@ impl UserStates {
     ///
     /// [`get`]: UserStates::get
     pub fn load<'a>(&mut self, users: impl IntoIterator<Item = &'a str>) -> Result<(), StateError> {
-        let mut select = self
-            .cold
-            .prepare_cached("SELECT partition, version, state FROM users WHERE user_id = ?1")?;
+        let cold = lock(&self.cold);
+        let mut select =
+            cold.prepare_cached("SELECT partition, version, state FROM users WHERE user_id = ?1")?;
         let mut loaded = 0u64;
         for user in users {
             if self.hot.get(user).is_some() {
@@ -201,7 +219,8 @@ impl UserStates {
         // Spill a little more than the excess, so that the next batches' new users do
         // not each cost a transaction.
         let count = (excess + self.hot_users / 16).min(self.hot.len());
-        let tx = self.cold.transaction()?;
+        let mut cold = lock(&self.cold);
+        let tx = cold.transaction()?;
         {
             let mut upsert = tx.prepare_cached(UPSERT_NEWEST)?;
             for (user, hot) in self.hot.iter().take(count) {
@@ -235,9 +254,8 @@ impl UserStates {
         for user in gone {
             self.hot.remove(&user);
         }
-        let mut delete = self
-            .cold
-            .prepare_cached("DELETE FROM users WHERE partition = ?1")?;
+        let cold = lock(&self.cold);
+        let mut delete = cold.prepare_cached("DELETE FROM users WHERE partition = ?1")?;
         for p in partitions {
             delete.execute([p])?;
         }
@@ -247,17 +265,30 @@ impl UserStates {
     /// A writer for restoring states into the file from another thread (the changelog
     /// is read on a blocking thread while this stays with the processor).
     pub fn restorer(&self) -> Result<Restorer, StateError> {
-        let conn = open_connection(&self.file)?;
-        conn.execute_batch("BEGIN")?;
-        Ok(Restorer { conn, written: 0 })
+        lock(&self.cold).execute_batch("BEGIN")?;
+        Ok(Restorer {
+            conn: self.cold.clone(),
+            written: 0,
+            finished: false,
+        })
     }
 }
 
 /// Writes changelog records into the state file in one transaction; the newest version
 /// of each user wins.
 pub struct Restorer {
-    conn: Connection,
+    conn: Arc<Mutex<Connection>>,
     written: usize,
+    finished: bool,
+}
+
+impl Drop for Restorer {
+    /// A restore that failed part way leaves the file as it was before it.
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = lock(&self.conn).execute_batch("ROLLBACK");
+        }
+    }
 }
 
 impl Restorer {
@@ -267,19 +298,22 @@ impl Restorer {
     pub fn put(&mut self, payload: &[u8]) -> Result<(), StateError> {
         let state: UserVectorRecord =
             serde_json::from_slice(payload).map_err(StateError::Unreadable)?;
-        self.conn.prepare_cached(UPSERT_NEWEST)?.execute(params![
-            state.user_id,
-            state.source.partition,
-            state.version as i64,
-            payload
-        ])?;
+        lock(&self.conn)
+            .prepare_cached(UPSERT_NEWEST)?
+            .execute(params![
+                state.user_id,
+                state.source.partition,
+                state.version as i64,
+                payload
+            ])?;
         self.written += 1;
         Ok(())
     }
 
     /// Commits; returns the records written.
-    pub fn finish(self) -> Result<usize, StateError> {
-        self.conn.execute_batch("COMMIT")?;
+    pub fn finish(mut self) -> Result<usize, StateError> {
+        lock(&self.conn).execute_batch("COMMIT")?;
+        self.finished = true;
         Ok(self.written)
     }
 }
@@ -403,6 +437,14 @@ mod tests {
         assert_eq!(r.finish().unwrap(), 4);
         assert_eq!(fetch(&mut s, "a"), Some(state("a", 0, 3)));
         assert_eq!(fetch(&mut s, "b"), Some(state("b", 0, 2)));
+        // A restore that fails part way (dropped unfinished) leaves nothing, and the next
+        // one can start.
+        let mut r = s.restorer().unwrap();
+        r.put(&serde_json::to_vec(&state("c", 0, 1)).unwrap())
+            .unwrap();
+        drop(r);
+        assert_eq!(fetch(&mut s, "c"), None);
+        s.restorer().unwrap().finish().unwrap();
         // A spilled state older than the file's copy does not overwrite it.
         let (_d2, mut t) = states(1);
         let mut r = t.restorer().unwrap();
@@ -416,11 +458,16 @@ mod tests {
     }
 
     #[test]
-    fn the_file_goes_with_the_states_and_an_unwritable_dir_is_a_clear_error() {
-        let (dir, s) = states(4);
+    fn the_file_leaves_no_name_behind_and_an_unwritable_dir_is_a_clear_error() {
+        let (dir, mut s) = states(1);
         let nested = dir.path().join("nested");
-        assert_eq!(std::fs::read_dir(&nested).unwrap().count(), 1);
-        drop(s);
+        // Nothing to clean up after a crash, though the states still work.
+        assert_eq!(std::fs::read_dir(&nested).unwrap().count(), 0);
+        for u in ["a", "b", "c"] {
+            put(&mut s, state(u, 0, 1));
+        }
+        s.spill().unwrap();
+        assert_eq!(fetch(&mut s, "a"), Some(state("a", 0, 1)));
         assert_eq!(std::fs::read_dir(&nested).unwrap().count(), 0);
         let blocker = dir.path().join("a-file");
         std::fs::write(&blocker, b"").unwrap();
