@@ -71,11 +71,6 @@ impl UpdateEmbeddings {
         self.users.get(user_id)
     }
 
-    /// Users whose states are in memory now.
-    pub fn users_in_memory(&self) -> usize {
-        self.users.hot_len()
-    }
-
     /// Applies one event read at `meta`; None when it is a replay already applied.
     fn apply(&mut self, meta: &RecordMeta, event: &Event) -> Result<Option<Output>, String> {
         // Every log line of this record names its event and user.
