@@ -4,8 +4,8 @@
 //!
 //! The file is a cache of the changelog (`user-vectors`), never the source of truth: it
 //! is made anew when the service starts and refilled from the changelog whenever
-//! partitions are assigned. So it needs no journal and no fsync, and a crash loses
-//! nothing that the changelog does not hold. Its name is removed as soon as it is open,
+//! partitions are assigned. So it needs no journal on disk and no fsync, and a crash
+//! loses nothing that the changelog does not hold. Its name is removed as soon as it is open,
 //! so that not even a SIGKILL leaves it behind on the disk.
 //!
 //! Memory holds each state as the JSON it was produced to the changelog with (about a
