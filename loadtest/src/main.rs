@@ -362,13 +362,14 @@ async fn main() -> anyhow::Result<()> {
             let catalog = Catalog::load(&cli.catalog)?;
             let summary = relay::run(&settings.kafka, &cli.api, &catalog, events, users).await?;
             println!(
-                "bare relay (3 hops): {:.0} events/s ({} events in {:.2} s)\npipeline (3 services): {:.0} events/s ({:.2} s, {} users' lists checked)\nratio pipeline / relay: {:.3}",
+                "bare relay (3 hops): {:.0} events/s ({} events in {:.2} s)\npipeline (3 services): {:.0} events/s ({:.2} s, {} users' lists checked in {} GETs)\nratio pipeline / relay: {:.3}",
                 summary.relay_events_per_sec,
                 summary.events,
                 summary.relay_seconds,
                 summary.pipeline_events_per_sec,
                 summary.pipeline_seconds,
                 summary.users,
+                summary.pipeline_gets,
                 summary.ratio
             );
             if let Some(path) = json {
