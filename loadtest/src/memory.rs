@@ -1,7 +1,7 @@
 //! `memory`: bytes of user state per user against the raw vector (dim × 4 bytes), as
 //! update-embeddings keeps it: the same `UserModel` applies events to users held in the
 //! service's `UserStates` (the most recent `hot_users` in memory, the rest in the state
-//! file; each held as its changelog JSON), batch by batch as the service does: load the
+//! file; each held in its compact binary form), batch by batch as the service does: load the
 //! batch's users, apply, encode, keep, spill.
 //! Events come in rounds (every user's first event, then every user's second...), the
 //! order in which a bounded memory is used least well. Memory is the growth of this
@@ -104,7 +104,7 @@ pub fn run(
             if round as usize + 1 == events_per_user {
                 json += encoded.len();
             }
-            states.insert(&after, &encoded);
+            states.insert(&after);
         }
         states.spill()?;
     }

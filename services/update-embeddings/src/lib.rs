@@ -102,7 +102,7 @@ impl UpdateEmbeddings {
         metrics::counter!("recpipe_events_applied_total", "type" => event.event_type.as_str())
             .increment(1);
         let payload = serde_json::to_vec(&after).map_err(|e| e.to_string())?;
-        self.users.insert(&after, &payload);
+        self.users.insert(&after);
         Ok(Some(Output {
             topic: self.kafka.topics.user_vectors.clone(),
             key: event.user_id.clone(),
