@@ -12,20 +12,22 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use recpipe_shared::events::{
-    arm, now_ms, Event, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID,
+    arm, now_ms, Event, EventType, RecommendationRecord, SourcePosition, POPULAR_USER_ID,
 };
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Processor, RecordMeta, RetryableError, RunStats,
 };
 use recpipe_shared::settings::{Settings, Topics};
-use recpipe_shared::store::{self, ExperimentEvent, ExperimentKind, Store, StoreError, WriteBatch};
+use recpipe_shared::store::{
+    self, ExperimentEvent, ExperimentKind, Store, StoreError, StoredUserState, WriteBatch,
+};
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "save-worker";
 
 pub enum Record {
     Event(Event),
-    UserState(UserVectorRecord),
+    UserState(StoredUserState),
     Recommendation(RecommendationRecord),
     Impression(ImpressionCount),
 }
@@ -41,6 +43,72 @@ pub struct ImpressionCount {
     pub ts: i64,
 }
 
+/// A string whose value is not needed: checked to be one, never copied.
+struct AnyString;
+
+impl<'de> serde::Deserialize<'de> for AnyString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = AnyString;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<AnyString, E> {
+                Ok(AnyString)
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+/// The shape of a [`UserVectorRecord`](recpipe_shared::events::UserVectorRecord) (the
+/// same fields, required and optional alike, the same types, no others), read for its
+/// key and version only: the strings of its history are checked, not copied, and the
+/// record's JSON is stored as it came. A test keeps the two in step.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // fields read only to check them
+struct UserStateShape {
+    user_id: String,
+    vector: Vec<f32>,
+    anchor_ts: i64,
+    version: u64,
+    recent_products: Vec<AnyString>,
+    purchased: Vec<AnyString>,
+    last_event: LastEventShape,
+    source: SourcePosition,
+    updated_at: i64,
+    #[serde(default)]
+    embeddings: Option<AnyString>,
+    #[serde(default)]
+    recent_event_ids: Vec<AnyString>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct LastEventShape {
+    event_id: AnyString,
+    #[serde(rename = "type")]
+    event_type: EventType,
+    #[serde(default)]
+    product_id: Option<AnyString>,
+    ts: i64,
+}
+
+/// A `user-vectors` record as the store keeps it, its shape checked.
+pub fn stored_user_state(payload: &[u8]) -> Result<StoredUserState, String> {
+    let shape: UserStateShape = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    // Valid JSON is valid UTF-8.
+    let body = String::from_utf8(payload.to_vec()).map_err(|e| e.to_string())?;
+    Ok(StoredUserState {
+        user_id: shape.user_id,
+        version: shape.version,
+        body,
+    })
+}
+
 pub struct SaveWorker {
     store: Arc<dyn Store>,
     topics: Topics,
@@ -49,9 +117,9 @@ pub struct SaveWorker {
 /// Each user's newest state of a batch: the store keeps only the newest anyway (an older
 /// version never overwrites a newer one), so the older ones need not be encoded and
 /// written. Order of first appearance is kept.
-fn newest_states(states: Vec<UserVectorRecord>) -> Vec<UserVectorRecord> {
+fn newest_states(states: Vec<StoredUserState>) -> Vec<StoredUserState> {
     let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    let mut newest: Vec<UserVectorRecord> = Vec::with_capacity(states.len());
+    let mut newest: Vec<StoredUserState> = Vec::with_capacity(states.len());
     for state in states {
         match at.get(&state.user_id) {
             Some(&i) if newest[i].version >= state.version => {}
@@ -95,7 +163,7 @@ impl Processor for SaveWorker {
                 .map(Record::Event)
                 .map_err(|e| format!("invalid event: {e}"))
         } else if *t == self.topics.user_vectors {
-            serde_json::from_slice(payload)
+            stored_user_state(payload)
                 .map(Record::UserState)
                 .map_err(|e| format!("invalid user vector: {e}"))
         } else if *t == self.topics.recommendations {
@@ -250,7 +318,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use recpipe_shared::events::{EventType, LastEvent, SourcePosition};
+    use recpipe_shared::events::{LastEvent, UserVectorRecord};
 
     fn state(user: &str, version: u64) -> UserVectorRecord {
         UserVectorRecord {
@@ -278,17 +346,74 @@ mod tests {
 
     #[test]
     fn only_each_users_newest_state_of_a_batch_is_written() {
-        let batch = vec![
+        let batch = [
             state("a", 1),
             state("b", 4),
             state("a", 3),
             state("a", 2), // a replay arriving late
             state("b", 5),
         ];
+        let batch = batch.iter().map(StoredUserState::of).collect();
         let newest: Vec<(String, u64)> = newest_states(batch)
             .into_iter()
             .map(|s| (s.user_id, s.version))
             .collect();
         assert_eq!(newest, vec![("a".to_string(), 3), ("b".to_string(), 5)]);
+    }
+
+    #[test]
+    fn a_user_state_is_stored_as_it_came_and_only_a_valid_one_is_accepted() {
+        let mut full = state("a", 7);
+        full.recent_products = vec!["p-1".into(), "quote\"d \\ é".into()];
+        full.purchased = vec!["p-1".into()];
+        full.last_event.product_id = Some("p-1".into());
+        full.embeddings = Some("e1".into());
+        full.recent_event_ids = vec!["a-7".into(), "a-6".into()];
+        for record in [state("a", 7), full] {
+            let json = serde_json::to_vec(&record).unwrap();
+            let stored = stored_user_state(&json).unwrap();
+            assert_eq!(stored, StoredUserState::of(&record));
+            // The body is the record itself.
+            let back: UserVectorRecord = serde_json::from_str(&stored.body).unwrap();
+            assert_eq!(back, record);
+        }
+        // What the full decode refuses, the check refuses too.
+        let good = serde_json::to_value(state("a", 1)).unwrap();
+        let mut bad = Vec::new();
+        for field in [
+            "user_id",
+            "vector",
+            "version",
+            "last_event",
+            "source",
+            "updated_at",
+        ] {
+            let mut v = good.clone();
+            v.as_object_mut().unwrap().remove(field);
+            bad.push(v);
+        }
+        let mut v = good.clone();
+        v["unknown"] = 1.into();
+        bad.push(v);
+        let mut v = good.clone();
+        v["recent_products"] = serde_json::json!([1]);
+        bad.push(v);
+        let mut v = good.clone();
+        v["last_event"]["type"] = "teleport".into();
+        bad.push(v);
+        let mut v = good.clone();
+        v["last_event"]["extra"] = 1.into();
+        bad.push(v);
+        let mut v = good.clone();
+        v["version"] = (-1).into();
+        bad.push(v);
+        for v in bad {
+            let json = serde_json::to_vec(&v).unwrap();
+            assert!(
+                serde_json::from_slice::<UserVectorRecord>(&json).is_err(),
+                "the record decodes: {v}"
+            );
+            assert!(stored_user_state(&json).is_err(), "accepted: {v}");
+        }
     }
 }

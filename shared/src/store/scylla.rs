@@ -302,14 +302,14 @@ impl Store for ScyllaStore {
             .user_states
             .iter()
             .map(|s| {
-                Ok((
+                (
                     s.user_id.as_str(),
                     s.version as i64,
-                    encode(s)?,
+                    s.body.as_str(),
                     s.version as i64,
-                ))
+                )
             })
-            .collect::<Result<_, StoreError>>()?;
+            .collect();
         let experiment: Vec<_> = batch
             .experiment
             .iter()

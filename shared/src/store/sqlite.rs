@@ -138,7 +138,7 @@ impl Store for SqliteStore {
                     )
                     .map_err(query_err)?;
                 for s in &batch.user_states {
-                    upsert_state.execute(params![s.user_id, s.version as i64, encode(s)?]).map_err(query_err)?;
+                    upsert_state.execute(params![s.user_id, s.version as i64, s.body]).map_err(query_err)?;
                 }
                 let mut insert_list = tx
                     .prepare_cached(

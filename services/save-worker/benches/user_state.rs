@@ -1,0 +1,52 @@
+//! What save-worker does with one `user-vectors` record of a full history (50 products,
+//! 50 event ids), against what it did before in the same run: decode the whole record and
+//! encode it again for the store. Run: `cargo bench -p save-worker --bench user_state`
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use recpipe_shared::events::{EventType, LastEvent, SourcePosition, UserVectorRecord};
+use recpipe_shared::store::StoredUserState;
+
+fn full_history() -> Vec<u8> {
+    let record = UserVectorRecord {
+        user_id: "user-0001234".into(),
+        vector: (0..32).map(|i| (i as f32 * 0.37).sin() * 0.2).collect(),
+        anchor_ts: 1_764_000_000_000,
+        version: 60,
+        recent_products: (0..50).map(|i| format!("p-{:05}", i * 37 % 2000)).collect(),
+        purchased: (0..10).map(|i| format!("p-{:05}", i * 91 % 2000)).collect(),
+        last_event: LastEvent {
+            event_id: "user-0001234-e0059".into(),
+            event_type: EventType::View,
+            product_id: Some("p-00042".into()),
+            ts: 1_764_000_000_000,
+        },
+        source: SourcePosition {
+            partition: 3,
+            offset: 123_456,
+        },
+        updated_at: 1_764_000_000_100,
+        embeddings: Some("9f2c4e1a7b3d5f60".into()),
+        recent_event_ids: (0..50).map(|i| format!("user-0001234-e{:04}", 59 - i)).collect(),
+    };
+    serde_json::to_vec(&record).unwrap()
+}
+
+fn user_state(c: &mut Criterion) {
+    let payload = full_history();
+    let mut group = c.benchmark_group("user_state_record_to_store_row");
+    group.bench_function("decode_whole_and_encode_again", |b| {
+        b.iter(|| {
+            let record: UserVectorRecord = serde_json::from_slice(black_box(&payload)).unwrap();
+            black_box(StoredUserState::of(&record))
+        })
+    });
+    group.bench_function("check_shape_and_pass_through", |b| {
+        b.iter(|| black_box(save_worker::stored_user_state(black_box(&payload)).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, user_state);
+criterion_main!(benches);
