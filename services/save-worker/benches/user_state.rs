@@ -28,7 +28,9 @@ fn full_history() -> Vec<u8> {
         },
         updated_at: 1_764_000_000_100,
         embeddings: Some("9f2c4e1a7b3d5f60".into()),
-        recent_event_ids: (0..50).map(|i| format!("user-0001234-e{:04}", 59 - i)).collect(),
+        recent_event_ids: (0..50)
+            .map(|i| format!("user-0001234-e{:04}", 59 - i))
+            .collect(),
     };
     serde_json::to_vec(&record).unwrap()
 }
