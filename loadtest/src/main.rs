@@ -11,6 +11,7 @@
 //! - `show`: prints a few users' recent events and recommendations, with titles.
 
 mod ann;
+mod http1;
 mod memory;
 mod mixed;
 mod relay;
@@ -233,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
             .timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(4_096)
             .build()?,
+        gets: http1::GetClient::new(&cli.api, Duration::from_secs(30)).map(std::sync::Arc::new),
         api: cli.api.clone(),
         api_key: cli.api_key.clone(),
     };
