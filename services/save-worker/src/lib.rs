@@ -5,9 +5,11 @@
 //!
 //! It also keeps the online experiment counts: every impression (a list the API served)
 //! and every click, cart or purchase that names a served list and one of its products,
-//! under the arm (model version) that made the list. Rows are keyed by impression or
-//! event id, so replays count once.
+//! under the arm (model version) that made the list. Actions are rows keyed by event id;
+//! impressions, a GET's worth each, are tallied per arm, day and partition with the last
+//! offset counted ([`ImpressionTally`]). Either way a replay counts once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -19,7 +21,8 @@ use recpipe_shared::kafka::framework::{
 };
 use recpipe_shared::settings::{Settings, Topics};
 use recpipe_shared::store::{
-    self, ExperimentEvent, ExperimentKind, Store, StoreError, StoredUserState, WriteBatch,
+    self, day_of, ExperimentEvent, ExperimentKind, ImpressionTally, Store, StoreError,
+    StoredUserState, WriteBatch,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -112,7 +115,16 @@ pub fn stored_user_state(payload: &[u8]) -> Result<StoredUserState, String> {
 pub struct SaveWorker {
     store: Arc<dyn Store>,
     topics: Topics,
+    /// The stored impression tallies this worker has read or written, by arm, day and
+    /// partition: each is read from the store once, then kept up to date here.
+    tallies: HashMap<TallyKey, ImpressionTally>,
 }
+
+type TallyKey = (String, i64, i32);
+
+/// Tallies kept in memory beyond this are dropped (and read again when needed): one per
+/// arm, day and partition, so only a long run with many arms gets there.
+const MAX_TALLIES: usize = 10_000;
 
 /// Each user's newest state of a batch: the store keeps only the newest anyway (an older
 /// version never overwrites a newer one), so the older ones need not be encoded and
@@ -135,7 +147,11 @@ fn newest_states(states: Vec<StoredUserState>) -> Vec<StoredUserState> {
 
 impl SaveWorker {
     pub fn new(store: Arc<dyn Store>, topics: Topics) -> Self {
-        SaveWorker { store, topics }
+        SaveWorker {
+            store,
+            topics,
+            tallies: HashMap::new(),
+        }
     }
 }
 
@@ -185,19 +201,22 @@ impl Processor for SaveWorker {
     ) -> Result<Vec<Outcome>, RetryableError> {
         let n = batch.len();
         let mut writes = WriteBatch::default();
+        let mut impressions = Vec::new();
         for d in batch {
             match d.input {
                 Record::Event(e) => writes.events.push(e),
                 Record::UserState(s) => writes.user_states.push(s),
                 Record::Recommendation(r) => writes.recommendations.push(r),
-                Record::Impression(i) => writes.experiment.push(ExperimentEvent {
-                    arm: arm(&i.model_version, i.fallback).to_string(),
-                    kind: ExperimentKind::Impression,
-                    id: i.impression_id,
-                    ts: i.ts,
-                }),
+                Record::Impression(i) => impressions.push((d.meta, i)),
             }
         }
+        // Tallied on copies: the kept ones change only once the store has them, so a
+        // batch retried after a failed write counts its impressions once.
+        let (tallied, gained) = self
+            .tally(&impressions)
+            .await
+            .map_err(|e| RetryableError(e.to_string()))?;
+        writes.impression_tallies = tallied.values().cloned().collect();
         writes.user_states = newest_states(std::mem::take(&mut writes.user_states));
         let attributed = self
             .attribute(&writes.events, &writes.recommendations)
@@ -214,6 +233,8 @@ impl Processor for SaveWorker {
         // Counted per arm and kind, so a metric is looked up once per pair, not per row.
         // (A batch names a few arms: a short list beats hashing every row's arm.)
         let mut counted: Vec<(String, &'static str, u64)> = Vec::new();
+        let impression = ExperimentKind::Impression.as_str();
+        counted.extend(gained.into_iter().map(|(arm, n)| (arm, impression, n)));
         for x in &writes.experiment {
             let kind = x.kind.as_str();
             match counted
@@ -230,6 +251,10 @@ impl Processor for SaveWorker {
             RetryableError(e.to_string())
         })?;
         metrics::histogram!("recpipe_store_write_seconds").record(started.elapsed().as_secs_f64());
+        if self.tallies.len() + tallied.len() > MAX_TALLIES {
+            self.tallies.clear();
+        }
+        self.tallies.extend(tallied);
         // Event time → list persisted (client clocks permitting).
         for seconds in freshness {
             metrics::histogram!("recpipe_freshness_seconds", "stage" => "list_persisted")
@@ -242,9 +267,66 @@ impl Processor for SaveWorker {
         }
         Ok((0..n).map(|_| Outcome::Emit(Vec::new())).collect())
     }
+
+    async fn prepare_partitions(
+        &mut self,
+        partitions: &[(String, i32)],
+    ) -> Result<(), RetryableError> {
+        // Another worker may have counted these partitions meanwhile: their tallies are
+        // read from the store again.
+        let impressions = &self.topics.impressions;
+        let assigned: Vec<i32> = partitions
+            .iter()
+            .filter(|(t, _)| t == impressions)
+            .map(|(_, p)| *p)
+            .collect();
+        self.tallies.retain(|(_, _, p), _| !assigned.contains(p));
+        Ok(())
+    }
 }
 
 impl SaveWorker {
+    /// The tallies these impressions change, counted from the kept (or stored) ones, and
+    /// how many impressions each arm gained; an impression at or below a tally's offset
+    /// was counted before and is skipped.
+    async fn tally(
+        &self,
+        impressions: &[(RecordMeta, ImpressionCount)],
+    ) -> Result<(HashMap<TallyKey, ImpressionTally>, Vec<(String, u64)>), StoreError> {
+        let mut changed: HashMap<TallyKey, ImpressionTally> = HashMap::new();
+        let mut gained: Vec<(String, u64)> = Vec::new();
+        for (meta, i) in impressions {
+            let arm = arm(&i.model_version, i.fallback);
+            let key = (arm.to_string(), day_of(i.ts), meta.partition);
+            let tally = match changed.entry(key) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let (arm, day, partition) = e.key().clone();
+                    let known = match self.tallies.get(e.key()) {
+                        Some(t) => Some(t.clone()),
+                        None => self.store.impression_tally(&arm, day, partition).await?,
+                    };
+                    e.insert(known.unwrap_or(ImpressionTally {
+                        arm,
+                        day,
+                        source_partition: partition,
+                        impressions: 0,
+                        through_offset: -1,
+                    }))
+                }
+            };
+            if meta.offset > tally.through_offset {
+                tally.impressions += 1;
+                tally.through_offset = meta.offset;
+                match gained.iter_mut().find(|(a, _)| a == arm) {
+                    Some((_, n)) => *n += 1,
+                    None => gained.push((arm.to_string(), 1)),
+                }
+            }
+        }
+        Ok((changed, gained))
+    }
+
     /// The experiment rows of events that act on a product of the list they name: the
     /// list is looked up in this batch, then among the user's stored lists, then among
     /// the popularity lists (served to users the pipeline had not seen).
@@ -415,5 +497,85 @@ mod tests {
             );
             assert!(stored_user_state(&json).is_err(), "accepted: {v}");
         }
+    }
+
+    fn impressions(
+        worker: &SaveWorker,
+        partition: i32,
+        offsets: std::ops::Range<i64>,
+        ts: i64,
+    ) -> Vec<Decoded<Record>> {
+        offsets
+            .map(|offset| {
+                let meta = RecordMeta {
+                    topic: worker.topics.impressions.clone(),
+                    partition,
+                    offset,
+                    key: None,
+                };
+                let json = format!(
+                    r#"{{"impression_id":"i-{partition}-{offset}","user_id":"u","recommendation_id":"r","model_version":"v1","items":[],"ts":{ts}}}"#
+                );
+                let input = worker.decode(&meta, json.as_bytes()).expect("a valid impression");
+                Decoded { meta, input }
+            })
+            .collect()
+    }
+
+    async fn impressions_counted(store: &dyn Store, day: i64) -> u64 {
+        let counts = store.experiment_counts(day, day).await.unwrap();
+        counts.iter().map(|c| c.impressions).sum()
+    }
+
+    #[tokio::test]
+    async fn impressions_are_tallied_once_each_across_replays_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let store = store::open(&url).await.unwrap();
+        let topics = Topics::default();
+        let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
+
+        let mut worker = SaveWorker::new(store.clone(), topics.clone());
+        let batch = impressions(&worker, 0, 0..5, ts)
+            .into_iter()
+            .chain(impressions(&worker, 1, 0..3, ts))
+            .collect();
+        worker.process(batch).await.unwrap();
+        assert_eq!(impressions_counted(&*store, day).await, 8);
+        // The same records again (offsets not committed before a crash): no change.
+        worker
+            .process(impressions(&worker, 0, 2..5, ts))
+            .await
+            .unwrap();
+        assert_eq!(impressions_counted(&*store, day).await, 8);
+
+        // A restarted worker knows nothing in memory: the store's tallies decide.
+        let mut restarted = SaveWorker::new(store.clone(), topics.clone());
+        restarted
+            .process(impressions(&restarted, 0, 3..7, ts))
+            .await
+            .unwrap();
+        assert_eq!(impressions_counted(&*store, day).await, 10);
+        let tally = store.impression_tally("v1", day, 0).await.unwrap().unwrap();
+        assert_eq!((tally.impressions, tally.through_offset), (7, 6));
+
+        // The first worker gets partition 0 back after the other counted on: it reads the
+        // tally again instead of writing its stale one over it.
+        worker
+            .prepare_partitions(&[(topics.impressions.clone(), 0)])
+            .await
+            .unwrap();
+        worker
+            .process(impressions(&worker, 0, 7..9, ts))
+            .await
+            .unwrap();
+        assert_eq!(impressions_counted(&*store, day).await, 12);
+        // Another day is another tally.
+        worker
+            .process(impressions(&worker, 0, 9..10, ts + 86_400_000))
+            .await
+            .unwrap();
+        assert_eq!(impressions_counted(&*store, day).await, 12);
+        assert_eq!(impressions_counted(&*store, day + 1).await, 1);
     }
 }

@@ -1,6 +1,6 @@
 //! Backpressure: while the store fails, save-worker retries the batch with backoff,
 //! commits nothing and reports not ready; when the store returns it catches up, and no
-//! record is lost.
+//! record is lost, and none is counted twice (impressions of a retried batch).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,6 +51,16 @@ impl Store for FlakyStore {
     ) -> Result<Option<RecommendationRecord>, StoreError> {
         self.inner.recommendation(user_id, recommendation_id).await
     }
+    async fn impression_tally(
+        &self,
+        arm: &str,
+        day: i64,
+        source_partition: i32,
+    ) -> Result<Option<store::ImpressionTally>, StoreError> {
+        self.inner
+            .impression_tally(arm, day, source_partition)
+            .await
+    }
     async fn experiment_counts(
         &self,
         from_day: i64,
@@ -85,6 +95,25 @@ async fn a_store_outage_is_retried_reported_and_caught_up_without_loss() {
             &env.settings.kafka.topics.events,
             &e.user_id,
             &serde_json::to_vec(&e).unwrap(),
+        )
+        .await;
+    }
+    // Impressions in the same outage: a retried batch must count each once.
+    let ts = 1_700_000_000_000i64;
+    for i in 0..30 {
+        let impression = serde_json::json!({
+            "impression_id": format!("i{i}"),
+            "user_id": format!("u{}", i % 4),
+            "recommendation_id": "r1",
+            "model_version": "v1",
+            "items": [],
+            "ts": ts + i,
+        });
+        produce(
+            &env.broker.brokers(),
+            &env.settings.kafka.topics.impressions,
+            &format!("u{}", i % 4),
+            &serde_json::to_vec(&impression).unwrap(),
         )
         .await;
     }
@@ -125,6 +154,17 @@ async fn a_store_outage_is_retried_reported_and_caught_up_without_loss() {
     })
     .await;
     assert_eq!(stored, 20);
+    let day = store::day_of(ts);
+    let impressions = eventually(Duration::from_secs(60), "30 impressions counted", || {
+        let inner = inner.clone();
+        async move {
+            let counts = inner.experiment_counts(day, day).await.unwrap();
+            let n: u64 = counts.iter().map(|c| c.impressions).sum();
+            (n >= 30).then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(impressions, 30, "each impression counted once");
     assert!(health.is_ready(), "ready again once the store answers");
     assert!(
         flaky.attempts.load(Ordering::SeqCst) >= 5,
@@ -132,8 +172,10 @@ async fn a_store_outage_is_retried_reported_and_caught_up_without_loss() {
     );
     shutdown.cancel();
     let stats = run.await.unwrap();
+    let counts = inner.experiment_counts(day, day).await.unwrap();
+    assert_eq!(counts.iter().map(|c| c.impressions).sum::<u64>(), 30);
     assert_eq!(
-        stats.records, 20,
+        stats.records, 50,
         "each record was consumed once: the failed batch was retried, not re-read"
     );
 }

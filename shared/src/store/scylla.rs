@@ -14,21 +14,23 @@ use scylla::policies::speculative_execution::SimpleSpeculativeExecutionPolicy;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 
-use super::{ArmCounts, ExperimentKind, Store, StoreError, WriteBatch};
+use super::{ArmCounts, ExperimentKind, ImpressionTally, Store, StoreError, WriteBatch};
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 use crate::settings::ScyllaSettings;
 
 /// Applied in order; every statement is `IF NOT EXISTS`, so re-applying is harmless.
-const SCHEMA: [&str; 2] = [
+const SCHEMA: [&str; 3] = [
     include_str!("../../../schemas/cql/V1__init.cql"),
     include_str!("../../../schemas/cql/V2__experiments.cql"),
+    include_str!("../../../schemas/cql/V3__impression_tallies.cql"),
 ];
-const TABLES: [&str; 5] = [
+const TABLES: [&str; 6] = [
     "events",
     "recommendations",
     "user_state",
     "experiment_events",
     "experiment_arms",
+    "impression_tallies",
 ];
 
 fn query_err(e: impl std::fmt::Display) -> StoreError {
@@ -48,6 +50,9 @@ pub struct ScyllaStore {
     insert_arm: PreparedStatement,
     arms_of_day: PreparedStatement,
     count_arm_day: PreparedStatement,
+    upsert_tally: PreparedStatement,
+    tally_of: PreparedStatement,
+    sum_tallies: PreparedStatement,
 }
 
 /// `scylla://host1:9042,host2:9042/keyspace` → (nodes, keyspace).
@@ -243,6 +248,10 @@ impl ScyllaStore {
             insert_arm: prepare(format!("INSERT INTO {ks}.experiment_arms (day, arm) VALUES (?, ?)")).await?,
             arms_of_day: prepare(format!("SELECT arm FROM {ks}.experiment_arms WHERE day = ?")).await?,
             count_arm_day: prepare(format!("SELECT kind, COUNT(*) FROM {ks}.experiment_events WHERE arm = ? AND day = ? GROUP BY kind")).await?,
+            // The offset is the write timestamp: a stale writer's older offset never wins.
+            upsert_tally: prepare(format!("INSERT INTO {ks}.impression_tallies (arm, day, source_partition, impressions, through_offset) VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?")).await?,
+            tally_of: prepare(format!("SELECT impressions, through_offset FROM {ks}.impression_tallies WHERE arm = ? AND day = ? AND source_partition = ?")).await?,
+            sum_tallies: prepare(format!("SELECT SUM(impressions) FROM {ks}.impression_tallies WHERE arm = ? AND day = ?")).await?,
             session,
         })
     }
@@ -323,14 +332,34 @@ impl Store for ScyllaStore {
                 )
             })
             .collect();
+        let tallies: Vec<_> = batch
+            .impression_tallies
+            .iter()
+            .map(|t| {
+                (
+                    t.arm.as_str(),
+                    t.day,
+                    t.source_partition,
+                    t.impressions as i64,
+                    t.through_offset,
+                    t.through_offset,
+                )
+            })
+            .collect();
         let mut arms: Vec<(i64, &str)> = batch
             .experiment
             .iter()
             .map(|x| (x.day(), x.arm.as_str()))
+            .chain(
+                batch
+                    .impression_tallies
+                    .iter()
+                    .map(|t| (t.day, t.arm.as_str())),
+            )
             .collect();
         arms.sort();
         arms.dedup();
-        let (a, b, c, d, e) = futures::join!(
+        let (a, b, c, d, e, f) = futures::join!(
             futures::future::join_all(
                 events
                     .into_iter()
@@ -355,8 +384,13 @@ impl Store for ScyllaStore {
                 arms.into_iter()
                     .map(|v| self.session.execute_unpaged(&self.insert_arm, v))
             ),
+            futures::future::join_all(
+                tallies
+                    .into_iter()
+                    .map(|v| self.session.execute_unpaged(&self.upsert_tally, v))
+            ),
         );
-        for result in a.into_iter().chain(b).chain(c).chain(d).chain(e) {
+        for result in a.into_iter().chain(b).chain(c).chain(d).chain(e).chain(f) {
             result.map_err(query_err)?;
         }
         Ok(())
@@ -414,6 +448,31 @@ impl Store for ScyllaStore {
             .transpose()
     }
 
+    async fn impression_tally(
+        &self,
+        arm: &str,
+        day: i64,
+        source_partition: i32,
+    ) -> Result<Option<ImpressionTally>, StoreError> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.tally_of, (arm, day, source_partition))
+            .await
+            .map_err(query_err)?
+            .into_rows_result()
+            .map_err(query_err)?;
+        Ok(rows
+            .maybe_first_row::<(i64, i64)>()
+            .map_err(query_err)?
+            .map(|(impressions, through_offset)| ImpressionTally {
+                arm: arm.to_string(),
+                day,
+                source_partition,
+                impressions: impressions as u64,
+                through_offset,
+            }))
+    }
+
     async fn experiment_counts(
         &self,
         from_day: i64,
@@ -434,6 +493,7 @@ impl Store for ScyllaStore {
                 .map(|r| r.map(|(a,)| a).map_err(query_err))
                 .collect::<Result<_, _>>()?;
             for arm in arms {
+                let arm_name = arm.clone();
                 let rows = self
                     .session
                     .execute_unpaged(&self.count_arm_day, (arm.as_str(), day))
@@ -450,6 +510,19 @@ impl Store for ScyllaStore {
                     let kind = ExperimentKind::parse(&kind)
                         .ok_or_else(|| StoreError::Corrupt(format!("experiment kind {kind:?}")))?;
                     entry.add(kind, n as u64);
+                }
+                let tallied = self
+                    .session
+                    .execute_unpaged(&self.sum_tallies, (arm_name.as_str(), day))
+                    .await
+                    .map_err(query_err)?
+                    .into_rows_result()
+                    .map_err(query_err)?;
+                if let Some((Some(n),)) = tallied
+                    .maybe_first_row::<(Option<i64>,)>()
+                    .map_err(query_err)?
+                {
+                    entry.add(ExperimentKind::Impression, n as u64);
                 }
             }
         }
@@ -492,7 +565,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(statements.len(), 6);
+        assert_eq!(statements.len(), 7);
         assert!(statements[0].starts_with("CREATE KEYSPACE IF NOT EXISTS shop WITH replication = {'class': 'NetworkTopologyStrategy'"));
         assert!(
             statements
@@ -500,6 +573,9 @@ mod tests {
                 .any(|s| s.contains("shop.recommendations")
                     && s.contains("default_time_to_live = 60"))
         );
+        assert!(statements
+            .iter()
+            .any(|s| s.contains("shop.impression_tallies")));
         assert!(statements
             .iter()
             .all(|s| !s.contains('{') || s.starts_with("CREATE KEYSPACE")));

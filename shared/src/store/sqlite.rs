@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{ArmCounts, ExperimentKind, Store, StoreError, WriteBatch};
+use super::{ArmCounts, ExperimentKind, ImpressionTally, Store, StoreError, WriteBatch};
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 
 /// Migrations in order; the database's `user_version` counts those applied.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     include_str!("../../../schemas/sqlite/V1__init.sql"),
     include_str!("../../../schemas/sqlite/V2__experiments.sql"),
+    include_str!("../../../schemas/sqlite/V3__impression_tallies.sql"),
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Read connections; GETs take whichever is free.
@@ -159,6 +160,20 @@ impl Store for SqliteStore {
                         .execute(params![x.arm, x.day(), x.kind.as_str(), x.id, x.ts])
                         .map_err(query_err)?;
                 }
+                let mut tally = tx
+                    .prepare_cached(
+                        "INSERT INTO impression_tallies (arm, day, source_partition, impressions, through_offset)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (arm, day, source_partition) DO UPDATE
+                         SET impressions = excluded.impressions, through_offset = excluded.through_offset
+                         WHERE excluded.through_offset >= impression_tallies.through_offset",
+                    )
+                    .map_err(query_err)?;
+                for t in &batch.impression_tallies {
+                    tally
+                        .execute(params![t.arm, t.day, t.source_partition, t.impressions as i64, t.through_offset])
+                        .map_err(query_err)?;
+                }
             }
             tx.commit().map_err(query_err)
         })
@@ -234,16 +249,51 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn impression_tally(
+        &self,
+        arm: &str,
+        day: i64,
+        source_partition: i32,
+    ) -> Result<Option<ImpressionTally>, StoreError> {
+        let arm = arm.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT impressions, through_offset FROM impression_tallies
+                 WHERE arm = ?1 AND day = ?2 AND source_partition = ?3",
+            )
+            .map_err(query_err)?
+            .query_row(params![arm, day, source_partition], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })
+            .optional()
+            .map_err(query_err)
+            .map(|row| {
+                row.map(|(impressions, through_offset)| ImpressionTally {
+                    arm,
+                    day,
+                    source_partition,
+                    impressions: impressions as u64,
+                    through_offset,
+                })
+            })
+        })
+        .await
+    }
+
     async fn experiment_counts(
         &self,
         from_day: i64,
         to_day: i64,
     ) -> Result<Vec<ArmCounts>, StoreError> {
         self.read(move |c| {
+            // Rows (attributed actions, impressions before V3) and tallies, by arm.
             let mut stmt = c
                 .prepare_cached(
                     "SELECT arm, kind, COUNT(*) FROM experiment_events WHERE day BETWEEN ?1 AND ?2
-                     GROUP BY arm, kind ORDER BY arm",
+                     GROUP BY arm, kind
+                     UNION ALL
+                     SELECT arm, 'impression', SUM(impressions) FROM impression_tallies
+                     WHERE day BETWEEN ?1 AND ?2 GROUP BY arm",
                 )
                 .map_err(query_err)?;
             let rows = stmt
@@ -255,20 +305,19 @@ impl Store for SqliteStore {
                     ))
                 })
                 .map_err(query_err)?;
-            let mut out: Vec<ArmCounts> = Vec::new();
+            let mut out: std::collections::BTreeMap<String, ArmCounts> = Default::default();
             for row in rows {
                 let (arm, kind, n) = row.map_err(query_err)?;
                 let kind = ExperimentKind::parse(&kind)
                     .ok_or_else(|| StoreError::Corrupt(format!("experiment kind {kind:?}")))?;
-                if out.last().is_none_or(|a| a.arm != arm) {
-                    out.push(ArmCounts {
+                out.entry(arm.clone())
+                    .or_insert_with(|| ArmCounts {
                         arm,
                         ..Default::default()
-                    });
-                }
-                out.last_mut().expect("pushed").add(kind, n as u64);
+                    })
+                    .add(kind, n as u64);
             }
-            Ok(out)
+            Ok(out.into_values().collect())
         })
         .await
     }
