@@ -295,6 +295,7 @@ impl SaveWorker {
     ) -> Result<(HashMap<TallyKey, ImpressionTally>, Vec<(String, u64)>), StoreError> {
         let mut changed: HashMap<TallyKey, ImpressionTally> = HashMap::new();
         let mut gained: Vec<(String, u64)> = Vec::new();
+        let mut skipped = 0u64;
         for (meta, i) in impressions {
             let arm = arm(&i.model_version, i.fallback);
             let key = (arm.to_string(), day_of(i.ts), meta.partition);
@@ -322,7 +323,21 @@ impl SaveWorker {
                     Some((_, n)) => *n += 1,
                     None => gained.push((arm.to_string(), 1)),
                 }
+            } else {
+                skipped += 1;
             }
+        }
+        if skipped > 0 {
+            // After a crash this is the replay of what was counted but not committed.
+            // Impressions skipped batch after batch mean offsets started again below the
+            // tallies: the topic was recreated while the store was kept.
+            metrics::counter!("recpipe_impressions_replayed_total").increment(skipped);
+            tracing::warn!(
+                skipped,
+                "impressions at or below their tally's offset skipped as replays; if this \
+                 goes on, the impressions topic was recreated: delete its rows of \
+                 impression_tallies (or start from an empty store)"
+            );
         }
         Ok((changed, gained))
     }
