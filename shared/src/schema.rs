@@ -7,6 +7,8 @@ pub const EVENT_SCHEMA: &str = include_str!("../../schemas/event.v1.schema.json"
 pub const USER_VECTOR_SCHEMA: &str = include_str!("../../schemas/user-vector.v1.schema.json");
 pub const RECOMMENDATION_SCHEMA: &str = include_str!("../../schemas/recommendation.v1.schema.json");
 pub const IMPRESSION_SCHEMA: &str = include_str!("../../schemas/impression.v1.schema.json");
+pub const IMPRESSION_BATCH_SCHEMA: &str =
+    include_str!("../../schemas/impression-batch.v1.schema.json");
 pub const MODEL_ASSIGNMENT_SCHEMA: &str =
     include_str!("../../schemas/model-assignment.v1.schema.json");
 
@@ -31,6 +33,29 @@ impl SchemaValidator {
         Ok(Self { validator })
     }
 
+    /// A schema whose `$ref`s name the `$id`s of `referenced` schemas (resolved from
+    /// these, never fetched).
+    pub fn with_references(schema_json: &str, referenced: &[&str]) -> Result<Self, String> {
+        let parse = |json: &str| -> Result<serde_json::Value, String> {
+            serde_json::from_str(json).map_err(|e| format!("schema is not JSON: {e}"))
+        };
+        let mut registry = jsonschema::Registry::new();
+        for json in referenced {
+            let doc = parse(json)?;
+            let id = doc["$id"]
+                .as_str()
+                .ok_or("a referenced schema has no $id")?
+                .to_string();
+            registry = registry.add(id, doc).map_err(|e| e.to_string())?;
+        }
+        let registry = registry.prepare().map_err(|e| e.to_string())?;
+        let validator = jsonschema::options()
+            .with_registry(&registry)
+            .build(&parse(schema_json)?)
+            .map_err(|e| e.to_string())?;
+        Ok(Self { validator })
+    }
+
     /// All violations of `doc` (empty when valid).
     pub fn violations(&self, doc: &serde_json::Value) -> Vec<SchemaViolation> {
         self.validator
@@ -41,6 +66,15 @@ impl SchemaValidator {
             })
             .collect()
     }
+}
+
+/// The schema of the API's impression records, compiled once.
+pub fn impression_batch_validator() -> &'static SchemaValidator {
+    static V: OnceLock<SchemaValidator> = OnceLock::new();
+    V.get_or_init(|| {
+        SchemaValidator::with_references(IMPRESSION_BATCH_SCHEMA, &[IMPRESSION_SCHEMA])
+            .expect("schemas/impression-batch.v1.schema.json compiles")
+    })
 }
 
 /// The event schema, compiled once.
@@ -98,8 +132,35 @@ mod tests {
         check::<Event>(EVENT_SCHEMA, "event.");
         check::<UserVectorRecord>(USER_VECTOR_SCHEMA, "user-vector");
         check::<RecommendationRecord>(RECOMMENDATION_SCHEMA, "recommendation");
-        check::<Impression>(IMPRESSION_SCHEMA, "impression");
+        check::<Impression>(IMPRESSION_SCHEMA, "impression.");
+        for (name, doc) in examples("impression-batch") {
+            assert_eq!(
+                impression_batch_validator().violations(&doc),
+                vec![],
+                "{name}"
+            );
+            let typed: Vec<Impression> = serde_json::from_value(doc.clone()).unwrap();
+            assert_eq!(typed.len(), 2);
+        }
         check::<ModelAssignment>(MODEL_ASSIGNMENT_SCHEMA, "model-assignment");
+    }
+
+    #[test]
+    fn a_batch_of_impressions_is_checked_item_by_item() {
+        let bad = serde_json::json!([{"impression_id": "i", "user_id": "u", "ts": 1}]);
+        let violations = impression_batch_validator().violations(&bad);
+        assert!(
+            !violations.is_empty(),
+            "an impression without its list passed"
+        );
+        assert!(impression_batch_validator()
+            .violations(&serde_json::json!({"impression_id": "i"}))
+            .iter()
+            .any(|v| v.message.contains("array")));
+        assert_eq!(
+            impression_batch_validator().violations(&serde_json::json!([])),
+            vec![]
+        );
     }
 
     #[test]

@@ -84,6 +84,11 @@ pub struct KafkaSettings {
     /// expires, so each hop waits this long: 1 ms locally; Apache Kafka answers as soon
     /// as data arrives, so 100 there spares idle fetches.
     pub fetch_wait_max_ms: u64,
+    /// The same, for consumers nobody waits on (save-worker: GET answers come from the
+    /// API's own view of the lists, not from the store). On tansu every consumer polls
+    /// once per wait whether or not there is data, so a longer wait here spares the
+    /// broker most of that consumer's idle fetches.
+    pub background_fetch_wait_max_ms: u64,
     /// How long a producer waits to fill a batch (0: send at once, lowest latency).
     pub linger_ms: u64,
 }
@@ -100,6 +105,7 @@ impl Default for KafkaSettings {
             client: BTreeMap::new(),
             max_record_bytes: 64 * 1024,
             fetch_wait_max_ms: 1,
+            background_fetch_wait_max_ms: 100,
             linger_ms: 0,
         }
     }
@@ -396,8 +402,8 @@ pub struct ApiSettings {
     /// Most users whose latest list the API holds in memory (each a list and its encoded
     /// answer, a few KB); users beyond it are read from the store on every GET.
     pub view_max_users: usize,
-    /// How long impressions (one per GET) wait to be sent in a batch. Nobody waits on
-    /// them, and batching spares librdkafka a wake-up and the broker a request per GET.
+    /// How long impressions (one per GET) are gathered before they are produced, one
+    /// record per partition holding them all (schemas/impression-batch.v1).
     pub impressions_linger_ms: u64,
 }
 
@@ -447,6 +453,17 @@ pub enum SettingsError {
     Load(config::ConfigError, PathBuf),
 }
 
+/// The environment variables that are settings: `RECPIPE_<SECTION>__<FIELD>`. Every
+/// setting lives in a section, so a variable without `__` is not one: it belongs to a
+/// script or tool (`RECPIPE_CONFIG_DIR`, `RECPIPE_DEMO_KAFKA_PORT`, `RECPIPE_CACHE_DIR`,
+/// ...) and is left to it rather than refused as an unknown setting.
+fn setting_vars(
+    vars: impl Iterator<Item = (String, String)>,
+) -> std::collections::HashMap<String, String> {
+    vars.filter(|(k, _)| k.starts_with("RECPIPE_") && k["RECPIPE_".len()..].contains("__"))
+        .collect()
+}
+
 impl Settings {
     /// The directory holding `base.yaml`: `$RECPIPE_CONFIG_DIR`, else `./configuration`.
     pub fn config_dir() -> PathBuf {
@@ -457,10 +474,7 @@ impl Settings {
 
     /// Loads `base.yaml` and `<service>.yaml` from `dir` (each optional), then the environment.
     pub fn load_from(dir: &Path, service: &str) -> Result<Settings, SettingsError> {
-        // RECPIPE_CONFIG_DIR names the directory; it is not a setting.
-        let vars = std::env::vars()
-            .filter(|(k, _)| k.starts_with("RECPIPE_") && k != "RECPIPE_CONFIG_DIR")
-            .collect();
+        let vars = setting_vars(std::env::vars());
         let env = config::Environment::with_prefix("RECPIPE")
             .prefix_separator("_")
             .separator("__")
@@ -486,6 +500,21 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_sectioned_variables_are_settings() {
+        let vars = [
+            ("RECPIPE_KAFKA__BROKERS", "k:9092"),
+            ("RECPIPE_CONFIG_DIR", "/etc/recpipe"),
+            ("RECPIPE_DEMO_KAFKA_PORT", "29092"),
+            ("RECPIPE_CACHE_DIR", "/tmp"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let kept = setting_vars(vars.into_iter());
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(kept["RECPIPE_KAFKA__BROKERS"], "k:9092");
+    }
 
     #[test]
     fn files_then_env_override() {

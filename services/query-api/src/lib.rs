@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod experiments;
+pub mod impressions;
 pub mod live;
 pub mod routes;
 pub mod startup;

@@ -326,8 +326,9 @@ async fn latest_list(state: &AppState, user_id: &str) -> Result<Option<Arc<ViewE
     }
 }
 
-/// Emits the served list to `impressions` without waiting: a lost impression only
-/// lowers a count, and GET latency must not depend on Kafka.
+/// Hands the served list's impression to the impression log, which produces it to
+/// `impressions` with others: never waits, as a lost impression only lowers a count and
+/// GET latency must not depend on Kafka.
 fn record_impression(state: &AppState, user_id: &str, answer: &Rendered) {
     if answer.response.fallback == Some(Fallback::Catalog) {
         return; // nothing a click could be attributed to
@@ -335,16 +336,7 @@ fn record_impression(state: &AppState, user_id: &str, answer: &Rendered) {
     let payload = answer
         .impression
         .encode(user_id, uuid::Uuid::new_v4(), now_ms());
-    let record = FutureRecord::to(&state.settings.kafka.topics.impressions)
-        .key(user_id.as_bytes())
-        .payload(&payload);
-    match state.impressions.send_result(record) {
-        Ok(delivery) => drop(delivery),
-        Err((e, _)) => {
-            metrics::counter!("recpipe_impressions_dropped_total").increment(1);
-            tracing::warn!(error = %e, "impression not queued");
-        }
-    }
+    state.impressions.record(user_id, payload);
 }
 
 /// An answer's [`Impression`](recpipe_shared::events::Impression) with the parts that

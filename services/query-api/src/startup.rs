@@ -19,8 +19,9 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Accepted events (sent at once: freshness waits on them).
     pub producer: FutureProducer,
-    /// Impressions (batched over `api.impressions_linger_ms`: nobody waits on them).
-    pub impressions: FutureProducer,
+    /// Impressions, gathered per partition and produced every
+    /// `api.impressions_linger_ms` (nobody waits on them).
+    pub impressions: Arc<crate::impressions::ImpressionLog>,
     /// The models served (following the `models` topic): titles, product checks, and the
     /// similar-product and category lists computed at request time.
     pub models: Arc<ModelRegistry>,
@@ -51,11 +52,28 @@ impl AppState {
             tokio::task::spawn_blocking(move || crate::view::follow(view, &settings, shutdown))
                 .await??;
         }
+        // After the follower took its start offsets: every list is then in the store's
+        // set or comes through the follower.
+        load_stored_users(&view, &*store, settings.api.view_max_users).await;
         let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
-        let mut impressions = recpipe_shared::kafka::producer_config(&settings.kafka);
-        impressions.set("linger.ms", settings.api.impressions_linger_ms.to_string());
-        let impressions =
-            recpipe_shared::kafka::with_overrides(impressions, &settings.kafka).create()?;
+        let impressions = {
+            let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
+            let topic = settings.kafka.topics.impressions.clone();
+            let partitions = {
+                let (producer, topic) = (producer.clone(), topic.clone());
+                tokio::task::spawn_blocking(move || {
+                    crate::impressions::partition_count(&producer, &topic)
+                })
+                .await??
+            };
+            crate::impressions::ImpressionLog::start(
+                producer,
+                topic,
+                partitions,
+                Duration::from_millis(settings.api.impressions_linger_ms),
+                settings.kafka.max_record_bytes,
+            )
+        };
         let keys = Arc::new(crate::auth::KeyRing::from_settings(&settings.api)?);
         if keys.is_open() {
             tracing::warn!("POST /v1/events accepts requests without an API key: set api.api_keys (RECPIPE_API__API_KEYS) in production");
@@ -72,6 +90,39 @@ impl AppState {
         })
     }
 }
+
+/// Tells `view` which users the store has lists for, so that others cost no store read.
+/// Skipped, with the reason logged, when there are more than the view holds or the
+/// store is slow to list them: those users are then read from the store on first ask.
+async fn load_stored_users(view: &crate::view::ListView, store: &dyn Store, max_users: usize) {
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(STORED_USERS_WAIT, store.users_with_lists(max_users)).await {
+        Ok(Ok(Some(users))) => {
+            let count = users.len();
+            view.know_stored_users(users);
+            tracing::info!(
+                users = count,
+                ms = started.elapsed().as_millis() as u64,
+                "users with stored lists loaded: others get the popularity list without a store read"
+            );
+        }
+        Ok(Ok(None)) => tracing::info!(
+            max_users,
+            "more users have stored lists than api.view_max_users: each one's first GET reads the store"
+        ),
+        Ok(Err(e)) => tracing::warn!(
+            error = %e,
+            "users with stored lists not loaded: each user's first GET reads the store"
+        ),
+        Err(_) => tracing::warn!(
+            seconds = STORED_USERS_WAIT.as_secs(),
+            "listing the users with stored lists took too long: each user's first GET reads the store"
+        ),
+    }
+}
+
+/// How long start-up may spend listing the users with stored lists.
+const STORED_USERS_WAIT: Duration = Duration::from_secs(30);
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.settings.api.max_body_bytes;
@@ -157,9 +208,9 @@ pub async fn serve(
         .await?;
     // Accepted events (and the impressions served) must reach Kafka before the process
     // exits.
+    impressions.close().await;
     use rdkafka::producer::Producer;
     let _ = producer.flush(Duration::from_secs(10));
-    let _ = impressions.flush(Duration::from_secs(10));
     Ok(())
 }
 

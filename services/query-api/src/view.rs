@@ -6,12 +6,19 @@
 //! the view lacks reads the store and offers what it finds to the view. Newest means the
 //! highest (user version, generated at), the order the store uses.
 //!
+//! At start the API also loads the ids of the users the store has lists for (when they
+//! fit the view's bound): a user in neither that set nor the view has no list, and is
+//! answered without a store read, so a restarted API is not slow for its first seconds
+//! while every asker's first GET reads the store. The set stays valid only while the
+//! view refuses no list for want of room.
+//!
 //! Each entry also keeps the last answer made from its list, encoded, so that repeated
 //! GETs of one user (page views) encode nothing: it is made again when `k` or the model
 //! serving the list changes.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -132,6 +139,12 @@ pub struct ListView {
     /// The follower has read every partition to the end it saw at start.
     caught_up: AtomicBool,
     applied: AtomicU64,
+    /// The users with a list in the store, read after the follower's start offsets were
+    /// taken: every list is either among these users' or comes through the follower.
+    stored_users: OnceLock<HashSet<Box<str>>>,
+    /// A list was refused for want of room: a user outside `stored_users` may then have
+    /// a list the view does not hold, so that set no longer says who has none.
+    refused_for_room: AtomicBool,
 }
 
 impl ListView {
@@ -141,7 +154,17 @@ impl ListView {
             max_users,
             caught_up: AtomicBool::new(false),
             applied: AtomicU64::new(0),
+            stored_users: OnceLock::new(),
+            refused_for_room: AtomicBool::new(false),
         }
+    }
+
+    /// Takes the users the store has lists for (read once the follower's start offsets
+    /// were taken). From then on a user in neither the view nor this set has no list.
+    pub fn know_stored_users(&self, users: Vec<String>) {
+        let _ = self
+            .stored_users
+            .set(users.into_iter().map(String::into_boxed_str).collect());
     }
 
     pub fn get(&self, user_id: &str) -> Option<Arc<ViewEntry>> {
@@ -153,7 +176,15 @@ impl ListView {
 
     pub fn lookup(&self, user_id: &str) -> Lookup {
         match self.lists.get(user_id).as_deref() {
-            None => Lookup::Unknown,
+            None => match self.stored_users.get() {
+                Some(stored)
+                    if !stored.contains(user_id)
+                        && !self.refused_for_room.load(Ordering::Acquire) =>
+                {
+                    Lookup::NoList
+                }
+                _ => Lookup::Unknown,
+            },
             Some(Slot::NoList) => Lookup::NoList,
             Some(Slot::Present(entry)) => Lookup::Present(entry.clone()),
         }
@@ -194,7 +225,10 @@ impl ListView {
                 slot.insert(Slot::Present(entry));
                 true
             }
-            Entry::Vacant(_) => false,
+            Entry::Vacant(_) => {
+                self.refused_for_room.store(true, Ordering::Release);
+                false
+            }
         }
     }
 
@@ -400,6 +434,40 @@ mod tests {
         assert!(view.offer(list("u", 3, 50)));
         assert_eq!(view.get("u").unwrap().list.recommendation_id, "u-3-50");
         assert!(view.get("other").is_none());
+    }
+
+    fn is_no_list(view: &ListView, user: &str) -> bool {
+        matches!(view.lookup(user), Lookup::NoList)
+    }
+
+    #[test]
+    fn users_outside_the_stored_set_have_no_list_until_one_comes() {
+        let view = ListView::new(10);
+        assert!(
+            !is_no_list(&view, "x"),
+            "before the set is known, the store is asked"
+        );
+        view.know_stored_users(vec!["stored".into()]);
+        assert!(is_no_list(&view, "x"));
+        assert!(
+            matches!(view.lookup("stored"), Lookup::Unknown),
+            "a user with a stored list is read from the store"
+        );
+        assert!(view.offer(list("x", 1, 1)));
+        assert!(view.get("x").is_some(), "a list from the topic is served");
+    }
+
+    #[test]
+    fn a_list_refused_for_room_makes_the_stored_set_no_proof_of_no_list() {
+        let view = ListView::new(1);
+        view.know_stored_users(Vec::new());
+        assert!(view.offer(list("a", 1, 1)));
+        assert!(is_no_list(&view, "b"));
+        assert!(!view.offer(list("b", 1, 1)), "no room");
+        assert!(
+            matches!(view.lookup("b"), Lookup::Unknown),
+            "b has a list the view could not keep: ask the store"
+        );
     }
 
     fn served_model(version: &str) -> Arc<ServedModel> {

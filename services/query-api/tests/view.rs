@@ -3,64 +3,15 @@
 //! list per user whatever order lists arrive in; the store answers for users the view
 //! lacks.
 
+mod common;
+
 use std::time::Duration;
 
-use recpipe_shared::events::{RecommendationRecord, ScoredProduct, POPULAR_USER_ID};
+use common::{get, list, publish, start_api};
+use recpipe_shared::events::POPULAR_USER_ID;
 use recpipe_shared::store::{self, WriteBatch};
-use recpipe_shared::testkit::{eventually, produce, TestEnv};
+use recpipe_shared::testkit::{eventually, TestEnv};
 use tokio_util::sync::CancellationToken;
-
-fn list(user: &str, version: u64, products: &[&str]) -> RecommendationRecord {
-    RecommendationRecord {
-        recommendation_id: format!("{user}-v{version}"),
-        user_id: user.into(),
-        model_version: "synthetic-v1".into(),
-        fallback: None,
-        items: products
-            .iter()
-            .map(|p| ScoredProduct {
-                product_id: p.to_string(),
-                score: 0.5,
-                because: None,
-            })
-            .collect(),
-        user_version: version,
-        source_event_id: Some(format!("{user}-e{version}")),
-        source_event_ts: Some(1_700_000_000_000),
-        generated_at: 1_700_000_000_000 + version as i64,
-        source: None,
-        input_event_ids: Vec::new(),
-    }
-}
-
-async fn publish(env: &TestEnv, list: &RecommendationRecord) {
-    produce(
-        &env.broker.brokers(),
-        &env.settings.kafka.topics.recommendations,
-        &list.user_id,
-        &serde_json::to_vec(list).unwrap(),
-    )
-    .await;
-}
-
-async fn get(
-    client: &reqwest::Client,
-    address: std::net::SocketAddr,
-    user: &str,
-) -> serde_json::Value {
-    client
-        .get(format!(
-            "http://{address}/v1/users/{user}/recommendations?k=10"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
 
 #[tokio::test]
 async fn get_serves_the_newest_list_from_the_topic_or_the_store() {
@@ -89,14 +40,8 @@ async fn get_serves_the_newest_list_from_the_topic_or_the_store() {
         .await
         .unwrap();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let state = query_api::AppState::build(env.settings.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    let view = state.view.clone();
-    let api = tokio::spawn(query_api::serve(listener, state, shutdown.clone()));
+    let api = start_api(&env.settings).await;
+    let (address, view) = (api.address, api.view.clone());
     let client = reqwest::Client::new();
     eventually(Duration::from_secs(30), "the view caught up", || {
         let view = view.clone();
@@ -108,6 +53,16 @@ async fn get_serves_the_newest_list_from_the_topic_or_the_store() {
         0,
         "the view started after save-worker's committed offset, not at the beginning"
     );
+
+    // Loaded at start: who has stored lists. Others are known to have none unread.
+    assert!(matches!(
+        view.lookup("never-seen"),
+        query_api::view::Lookup::NoList
+    ));
+    assert!(matches!(
+        view.lookup("store-only"),
+        query_api::view::Lookup::Unknown
+    ));
 
     // Users the view has not seen come from the store.
     let persisted = get(&client, address, "persisted").await;
@@ -171,6 +126,5 @@ async fn get_serves_the_newest_list_from_the_topic_or_the_store() {
     assert_eq!(unknown["fallback"], "popularity");
     assert_eq!(unknown["items"][1]["product_id"], "p-00008");
 
-    shutdown.cancel();
-    api.await.unwrap().unwrap();
+    api.stop().await;
 }

@@ -32,7 +32,9 @@ pub enum Record {
     Event(Event),
     UserState(StoredUserState),
     Recommendation(RecommendationRecord),
-    Impression(ImpressionCount),
+    /// The impressions of one record: one (schemas/impression.v1), or the API's batch of
+    /// a partition's users (schemas/impression-batch.v1).
+    Impressions(Vec<ImpressionCount>),
 }
 
 /// What the experiment counts need of an [`Impression`](recpipe_shared::events::Impression): the shown items and the ids of
@@ -44,6 +46,16 @@ pub struct ImpressionCount {
     #[serde(default)]
     pub fallback: Option<recpipe_shared::events::Fallback>,
     pub ts: i64,
+}
+
+/// The impressions of an `impressions` record: an array (the API's batch of one
+/// partition's users, schemas/impression-batch.v1) or a single impression
+/// (schemas/impression.v1, as the API produced them before batches).
+pub fn decode_impressions(payload: &[u8]) -> Result<Vec<ImpressionCount>, serde_json::Error> {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(payload),
+        _ => serde_json::from_slice(payload).map(|i| vec![i]),
+    }
 }
 
 /// A string whose value is not needed: checked to be one, never copied.
@@ -163,6 +175,12 @@ impl Processor for SaveWorker {
         SERVICE
     }
 
+    /// GET answers come from the API's view of `recommendations`, not from the store, so
+    /// storing a few tens of ms later delays no answer.
+    fn on_freshness_path(&self) -> bool {
+        false
+    }
+
     fn topics(&self) -> Vec<String> {
         vec![
             self.topics.events.clone(),
@@ -187,8 +205,8 @@ impl Processor for SaveWorker {
                 .map(Record::Recommendation)
                 .map_err(|e| format!("invalid recommendation: {e}"))
         } else if *t == self.topics.impressions {
-            serde_json::from_slice(payload)
-                .map(Record::Impression)
+            decode_impressions(payload)
+                .map(Record::Impressions)
                 .map_err(|e| format!("invalid impression: {e}"))
         } else {
             Err(format!("record from unexpected topic {t:?}"))
@@ -207,7 +225,7 @@ impl Processor for SaveWorker {
                 Record::Event(e) => writes.events.push(e),
                 Record::UserState(s) => writes.user_states.push(s),
                 Record::Recommendation(r) => writes.recommendations.push(r),
-                Record::Impression(i) => impressions.push((d.meta, i)),
+                Record::Impressions(i) => impressions.push((d.meta, i)),
             }
         }
         // Tallied on copies: the kept ones change only once the store has them, so a
@@ -286,45 +304,56 @@ impl Processor for SaveWorker {
 }
 
 impl SaveWorker {
-    /// The tallies these impressions change, counted from the kept (or stored) ones, and
-    /// how many impressions each arm gained; an impression at or below a tally's offset
-    /// was counted before and is skipped.
+    /// The tallies these records' impressions change, counted from the kept (or stored)
+    /// ones, and how many impressions each arm gained. A record's impressions share its
+    /// offset, so each tally takes all of a record's impressions of its arm and day, or
+    /// none when the record is at or below the tally's offset (counted before).
     async fn tally(
         &self,
-        impressions: &[(RecordMeta, ImpressionCount)],
+        records: &[(RecordMeta, Vec<ImpressionCount>)],
     ) -> Result<(HashMap<TallyKey, ImpressionTally>, Vec<(String, u64)>), StoreError> {
         let mut changed: HashMap<TallyKey, ImpressionTally> = HashMap::new();
         let mut gained: Vec<(String, u64)> = Vec::new();
         let mut skipped = 0u64;
-        for (meta, i) in impressions {
-            let arm = arm(&i.model_version, i.fallback);
-            let key = (arm.to_string(), day_of(i.ts), meta.partition);
-            let tally = match changed.entry(key) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let (arm, day, partition) = e.key().clone();
-                    let known = match self.tallies.get(e.key()) {
-                        Some(t) => Some(t.clone()),
-                        None => self.store.impression_tally(&arm, day, partition).await?,
-                    };
-                    e.insert(known.unwrap_or(ImpressionTally {
-                        arm,
-                        day,
-                        source_partition: partition,
-                        impressions: 0,
-                        through_offset: -1,
-                    }))
+        for (meta, record) in records {
+            // A record names a few arms and days: a short list beats hashing each one.
+            let mut per_key: Vec<(&str, i64, u64)> = Vec::new();
+            for i in record {
+                let (arm, day) = (arm(&i.model_version, i.fallback), day_of(i.ts));
+                match per_key.iter_mut().find(|(a, d, _)| *a == arm && *d == day) {
+                    Some((_, _, n)) => *n += 1,
+                    None => per_key.push((arm, day, 1)),
                 }
-            };
-            if meta.offset > tally.through_offset {
-                tally.impressions += 1;
-                tally.through_offset = meta.offset;
-                match gained.iter_mut().find(|(a, _)| a == arm) {
-                    Some((_, n)) => *n += 1,
-                    None => gained.push((arm.to_string(), 1)),
+            }
+            for (arm, day, n) in per_key {
+                let key = (arm.to_string(), day, meta.partition);
+                let tally = match changed.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let (arm, day, partition) = e.key().clone();
+                        let known = match self.tallies.get(e.key()) {
+                            Some(t) => Some(t.clone()),
+                            None => self.store.impression_tally(&arm, day, partition).await?,
+                        };
+                        e.insert(known.unwrap_or(ImpressionTally {
+                            arm,
+                            day,
+                            source_partition: partition,
+                            impressions: 0,
+                            through_offset: -1,
+                        }))
+                    }
+                };
+                if meta.offset > tally.through_offset {
+                    tally.impressions += n;
+                    tally.through_offset = meta.offset;
+                    match gained.iter_mut().find(|(a, _)| a == arm) {
+                        Some((_, g)) => *g += n,
+                        None => gained.push((arm.to_string(), n)),
+                    }
+                } else {
+                    skipped += n;
                 }
-            } else {
-                skipped += 1;
             }
         }
         if skipped > 0 {
@@ -592,5 +621,102 @@ mod tests {
             .unwrap();
         assert_eq!(impressions_counted(&*store, day).await, 12);
         assert_eq!(impressions_counted(&*store, day + 1).await, 1);
+    }
+
+    /// One record of the API's batches at `offset` of partition 0: an impression per
+    /// (model version, ts) given.
+    fn batch_record(worker: &SaveWorker, offset: i64, served: &[(&str, i64)]) -> Decoded<Record> {
+        let meta = RecordMeta {
+            topic: worker.topics.impressions.clone(),
+            partition: 0,
+            offset,
+            key: None,
+        };
+        let items: Vec<String> = served
+            .iter()
+            .enumerate()
+            .map(|(n, (version, ts))| {
+                format!(
+                    r#"{{"impression_id":"i-{offset}-{n}","user_id":"u{n}","recommendation_id":"r","model_version":"{version}","items":["p-00001"],"ts":{ts}}}"#
+                )
+            })
+            .collect();
+        let json = format!("[{}]", items.join(","));
+        let input = worker
+            .decode(&meta, json.as_bytes())
+            .expect("a valid batch");
+        Decoded { meta, input }
+    }
+
+    #[tokio::test]
+    async fn a_batch_record_counts_all_its_impressions_once_per_arm_and_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let store = store::open(&url).await.unwrap();
+        let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
+        let next_day = ts + 86_400_000;
+        let mut worker = SaveWorker::new(store.clone(), Topics::default());
+        let arm_counts = |store: Arc<dyn Store>, day: i64| async move {
+            let counts = store.experiment_counts(day, day).await.unwrap();
+            counts
+                .iter()
+                .map(|c| (c.arm.clone(), c.impressions))
+                .collect::<Vec<_>>()
+        };
+
+        // Two arms and two days in one record, and a second record after it.
+        let first = [("a", ts), ("b", ts), ("a", ts), ("a", next_day), ("a", ts)];
+        worker
+            .process(vec![
+                batch_record(&worker, 0, &first),
+                batch_record(&worker, 1, &[("b", ts)]),
+            ])
+            .await
+            .unwrap();
+        let expected = vec![("a".to_string(), 3), ("b".to_string(), 2)];
+        assert_eq!(arm_counts(store.clone(), day).await, expected);
+        assert_eq!(
+            arm_counts(store.clone(), day + 1).await,
+            vec![("a".to_string(), 1)]
+        );
+
+        // Replayed by a restarted worker (no commit before a crash): nothing more.
+        let mut restarted = SaveWorker::new(store.clone(), Topics::default());
+        restarted
+            .process(vec![batch_record(&restarted, 0, &first)])
+            .await
+            .unwrap();
+        assert_eq!(arm_counts(store.clone(), day).await, expected);
+
+        // Older single-impression records still count; an empty array counts nothing.
+        let meta = RecordMeta {
+            topic: restarted.topics.impressions.clone(),
+            partition: 0,
+            offset: 2,
+            key: None,
+        };
+        let single = format!(
+            r#"{{"impression_id":"i","user_id":"u","recommendation_id":"r","model_version":"b","items":[],"ts":{ts}}}"#
+        );
+        let input = restarted.decode(&meta, single.as_bytes()).unwrap();
+        restarted
+            .process(vec![Decoded { meta, input }])
+            .await
+            .unwrap();
+        assert!(restarted
+            .decode(
+                &RecordMeta {
+                    offset: 3,
+                    ..batch_record(&restarted, 0, &[]).meta
+                },
+                b" []"
+            )
+            .is_ok());
+        assert_eq!(
+            arm_counts(store.clone(), day).await,
+            vec![("a".to_string(), 3), ("b".to_string(), 3)]
+        );
+        let tally = store.impression_tally("b", day, 0).await.unwrap().unwrap();
+        assert_eq!((tally.impressions, tally.through_offset), (3, 2));
     }
 }

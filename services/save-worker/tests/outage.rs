@@ -38,6 +38,9 @@ impl Store for FlakyStore {
     ) -> Result<Option<RecommendationRecord>, StoreError> {
         self.inner.latest_recommendations(user_id).await
     }
+    async fn users_with_lists(&self, limit: usize) -> Result<Option<Vec<String>>, StoreError> {
+        self.inner.users_with_lists(limit).await
+    }
     async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
         self.inner.user_events(user_id, limit).await
     }

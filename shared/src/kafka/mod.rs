@@ -3,6 +3,7 @@
 
 pub mod framework;
 pub mod models;
+pub mod partitioner;
 pub mod relay;
 
 use std::time::Duration;

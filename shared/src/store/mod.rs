@@ -190,6 +190,10 @@ pub trait Store: Send + Sync {
         &self,
         user_id: &str,
     ) -> Result<Option<RecommendationRecord>, StoreError>;
+    /// Every user with at least one stored list, when there are at most `limit` of them
+    /// (`None` when there are more). The API loads them at start so that a user outside
+    /// this set (and outside its view) is known to have no list without a read.
+    async fn users_with_lists(&self, limit: usize) -> Result<Option<Vec<String>>, StoreError>;
     /// A user's events, newest event time first.
     async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
     async fn user_state(&self, user_id: &str) -> Result<Option<UserVectorRecord>, StoreError>;
@@ -413,6 +417,20 @@ pub mod suite {
             Some(p2)
         );
         assert_eq!(store.latest_recommendations("b").await.unwrap(), None);
+
+        // The users with lists: each once, however many lists; none past the limit.
+        let mut with_lists = store.users_with_lists(10).await.unwrap().unwrap();
+        with_lists.sort();
+        assert_eq!(with_lists, vec![crate::events::POPULAR_USER_ID, "a"]);
+        assert_eq!(
+            store.users_with_lists(2).await.unwrap().map(|u| u.len()),
+            Some(2)
+        );
+        assert_eq!(
+            store.users_with_lists(1).await.unwrap(),
+            None,
+            "more users than the limit"
+        );
 
         // A list of the history by id; another user's id finds nothing.
         assert_eq!(

@@ -43,6 +43,7 @@ pub struct ScyllaStore {
     insert_list: PreparedStatement,
     upsert_state: PreparedStatement,
     latest_list: PreparedStatement,
+    users_with_lists: PreparedStatement,
     events_of: PreparedStatement,
     state_of: PreparedStatement,
     list_by_id: PreparedStatement,
@@ -240,6 +241,7 @@ impl ScyllaStore {
             .await?,
             upsert_state: prepare(format!("INSERT INTO {ks}.user_state (user_id, version, body) VALUES (?, ?, ?) USING TIMESTAMP ?")).await?,
             latest_list: prepare(format!("SELECT body FROM {ks}.recommendations WHERE user_id = ? LIMIT 1")).await?,
+            users_with_lists: prepare(format!("SELECT DISTINCT user_id FROM {ks}.recommendations")).await?,
             events_of: prepare(format!("SELECT body FROM {ks}.events WHERE user_id = ? LIMIT ?")).await?,
             state_of: prepare(format!("SELECT body FROM {ks}.user_state WHERE user_id = ?")).await?,
             // Filtering inside one user's partition only.
@@ -405,6 +407,26 @@ impl Store for ScyllaStore {
             .as_deref()
             .map(decode)
             .transpose()
+    }
+
+    async fn users_with_lists(&self, limit: usize) -> Result<Option<Vec<String>>, StoreError> {
+        use futures::TryStreamExt;
+        // A paged scan of the partition keys, stopped as soon as it passes the limit.
+        let mut rows = self
+            .session
+            .execute_iter(self.users_with_lists.clone(), ())
+            .await
+            .map_err(query_err)?
+            .rows_stream::<(String,)>()
+            .map_err(query_err)?;
+        let mut users = Vec::new();
+        while let Some((user_id,)) = rows.try_next().await.map_err(query_err)? {
+            if users.len() == limit {
+                return Ok(None);
+            }
+            users.push(user_id);
+        }
+        Ok(Some(users))
     }
 
     async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {

@@ -201,6 +201,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn users_with_lists(&self, limit: usize) -> Result<Option<Vec<String>>, StoreError> {
+        self.read(move |c| {
+            // The primary key leads with user_id: one ordered pass, no sort.
+            let mut stmt = c
+                .prepare("SELECT DISTINCT user_id FROM recommendations ORDER BY user_id LIMIT ?1")
+                .map_err(query_err)?;
+            let users = stmt
+                .query_map([limit.saturating_add(1) as i64], |r| r.get::<_, String>(0))
+                .map_err(query_err)?
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(query_err)?;
+            Ok((users.len() <= limit).then_some(users))
+        })
+        .await
+    }
+
     async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
         let user_id = user_id.to_string();
         self.read(move |c| {

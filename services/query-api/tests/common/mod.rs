@@ -134,3 +134,94 @@ pub fn shopper(app: &TestApp, user: &str, category: &str, views: usize) -> (Vec<
     ));
     (events, bought)
 }
+
+// For tests that run the API alone and feed `recommendations` themselves.
+
+pub fn list(
+    user: &str,
+    version: u64,
+    products: &[&str],
+) -> recpipe_shared::events::RecommendationRecord {
+    recpipe_shared::events::RecommendationRecord {
+        recommendation_id: format!("{user}-v{version}"),
+        user_id: user.into(),
+        model_version: "synthetic-v1".into(),
+        fallback: None,
+        items: products
+            .iter()
+            .map(|p| recpipe_shared::events::ScoredProduct {
+                product_id: p.to_string(),
+                score: 0.5,
+                because: None,
+            })
+            .collect(),
+        user_version: version,
+        source_event_id: Some(format!("{user}-e{version}")),
+        source_event_ts: Some(1_700_000_000_000),
+        generated_at: 1_700_000_000_000 + version as i64,
+        source: None,
+        input_event_ids: Vec::new(),
+    }
+}
+
+pub async fn publish(env: &TestEnv, list: &recpipe_shared::events::RecommendationRecord) {
+    recpipe_shared::testkit::produce(
+        &env.broker.brokers(),
+        &env.settings.kafka.topics.recommendations,
+        &list.user_id,
+        &serde_json::to_vec(list).unwrap(),
+    )
+    .await;
+}
+
+pub async fn get(
+    client: &reqwest::Client,
+    address: std::net::SocketAddr,
+    user: &str,
+) -> serde_json::Value {
+    client
+        .get(format!(
+            "http://{address}/v1/users/{user}/recommendations?k=10"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The API alone on port 0, without the pipeline's services.
+pub struct ApiOnly {
+    pub address: SocketAddr,
+    pub view: std::sync::Arc<query_api::view::ListView>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub async fn start_api(settings: &Settings) -> ApiOnly {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let state = query_api::AppState::build(settings.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let view = state.view.clone();
+    let task = tokio::spawn(query_api::serve(listener, state, shutdown.clone()));
+    ApiOnly {
+        address,
+        view,
+        shutdown,
+        task,
+    }
+}
+
+impl ApiOnly {
+    /// Stops it and waits until it has stopped (impressions flushed).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
