@@ -63,13 +63,17 @@ echo "closed loop (wrk, 64 connections, ${seconds} s per run):"
 results=$(mktemp)
 for round in 1 2 3; do
   quiet; t0=$(cpu $trivial)
-  read -r triv_rps triv_p99 < <(load "$trivial_api$path")
+  # wrk prints no figures when every request failed: say so and skip the round.
+  read -r triv_rps triv_p99 < <(load "$trivial_api$path") ||
+    { echo "  round $round: wrk gave no result against the trivial handler"; continue; }
   t1=$(cpu $trivial)
   quiet; a0=$(cpu "$api_pid")
-  read -r api_rps api_p99 < <(load "$api$path")
+  read -r api_rps api_p99 < <(load "$api$path") ||
+    { echo "  round $round: wrk gave no result against query-api (is it still up?)"; continue; }
   a1=$(cpu "$api_pid")
   echo "$round $api_rps $api_p99 $a0 $a1 $triv_rps $triv_p99 $t0 $t1" >>"$results"
 done
+[ -s "$results" ] || { echo "no round gave a result"; exit 1; }
 python3 - "$results" "$seconds" <<'PY'
 import statistics, sys
 rows, seconds = [l.split() for l in open(sys.argv[1])], float(sys.argv[2])

@@ -8,7 +8,8 @@
 #   scripts/demo.sh --no-wait  run, print, stop (for scripts)
 #   scripts/demo.sh --serve    start everything, send no traffic, wait (for benchmarks)
 # Ports: RECPIPE_DEMO_KAFKA_PORT (19092), RECPIPE_DEMO_API_PORT (8080); the experiment
-# runs RECPIPE_DEMO_SHOP_SECS (20) seconds.
+# runs RECPIPE_DEMO_SHOP_SECS (20) seconds. RECPIPE_DEMO_BIN_DIR runs the binaries of another
+# build instead of building this checkout's (benchmarks comparing two builds in one script).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -25,7 +26,9 @@ api_port="${RECPIPE_DEMO_API_PORT:-8080}"
 shop_secs="${RECPIPE_DEMO_SHOP_SECS:-20}"
 run="$root/.run"
 logs="$run/logs"
-bin="$root/target/release"
+prebuilt="${RECPIPE_DEMO_BIN_DIR:-}"
+unset RECPIPE_DEMO_BIN_DIR
+bin="${prebuilt:-$root/target/release}"
 
 say() { printf '\033[1m== %s\033[0m\n' "$*"; }
 in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -41,8 +44,12 @@ done
 say "1/7 installing the tansu broker (cached after the first run)"
 scripts/install-tansu.sh
 
-say "2/7 building recpipe (release)"
-cargo build --release --workspace --bins --quiet
+if [ -n "$prebuilt" ]; then
+  say "2/7 using the binaries in $bin (RECPIPE_DEMO_BIN_DIR)"
+else
+  say "2/7 building recpipe (release)"
+  cargo build --release --workspace --bins --quiet
+fi
 
 say "3/7 starting the broker on 127.0.0.1:$kafka_port"
 rm -rf "$run/broker" "$run"/recpipe.db*
