@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use recpipe_shared::kafka::partitioner::murmur2;
+use recpipe_shared::kafka::partitioner::{murmur2, partition_of_hash};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -123,7 +123,7 @@ impl Flusher {
     /// lowers a count.
     fn flush(&mut self) {
         while let Ok(served) = self.receiver.try_recv() {
-            let p = (served.hash & 0x7fff_ffff) % self.partitions;
+            let p = partition_of_hash(served.hash, self.partitions);
             self.queued[p as usize].push(served.json);
         }
         for (partition, queued) in self.queued.iter_mut().enumerate() {

@@ -33,7 +33,13 @@ pub fn murmur2(data: &[u8]) -> i32 {
 
 /// The partition of `key` among `partitions` (> 0): `toPositive(murmur2(key)) % n`.
 pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
-    (murmur2(key) & 0x7fff_ffff) % partitions
+    partition_of_hash(murmur2(key), partitions)
+}
+
+/// [`partition_of`] for a key whose [`murmur2`] was taken earlier (the count of
+/// partitions may be learnt later).
+pub fn partition_of_hash(hash: i32, partitions: i32) -> i32 {
+    (hash & 0x7fff_ffff) % partitions
 }
 
 #[cfg(test)]
