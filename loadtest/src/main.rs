@@ -180,6 +180,10 @@ enum Command {
         /// Users kept in memory (`state.hot_users`; default: the service's default).
         #[arg(long)]
         hot_users: Option<usize>,
+        /// How the events' ids look: `sequential` (`user-0000042-e0007`, as the load
+        /// tester and most counters make them) or `uuid` (random v4, as many producers do).
+        #[arg(long, value_enum, default_value_t = memory::EventIds::Sequential)]
+        event_ids: memory::EventIds,
     },
     /// Shoppers who GET their recommendations and click the ones they like (closed loop),
     /// then the click-through per model version.
@@ -326,14 +330,15 @@ async fn main() -> anyhow::Result<()> {
             users,
             events_per_user,
             hot_users,
+            event_ids,
         } => {
             let catalog = std::sync::Arc::new(Catalog::load(&cli.catalog)?);
             let hot_users =
                 hot_users.unwrap_or(recpipe_shared::settings::StateSettings::default().hot_users);
-            let m = memory::run(catalog, users, events_per_user, hot_users)?;
+            let m = memory::run(catalog, users, events_per_user, hot_users, event_ids)?;
             println!(
-                "{} users × {} events, dim {}, at most {} in memory: {:.0} bytes of state per user in memory, {} bytes of raw vector: ratio {:.2}; state file {:.0} bytes per user; {:.1} µs per event (as JSON on the changelog: {:.0} bytes)",
-                m.users, m.events_per_user, m.dim, m.hot_users, m.bytes_per_user, m.raw_vector_bytes, m.ratio, m.file_bytes_per_user, m.micros_per_event, m.json_bytes_per_user
+                "{} users × {} events ({:?} ids), dim {}, at most {} in memory: {:.0} bytes of state per user in memory, {} bytes of raw vector: ratio {:.2}; state file {:.0} bytes per user; {:.1} µs per event (as JSON on the changelog: {:.0} bytes)",
+                m.users, m.events_per_user, m.event_ids, m.dim, m.hot_users, m.bytes_per_user, m.raw_vector_bytes, m.ratio, m.file_bytes_per_user, m.micros_per_event, m.json_bytes_per_user
             );
             println!("{}", serde_json::to_string(&m)?);
             Ok(())

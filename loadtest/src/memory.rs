@@ -11,11 +11,23 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use rand::{Rng, SeedableRng};
 use recpipe_shared::catalog::Catalog;
 use recpipe_shared::events::{Event, EventType, SourcePosition};
 use recpipe_shared::model::{UserModel, UserStates};
 use recpipe_shared::settings::{ModelSettings, StateSettings};
 use serde::Serialize;
+
+/// How the benchmark's events name themselves. A state keeps its last 50 event ids, and
+/// what they cost in memory depends on their form.
+#[derive(Debug, Clone, Copy, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum EventIds {
+    /// `user-0000042-e0007`: one user's ids share all but their last characters.
+    Sequential,
+    /// Random UUIDs (v4), from a seeded generator so that runs are alike.
+    Uuid,
+}
 
 /// Events per batch, as `kafka.batch_max`.
 const BATCH: usize = 500;
@@ -24,6 +36,7 @@ const BATCH: usize = 500;
 pub struct MemorySummary {
     pub users: usize,
     pub events_per_user: usize,
+    pub event_ids: EventIds,
     pub hot_users: usize,
     pub dim: usize,
     pub raw_vector_bytes: usize,
@@ -54,6 +67,7 @@ pub fn run(
     users: usize,
     events_per_user: usize,
     hot_users: usize,
+    event_ids: EventIds,
 ) -> anyhow::Result<MemorySummary> {
     anyhow::ensure!(
         users > 0 && events_per_user > 0,
@@ -76,10 +90,16 @@ pub fn run(
     let mut json = 0usize;
     let total = users * events_per_user;
     let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     for n in 0..total {
         let (round, u) = (n / users, n % users);
         batch.push(Event {
-            event_id: format!("{}-e{round:04}", names[u]),
+            event_id: match event_ids {
+                EventIds::Sequential => format!("{}-e{round:04}", names[u]),
+                EventIds::Uuid => uuid::Builder::from_random_bytes(rng.random())
+                    .into_uuid()
+                    .to_string(),
+            },
             user_id: names[u].clone(),
             event_type: EventType::View,
             product_id: Some(products[(u * 31 + round * 7) % products.len()].to_string()),
@@ -116,6 +136,7 @@ pub fn run(
     let summary = MemorySummary {
         users,
         events_per_user,
+        event_ids,
         hot_users,
         dim: catalog.dim(),
         raw_vector_bytes: raw,

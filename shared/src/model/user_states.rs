@@ -323,12 +323,124 @@ impl Restorer {
 
 /// The in-process form of a state: [`UserVectorRecord`]'s fields in a fixed order,
 /// encoded with postcard (no field names, lengths and integers as varints, floats as
-/// their 4 little-endian bytes, so a vector comes back bit for bit). At 10 events a user
-/// takes about 0.6 KB in the file against 1.0 KB of JSON.
+/// their 4 little-endian bytes, so a vector comes back bit for bit).
+///
+/// The history's ids are most of a state, so they are written compactly. Each id of a
+/// list is written against the one before it (the length of the prefix they share, then
+/// the rest: `user-7-e0059` after `user-7-e0058` costs 4 bytes); an id in UUID's
+/// canonical form is written as its 16 bytes; the last event's id and product, which are
+/// nearly always the newest of their lists, are written as "the same". At a full history
+/// of 50 products and 50 event ids this takes a state from 1.8 KB to about 0.7 KB.
 pub mod compact {
-    use serde::{Deserialize, Serialize};
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Serialize, Serializer};
 
     use crate::events::{EventType, LastEvent, SourcePosition, UserVectorRecord};
+
+    /// One id of a list, as written.
+    #[derive(Serialize, Deserialize)]
+    enum Id<'a> {
+        /// Shares its first `shared` bytes with the id before it; `rest` follows.
+        Text { shared: u32, rest: &'a str },
+        /// A UUID in its canonical form (lower-case, hyphenated): its 16 bytes.
+        Uuid([u8; 16]),
+    }
+
+    fn canonical_uuid(id: &str) -> Option<[u8; 16]> {
+        if id.len() != 36 {
+            return None;
+        }
+        let uuid = uuid::Uuid::try_parse(id).ok()?;
+        let mut text = [0u8; 36];
+        // Only a form that prints back to the very same text may be written as bytes.
+        (uuid.hyphenated().encode_lower(&mut text).as_bytes() == id.as_bytes())
+            .then(|| *uuid.as_bytes())
+    }
+
+    fn shared_prefix(a: &str, b: &str) -> usize {
+        let mut n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+        // Cut on a character boundary, so that the rest is a string of its own.
+        while !b.is_char_boundary(n) {
+            n -= 1;
+        }
+        n
+    }
+
+    /// A list of ids, each written against the one before it.
+    struct Ids<'a>(&'a [String]);
+
+    impl Serialize for Ids<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+            let mut previous = "";
+            for id in self.0 {
+                match canonical_uuid(id) {
+                    Some(bytes) => seq.serialize_element(&Id::Uuid(bytes))?,
+                    None => {
+                        let shared = shared_prefix(previous, id);
+                        seq.serialize_element(&Id::Text {
+                            shared: shared as u32,
+                            rest: &id[shared..],
+                        })?
+                    }
+                }
+                previous = id;
+            }
+            seq.end()
+        }
+    }
+
+    fn expand(ids: Vec<Id<'_>>) -> Result<Vec<String>, postcard::Error> {
+        let mut out: Vec<String> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let text = match id {
+                Id::Uuid(bytes) => uuid::Uuid::from_bytes(bytes).hyphenated().to_string(),
+                Id::Text { shared, rest } => {
+                    let previous = out.last().map(String::as_str).unwrap_or("");
+                    let prefix = previous
+                        .get(..shared as usize)
+                        .ok_or(postcard::Error::DeserializeBadEncoding)?;
+                    let mut text = String::with_capacity(prefix.len() + rest.len());
+                    text.push_str(prefix);
+                    text.push_str(rest);
+                    text
+                }
+            };
+            out.push(text);
+        }
+        Ok(out)
+    }
+
+    /// An id that is nearly always the first of a list.
+    #[derive(Serialize, Deserialize)]
+    enum Newest<'a> {
+        None,
+        /// The same as the list's first.
+        First,
+        Other(&'a str),
+    }
+
+    impl<'a> Newest<'a> {
+        fn of(id: Option<&'a str>, list: &[String]) -> Self {
+            match id {
+                None => Newest::None,
+                Some(id) if list.first().map(String::as_str) == Some(id) => Newest::First,
+                Some(id) => Newest::Other(id),
+            }
+        }
+
+        fn expand(self, list: &[String]) -> Result<Option<String>, postcard::Error> {
+            Ok(match self {
+                Newest::None => None,
+                Newest::First => Some(
+                    list.first()
+                        .ok_or(postcard::Error::DeserializeBadEncoding)?
+                        .clone(),
+                ),
+                Newest::Other(id) => Some(id.to_string()),
+            })
+        }
+    }
 
     /// Borrowed, for encoding without copying. The record's optional fields are written
     /// always (postcard has no names to tell an omitted field by).
@@ -338,37 +450,42 @@ pub mod compact {
         vector: &'a [f32],
         anchor_ts: i64,
         version: u64,
-        recent_products: &'a [String],
-        purchased: &'a [String],
-        last_event_id: &'a str,
+        recent_products: Ids<'a>,
+        purchased: Ids<'a>,
+        recent_event_ids: Ids<'a>,
+        last_event_id: Newest<'a>,
         last_event_type: EventType,
-        last_event_product: Option<&'a str>,
+        last_event_product: Newest<'a>,
         last_event_ts: i64,
         partition: i32,
         offset: i64,
         updated_at: i64,
         embeddings: Option<&'a str>,
-        recent_event_ids: &'a [String],
     }
 
-    /// The same fields, owned, in the same order.
+    /// The same fields in the same order, borrowing from the encoded bytes.
     #[derive(Deserialize)]
-    struct Owned {
+    struct Encoded<'a> {
         user_id: String,
         vector: Vec<f32>,
         anchor_ts: i64,
         version: u64,
-        recent_products: Vec<String>,
-        purchased: Vec<String>,
-        last_event_id: String,
+        #[serde(borrow)]
+        recent_products: Vec<Id<'a>>,
+        #[serde(borrow)]
+        purchased: Vec<Id<'a>>,
+        #[serde(borrow)]
+        recent_event_ids: Vec<Id<'a>>,
+        #[serde(borrow)]
+        last_event_id: Newest<'a>,
         last_event_type: EventType,
-        last_event_product: Option<String>,
+        #[serde(borrow)]
+        last_event_product: Newest<'a>,
         last_event_ts: i64,
         partition: i32,
         offset: i64,
         updated_at: i64,
         embeddings: Option<String>,
-        recent_event_ids: Vec<String>,
     }
 
     pub fn encode(state: &UserVectorRecord) -> Vec<u8> {
@@ -377,44 +494,57 @@ pub mod compact {
             vector: &state.vector,
             anchor_ts: state.anchor_ts,
             version: state.version,
-            recent_products: &state.recent_products,
-            purchased: &state.purchased,
-            last_event_id: &state.last_event.event_id,
+            recent_products: Ids(&state.recent_products),
+            purchased: Ids(&state.purchased),
+            recent_event_ids: Ids(&state.recent_event_ids),
+            last_event_id: Newest::of(Some(&state.last_event.event_id), &state.recent_event_ids),
             last_event_type: state.last_event.event_type,
-            last_event_product: state.last_event.product_id.as_deref(),
+            last_event_product: Newest::of(
+                state.last_event.product_id.as_deref(),
+                &state.recent_products,
+            ),
             last_event_ts: state.last_event.ts,
             partition: state.source.partition,
             offset: state.source.offset,
             updated_at: state.updated_at,
             embeddings: state.embeddings.as_deref(),
-            recent_event_ids: &state.recent_event_ids,
         })
         // Serialising these types into a Vec has no failure case.
         .expect("a user state encodes")
     }
 
     pub fn decode(bytes: &[u8]) -> Result<UserVectorRecord, postcard::Error> {
-        let o: Owned = postcard::from_bytes(bytes)?;
+        let (e, rest): (Encoded, _) = postcard::take_from_bytes(bytes)?;
+        if !rest.is_empty() {
+            // Not a state this module wrote: it ends where a state ends.
+            return Err(postcard::Error::DeserializeBadEncoding);
+        }
+        let recent_products = expand(e.recent_products)?;
+        let recent_event_ids = expand(e.recent_event_ids)?;
+        let event_id = e
+            .last_event_id
+            .expand(&recent_event_ids)?
+            .ok_or(postcard::Error::DeserializeBadEncoding)?;
         Ok(UserVectorRecord {
-            user_id: o.user_id,
-            vector: o.vector,
-            anchor_ts: o.anchor_ts,
-            version: o.version,
-            recent_products: o.recent_products,
-            purchased: o.purchased,
+            user_id: e.user_id,
+            vector: e.vector,
+            anchor_ts: e.anchor_ts,
+            version: e.version,
+            purchased: expand(e.purchased)?,
             last_event: LastEvent {
-                event_id: o.last_event_id,
-                event_type: o.last_event_type,
-                product_id: o.last_event_product,
-                ts: o.last_event_ts,
+                event_id,
+                event_type: e.last_event_type,
+                product_id: e.last_event_product.expand(&recent_products)?,
+                ts: e.last_event_ts,
             },
+            recent_products,
             source: SourcePosition {
-                partition: o.partition,
-                offset: o.offset,
+                partition: e.partition,
+                offset: e.offset,
             },
-            updated_at: o.updated_at,
-            embeddings: o.embeddings,
-            recent_event_ids: o.recent_event_ids,
+            updated_at: e.updated_at,
+            embeddings: e.embeddings,
+            recent_event_ids,
         })
     }
 }
@@ -471,21 +601,44 @@ mod tests {
         s.get(user).unwrap().is_some()
     }
 
+    /// Ids as producers write them: any text, UUIDs in canonical and other forms, and
+    /// sequences that share long prefixes.
+    fn any_id() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            ".{0,40}",
+            "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+            "[0-9a-f]{32}",
+            "user-é[0-9]{1,2}-e[0-9]{1,4}",
+        ]
+    }
+
     proptest::proptest! {
         /// Any state comes back from its compact form exactly as it was: every field,
-        /// the optional ones absent or present, floats bit for bit.
+        /// the optional ones absent or present, floats bit for bit, ids of any form.
         #[test]
         fn the_compact_form_gives_back_the_state_it_was_made_from(
             user in "[a-zA-Z0-9_\\-\"é]{1,20}",
             vector in proptest::collection::vec(-1e30f32..1e30, 0..64),
             products in proptest::collection::vec("[a-z0-9\\-]{1,12}", 0..50),
-            ids in proptest::collection::vec(".{0,40}", 0..50),
+            ids in proptest::collection::vec(any_id(), 0..50),
+            other_id in any_id(),
             product in proptest::option::of("[a-z0-9\\-]{1,12}"),
+            newest in (proptest::bool::ANY, proptest::bool::ANY),
             embeddings in proptest::option::of("[a-f0-9]{0,16}"),
             numbers in (proptest::num::i64::ANY, proptest::num::u64::ANY, proptest::num::i32::ANY, proptest::num::i64::ANY),
             kind in 0usize..5,
         ) {
             let (ts, version, partition, offset) = numbers;
+            let (id_is_newest, product_is_newest) = newest;
+            let event_id = match ids.first() {
+                Some(first) if id_is_newest => first.clone(),
+                _ => other_id,
+            };
+            let product_id = match products.first() {
+                Some(first) if product_is_newest => Some(first.clone()),
+                _ => product,
+            };
             let state = UserVectorRecord {
                 user_id: user,
                 vector,
@@ -494,9 +647,9 @@ mod tests {
                 recent_products: products.clone(),
                 purchased: products.into_iter().rev().collect(),
                 last_event: LastEvent {
-                    event_id: ids.first().cloned().unwrap_or_default(),
+                    event_id,
                     event_type: EventType::ALL[kind],
-                    product_id: product,
+                    product_id,
                     ts: ts.wrapping_neg(),
                 },
                 source: SourcePosition { partition, offset },
@@ -508,6 +661,45 @@ mod tests {
             proptest::prop_assert_eq!(compact::decode(&encoded).unwrap(), state);
             // A damaged form is an error, not a wrong state.
             proptest::prop_assert!(compact::decode(&encoded[..encoded.len() - 1]).is_err());
+            let mut longer = encoded.clone();
+            longer.push(0);
+            proptest::prop_assert!(compact::decode(&longer).is_err());
+        }
+    }
+
+    /// A full history as the service keeps it: 50 products and 50 event ids.
+    fn full_history(event_id: impl Fn(usize) -> String) -> UserVectorRecord {
+        let mut s = state("user-0012345", 3, 60);
+        s.vector = vec![0.5; 32];
+        s.recent_products = (0..50)
+            .map(|n| format!("p-{:05}", 59 - n * 7 % 60))
+            .collect();
+        s.recent_event_ids = (0..50).map(|n| event_id(59 - n)).collect();
+        s.last_event.event_id = s.recent_event_ids[0].clone();
+        s.last_event.product_id = Some(s.recent_products[0].clone());
+        s
+    }
+
+    #[test]
+    fn a_full_history_takes_far_less_than_its_text() {
+        // Sequential ids share all but their last characters; UUIDs take their 16 bytes.
+        let sequential = full_history(|n| format!("user-0012345-e{n:04}"));
+        let uuids =
+            full_history(|n| uuid::Uuid::from_u128(n as u128 * 0x9e37_79b9_7f4a_7c15).to_string());
+        for (state, at_most) in [(&sequential, 700), (&uuids, 1_400)] {
+            let text: usize = state
+                .recent_products
+                .iter()
+                .chain(&state.recent_event_ids)
+                .map(|id| id.len() + 1)
+                .sum();
+            let encoded = compact::encode(state);
+            assert!(
+                encoded.len() <= at_most,
+                "{} bytes encoded, {text} bytes of ids as text",
+                encoded.len()
+            );
+            assert_eq!(&compact::decode(&encoded).unwrap(), state);
         }
     }
 
