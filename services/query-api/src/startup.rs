@@ -131,12 +131,17 @@ pub fn router(state: AppState) -> Router {
     // every answer, at a cost on every GET).
     let cors = (!state.settings.api.cors_origins.is_empty())
         .then(|| cors_layer(&state.settings.api.cors_origins));
-    crate::routes::routes(state.clone())
+    // GET recommendations is most of the traffic, and the layers cost about a tenth of
+    // its CPU (perf, BENCHMARKS.md): it takes no body to limit, counts and times itself
+    // under the same metric names, and is not traced per request. Only CORS applies.
+    let others = crate::routes::routes(state.clone())
         .route_layer(axum::middleware::from_fn(record_request))
-        .with_state(state)
         .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(TraceLayer::new_for_http());
+    crate::routes::recommendations_route()
+        .merge(others)
+        .with_state(state)
         .layer(tower::util::option_layer(cors))
-        .layer(TraceLayer::new_for_http())
 }
 
 /// CORS for the configured origins (none: no CORS headers, browsers refuse cross-origin).
@@ -172,7 +177,7 @@ async fn record_request(
 /// The request counter and timer of a route and status, registered on first use and
 /// then reused: looking a metric up by its labels on every request cost more than the
 /// GET's own work once answers came from memory.
-fn request_metrics(route: &str, status: u16) -> (metrics::Counter, metrics::Histogram) {
+pub(crate) fn request_metrics(route: &str, status: u16) -> (metrics::Counter, metrics::Histogram) {
     type ByStatus = Vec<(u16, metrics::Counter, metrics::Histogram)>;
     static HANDLES: std::sync::OnceLock<dashmap::DashMap<String, ByStatus>> =
         std::sync::OnceLock::new();

@@ -176,7 +176,17 @@ async fn events_in_recommendations_out() {
         .all(|i| popular.contains(i.product_id.as_str())));
     assert_eq!(stranger.items.len(), 5);
 
-    // The figures are there for Prometheus.
+    // A bad request is counted under its status too.
+    let bad = app
+        .client
+        .get(app.url("/v1/users/sam/recommendations?k=many"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // The figures are there for Prometheus, GET recommendations' among them though it
+    // counts itself outside the other routes' middleware.
     let metrics = app
         .client
         .get(app.url("/metrics"))
@@ -188,6 +198,20 @@ async fn events_in_recommendations_out() {
         .unwrap();
     assert!(
         metrics.contains(r#"recpipe_http_requests_total{route="/v1/events",status="202"}"#),
+        "{metrics}"
+    );
+    for status in ["200", "400"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"recpipe_http_requests_total{{route="/v1/users/{{user_id}}/recommendations",status="{status}"}}"#
+            )),
+            "{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(
+            r#"recpipe_http_request_seconds_count{route="/v1/users/{user_id}/recommendations"}"#
+        ),
         "{metrics}"
     );
     assert!(
@@ -350,6 +374,21 @@ async fn posting_events_takes_a_valid_key_within_its_rate_and_cors_follows_setti
         "https://shop.example"
     );
     let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    // GET recommendations, outside the other routes' layers, still answers with CORS.
+    let get_from = |origin: &str| {
+        app.client
+            .get(app.url("/v1/users/kim/recommendations"))
+            .header("origin", origin)
+            .send()
+    };
+    let ok = get_from("https://shop.example").await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    let other = get_from("https://evil.example").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
     app.stop().await;
 }
