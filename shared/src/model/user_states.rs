@@ -11,9 +11,10 @@
 //! Memory and the file hold each state in a compact binary form ([`compact`]: postcard,
 //! fields by position, floats as their 4 bytes, the history's ids front-coded): 0.3 of
 //! the changelog JSON at a full history of sequential ids, 0.5 of UUIDs, and a tenth of
-//! the decoded struct, whose 100 small strings of history are each an allocation. It is decoded again on the user's next event;
-//! spilling writes the bytes as they are. The form lives only in this process (the file is made anew at every start),
-//! so it needs no versioning; the changelog stays JSON (schemas/user-vector.v1).
+//! the decoded struct, whose 100 small strings of history are each an allocation. It is
+//! decoded again on the user's next event; spilling writes the bytes as they are. The
+//! form lives only in this process (the file is made anew at every start), so it needs
+//! no versioning; the changelog stays JSON (schemas/user-vector.v1).
 //!
 //! Only the two ends of a batch touch the file: [`UserStates::load`] before anything
 //! changes (a failure leaves the batch to be retried whole) and [`UserStates::spill`]
