@@ -153,6 +153,12 @@ pub struct UserVectorRecord {
     /// `recent_products`): the inputs a list made from this state names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_event_ids: Vec<String>,
+    /// Events applied since the state produced before this one, oldest first, not
+    /// counting `last_event`: update-embeddings produces one state per user and batch,
+    /// and whoever counts events (popularity) counts these too. A stored state keeps
+    /// the list it came with, which means nothing there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folded_events: Vec<LastEvent>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

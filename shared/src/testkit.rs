@@ -255,12 +255,36 @@ pub async fn read_topic(
     read_topic_with(&settings, topic, at_least, timeout).await
 }
 
+/// Reads `topic` from the beginning of every partition until `enough` says the records
+/// read so far are, or `timeout` passes; returns what was read.
+pub async fn read_topic_until(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    enough: impl Fn(&[OwnedMessage]) -> bool + Send + 'static,
+) -> Vec<OwnedMessage> {
+    let settings = KafkaSettings {
+        brokers: brokers.to_string(),
+        ..KafkaSettings::default()
+    };
+    read_topic_until_with(&settings, topic, timeout, enough).await
+}
+
 /// As [`read_topic`], connecting as `settings` say (e.g. with SASL and TLS).
 pub async fn read_topic_with(
     settings: &KafkaSettings,
     topic: &str,
     at_least: usize,
     timeout: Duration,
+) -> Vec<OwnedMessage> {
+    read_topic_until_with(settings, topic, timeout, move |out| out.len() >= at_least).await
+}
+
+async fn read_topic_until_with(
+    settings: &KafkaSettings,
+    topic: &str,
+    timeout: Duration,
+    enough: impl Fn(&[OwnedMessage]) -> bool + Send + 'static,
 ) -> Vec<OwnedMessage> {
     let mut config = crate::kafka::client_config(settings);
     let topic = topic.to_string();
@@ -281,7 +305,7 @@ pub async fn read_topic_with(
         consumer.assign(&tpl).unwrap();
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
-        while out.len() < at_least && Instant::now() < deadline {
+        while !enough(&out) && Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                 out.push(m.detach());
             }

@@ -188,10 +188,12 @@ impl Processor for GenRecommendations {
         let mut latest: HashMap<&str, usize> = HashMap::new();
         for (i, d) in batch.iter().enumerate() {
             latest.insert(&d.input.user_id, i);
-            if let Some(p) = d.input.last_event.product_id.as_deref() {
-                self.popularity
-                    .record(p, d.input.last_event.event_type, d.input.last_event.ts);
-                self.popularity_changed = true;
+            // A state stands for its last event and the ones folded into it.
+            for e in d.input.folded_events.iter().chain([&d.input.last_event]) {
+                if let Some(p) = e.product_id.as_deref() {
+                    self.popularity.record(p, e.event_type, e.ts);
+                    self.popularity_changed = true;
+                }
             }
         }
         let now = now_ms();
@@ -232,4 +234,75 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .await?;
     let processor = GenRecommendations::new(models, &settings);
     recpipe_shared::admin::run_service(&settings, processor, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recpipe_shared::events::{EventType, LastEvent, SourcePosition};
+    use recpipe_shared::kafka::framework::RecordMeta;
+
+    fn seen(event_id: &str, event_type: EventType, product: &str) -> LastEvent {
+        LastEvent {
+            event_id: event_id.into(),
+            event_type,
+            product_id: Some(product.into()),
+            ts: 1_700_000_000_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn popularity_counts_the_events_folded_into_a_state_as_well_as_its_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.catalog.dir = dir.path().join("catalog");
+        recpipe_shared::catalog::generate(recpipe_shared::catalog::SyntheticCatalog {
+            products: 200,
+            dim: 8,
+            ..Default::default()
+        })
+        .save(&settings.catalog.dir)
+        .unwrap();
+        let models = ModelRegistry::from_settings(&settings, IndexKind::Hnsw).unwrap();
+        let mut generator = GenRecommendations::new(Arc::new(models), &settings);
+        let state = UserVectorRecord {
+            user_id: "u".into(),
+            vector: vec![0.0; 8],
+            anchor_ts: 1_700_000_000_000,
+            version: 4,
+            recent_products: vec!["p-00002".into(), "p-00001".into()],
+            purchased: Vec::new(),
+            last_event: seen("e4", EventType::View, "p-00002"),
+            source: SourcePosition {
+                partition: 0,
+                offset: 4,
+            },
+            updated_at: 1_700_000_000_000,
+            embeddings: None,
+            recent_event_ids: vec!["e4".into(), "e3".into(), "e2".into(), "e1".into()],
+            // Three views of p-00001 weigh more than the one of p-00002.
+            folded_events: vec![
+                seen("e1", EventType::View, "p-00001"),
+                seen("e2", EventType::View, "p-00001"),
+                seen("e3", EventType::View, "p-00001"),
+            ],
+        };
+        let meta = RecordMeta {
+            topic: "user-vectors".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+        };
+        let outcomes = generator
+            .process(vec![Decoded { meta, input: state }])
+            .await
+            .unwrap();
+        assert!(matches!(&outcomes[..], [Outcome::Emit(out)] if out.len() == 1));
+        let published = generator.tick();
+        let popular: RecommendationRecord = serde_json::from_slice(&published[0].payload).unwrap();
+        assert_eq!(popular.user_id, POPULAR_USER_ID);
+        let ids: Vec<&str> = popular.items.iter().map(|i| i.product_id.as_str()).collect();
+        assert_eq!(ids, vec!["p-00001", "p-00002"]);
+        assert!(popular.items[0].score > 2.5 * popular.items[1].score);
+    }
 }

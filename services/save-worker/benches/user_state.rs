@@ -31,6 +31,7 @@ fn full_history() -> Vec<u8> {
         recent_event_ids: (0..50)
             .map(|i| format!("user-0001234-e{:04}", 59 - i))
             .collect(),
+        folded_events: Vec::new(),
     };
     serde_json::to_vec(&record).unwrap()
 }

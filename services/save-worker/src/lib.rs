@@ -98,6 +98,8 @@ struct UserStateShape {
     embeddings: Option<AnyString>,
     #[serde(default)]
     recent_event_ids: Vec<AnyString>,
+    #[serde(default)]
+    folded_events: Vec<LastEventShape>,
 }
 
 #[derive(serde::Deserialize)]
@@ -467,6 +469,7 @@ mod tests {
             updated_at: 0,
             embeddings: None,
             recent_event_ids: Vec::new(),
+            folded_events: Vec::new(),
         }
     }
 
@@ -495,6 +498,12 @@ mod tests {
         full.last_event.product_id = Some("p-1".into());
         full.embeddings = Some("e1".into());
         full.recent_event_ids = vec!["a-7".into(), "a-6".into()];
+        full.folded_events = vec![LastEvent {
+            event_id: "a-6".into(),
+            event_type: EventType::Click,
+            product_id: Some("p-2".into()),
+            ts: 5,
+        }];
         for record in [state("a", 7), full] {
             let json = serde_json::to_vec(&record).unwrap();
             let stored = stored_user_state(&json).unwrap();
@@ -529,6 +538,9 @@ mod tests {
         bad.push(v);
         let mut v = good.clone();
         v["last_event"]["extra"] = 1.into();
+        bad.push(v);
+        let mut v = good.clone();
+        v["folded_events"] = serde_json::json!([{"event_id": "e", "type": "view"}]);
         bad.push(v);
         let mut v = good.clone();
         v["version"] = (-1).into();

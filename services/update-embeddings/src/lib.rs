@@ -16,6 +16,7 @@
 //! (the `models` topic); when it changes, a user's vector is rebuilt from their recent
 //! history on their next event.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,14 +72,19 @@ impl UpdateEmbeddings {
         self.users.get(user_id)
     }
 
-    /// Applies one event read at `meta`; None when it is a replay already applied.
-    fn apply(&mut self, meta: &RecordMeta, event: &Event) -> Result<Option<Output>, String> {
+    /// Applies one event read at `meta` to `before` (the user's newest state); None when
+    /// it is a replay already applied.
+    fn apply(
+        &self,
+        before: Option<&UserVectorRecord>,
+        meta: &RecordMeta,
+        event: &Event,
+    ) -> Result<Option<UserVectorRecord>, String> {
         // Every log line of this record names its event and user.
         let _span =
             tracing::info_span!("event", event_id = %event.event_id, user_id = %event.user_id)
                 .entered();
-        let before = self.users.get(&event.user_id).map_err(|e| e.to_string())?;
-        if let Some(b) = &before {
+        if let Some(b) = before {
             if b.source.partition == meta.partition && meta.offset <= b.source.offset {
                 tracing::debug!(user = %event.user_id, offset = meta.offset, "replayed event skipped");
                 return Ok(None);
@@ -97,18 +103,78 @@ impl UpdateEmbeddings {
         };
         let after = self
             .model
-            .apply(before.as_ref(), event, source, now_ms())
+            .apply(before, event, source, now_ms())
             .map_err(|e| e.to_string())?;
         metrics::counter!("recpipe_events_applied_total", "type" => event.event_type.as_str())
             .increment(1);
-        let payload = serde_json::to_vec(&after).map_err(|e| e.to_string())?;
-        self.users.insert(&after);
-        Ok(Some(Output {
-            topic: self.kafka.topics.user_vectors.clone(),
-            key: event.user_id.clone(),
-            payload,
-            partition: Some(meta.partition),
-        }))
+        Ok(Some(after))
+    }
+
+    /// Applies a batch: one outcome per event, and one state per user and partition,
+    /// produced at the user's last applied event of the batch with the earlier ones
+    /// listed as folded. The framework commits the batch's offsets only once all of its
+    /// outputs are acknowledged, so a folded event is never committed without the state
+    /// that holds it.
+    fn apply_batch(&mut self, batch: &[Decoded<Event>]) -> Vec<Outcome> {
+        // By batch position: the newest state so far of the user whose event is there.
+        let mut newest: Vec<Option<UserVectorRecord>> = vec![None; batch.len()];
+        let mut rejected: Vec<Option<String>> = vec![None; batch.len()];
+        let mut at_of_user: HashMap<&str, usize> = HashMap::new();
+        for (i, d) in batch.iter().enumerate() {
+            let user = d.input.user_id.as_str();
+            let mut previous = at_of_user
+                .get(user)
+                .map(|&j| (j, newest[j].take().expect("the user's newest state")));
+            let applied = match &previous {
+                Some((_, state)) => self.apply(Some(state), &d.meta, &d.input),
+                None => match self.users.get(user) {
+                    Ok(state) => self.apply(state.as_ref(), &d.meta, &d.input),
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            match applied {
+                Ok(Some(mut after)) => {
+                    if let Some((j, before)) = previous.take() {
+                        // Folded in only where this state is the same partition's changelog.
+                        if batch[j].meta.partition == d.meta.partition {
+                            after.folded_events = before.folded_events;
+                            after.folded_events.push(before.last_event);
+                        } else {
+                            newest[j] = Some(before);
+                        }
+                    }
+                    newest[i] = Some(after);
+                    at_of_user.insert(user, i);
+                }
+                Ok(None) => {}
+                Err(reason) => rejected[i] = Some(reason),
+            }
+            if let Some((j, before)) = previous {
+                newest[j] = Some(before);
+            }
+        }
+        let topic = &self.kafka.topics.user_vectors;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (i, d) in batch.iter().enumerate() {
+            if let Some(reason) = rejected[i].take() {
+                outcomes.push(Outcome::Reject(reason));
+                continue;
+            }
+            let Some(mut state) = newest[i].take() else {
+                outcomes.push(Outcome::Emit(Vec::new()));
+                continue;
+            };
+            let payload = serde_json::to_vec(&state).expect("a user state serialises");
+            state.folded_events.clear();
+            self.users.insert(&state);
+            outcomes.push(Outcome::Emit(vec![Output {
+                topic: topic.clone(),
+                key: state.user_id,
+                payload,
+                partition: Some(d.meta.partition),
+            }]));
+        }
+        outcomes
     }
 }
 
@@ -162,13 +228,7 @@ impl Processor for UpdateEmbeddings {
         self.users
             .load(batch.iter().map(|d| d.input.user_id.as_str()))
             .map_err(|e| RetryableError(e.to_string()))?;
-        let outcomes = batch
-            .iter()
-            .map(|d| match self.apply(&d.meta, &d.input) {
-                Ok(out) => Outcome::Emit(out.into_iter().collect()),
-                Err(reason) => Outcome::Reject(reason),
-            })
-            .collect();
+        let outcomes = self.apply_batch(&batch);
         // A failed spill keeps the states in memory; the next batch tries again.
         if let Err(e) = self.users.spill() {
             metrics::counter!("recpipe_user_state_spill_errors_total").increment(1);

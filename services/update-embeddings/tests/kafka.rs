@@ -4,12 +4,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
-use recpipe_shared::events::{EventType, UserVectorRecord};
-use recpipe_shared::kafka::framework::{dlq_headers, RunStats};
+use recpipe_shared::events::{EventType, LastEvent, SourcePosition, UserVectorRecord};
+use recpipe_shared::kafka::framework::{
+    dlq_headers, Decoded, Outcome, Processor, RecordMeta, RunStats,
+};
 use recpipe_shared::model::{IndexKind, ModelRegistry};
 use recpipe_shared::settings::Settings;
-use recpipe_shared::testkit::{event, header, produce, read_topic, TestEnv};
+use recpipe_shared::testkit::{event, header, produce, read_topic, read_topic_until, TestEnv};
 use tokio_util::sync::CancellationToken;
 use update_embeddings::UpdateEmbeddings;
 
@@ -31,16 +34,41 @@ fn start(settings: &Settings) -> (CancellationToken, tokio::task::JoinHandle<Run
     (token, handle)
 }
 
-async fn states(env: &TestEnv, at_least: usize) -> Vec<UserVectorRecord> {
-    read_topic(
+fn decode(m: &OwnedMessage) -> UserVectorRecord {
+    serde_json::from_slice(m.payload().unwrap()).unwrap()
+}
+
+/// The events a state stands for, oldest first: those folded into it, then its last.
+fn applied(s: &UserVectorRecord) -> impl Iterator<Item = &LastEvent> {
+    s.folded_events.iter().chain([&s.last_event])
+}
+
+/// Ids of the events the states stand for, in the states' order.
+fn applied_ids(states: &[UserVectorRecord]) -> Vec<&str> {
+    states
+        .iter()
+        .flat_map(applied)
+        .map(|e| e.event_id.as_str())
+        .collect()
+}
+
+/// The states produced so far, once they stand for at least `events` events (one state
+/// per user and batch, the batch's earlier events of the user folded into it).
+async fn states(env: &TestEnv, events: usize) -> Vec<UserVectorRecord> {
+    read_topic_until(
         &env.broker.brokers(),
         &env.settings.kafka.topics.user_vectors,
-        at_least,
         WAIT,
+        move |out| {
+            out.iter()
+                .map(|m| applied(&decode(m)).count())
+                .sum::<usize>()
+                >= events
+        },
     )
     .await
     .iter()
-    .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+    .map(decode)
     .collect()
 }
 
@@ -145,7 +173,7 @@ async fn a_restarted_service_resumes_from_its_committed_offsets() {
     let env = TestEnv::start().await;
     env.send_events(&batch(0, 12)).await;
     let (stop, handle) = start(&env.settings);
-    assert_eq!(states(&env, 12).await.len(), 12);
+    assert_eq!(applied_ids(&states(&env, 12).await).len(), 12);
     stop.cancel();
     assert_eq!(handle.await.unwrap().records, 12);
 
@@ -161,10 +189,11 @@ async fn a_restarted_service_resumes_from_its_committed_offsets() {
     );
 
     // Every event applied exactly once, and each user's final version counts them all.
-    let ids: Vec<&str> = out.iter().map(|s| s.last_event.event_id.as_str()).collect();
+    let ids = applied_ids(&out);
     let unique: HashSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), 30);
     assert_eq!(unique.len(), 30, "an event was applied twice");
+    in_each_users_order(&batch(0, 30), &out);
     let mut last: HashMap<&str, u64> = HashMap::new();
     for s in &out {
         let v = last.entry(s.user_id.as_str()).or_default();
@@ -193,22 +222,34 @@ async fn users_spilled_from_memory_come_back_exactly_as_they_were() {
     let out = states(&env, 30).await;
     stop.cancel();
     assert_eq!(handle.await.unwrap().records, 31);
-    assert_eq!(out.len(), 30, "the retried event made a state");
+    assert_eq!(applied_ids(&out).len(), 30, "the retried event was applied");
+    in_each_users_order(&events[..30], &out);
 
-    // The same events applied by the model alone, every state in memory.
+    // The same events applied by the model alone, every state in memory; each produced
+    // state compared with the one after its last event.
     let model =
         recpipe_shared::model::UserModel::new(Arc::new(env.catalog()), env.settings.model.clone());
+    let produced: HashMap<&str, &UserVectorRecord> = out
+        .iter()
+        .map(|s| (s.last_event.event_id.as_str(), s))
+        .collect();
     let mut expected: HashMap<String, UserVectorRecord> = HashMap::new();
-    for (e, produced) in events[..30].iter().zip(&out_in_event_order(&out)) {
+    for e in &events[..30] {
+        let at = produced.get(e.event_id.as_str());
+        // A folded event's own state is never seen: any position and time serve.
+        let nowhere = SourcePosition {
+            partition: -1,
+            offset: -1,
+        };
+        let (source, updated_at) = at.map_or((nowhere, 0), |p| (p.source, p.updated_at));
         let state = model
-            .apply(
-                expected.get(&e.user_id),
-                e,
-                produced.source,
-                produced.updated_at,
-            )
+            .apply(expected.get(&e.user_id), e, source, updated_at)
             .unwrap();
-        assert_eq!(&state, *produced, "state after {}", e.event_id);
+        if let Some(p) = at {
+            let mut p = (*p).clone();
+            p.folded_events.clear();
+            assert_eq!(state, p, "state after {}", e.event_id);
+        }
         expected.insert(e.user_id.clone(), state);
     }
     let finals: HashMap<&str, u64> = expected
@@ -218,12 +259,23 @@ async fn users_spilled_from_memory_come_back_exactly_as_they_were() {
     assert_eq!(finals, HashMap::from([("u0", 10), ("u1", 10), ("u2", 10)]));
 }
 
-/// States in the order of their events (e0, e1, ...).
-fn out_in_event_order(out: &[UserVectorRecord]) -> Vec<&UserVectorRecord> {
-    let number = |s: &UserVectorRecord| s.last_event.event_id[1..].parse::<usize>().unwrap();
-    let mut sorted: Vec<&UserVectorRecord> = out.iter().collect();
-    sorted.sort_by_key(|s| number(s));
-    sorted
+/// Each user's states, in the order produced, stand for that user's events in the order
+/// sent, each once.
+fn in_each_users_order(sent: &[recpipe_shared::events::Event], out: &[UserVectorRecord]) {
+    let mut by_user: HashMap<&str, Vec<&str>> = HashMap::new();
+    for s in out {
+        by_user
+            .entry(s.user_id.as_str())
+            .or_default()
+            .extend(applied(s).map(|e| e.event_id.as_str()));
+    }
+    let mut want: HashMap<&str, Vec<&str>> = HashMap::new();
+    for e in sent {
+        want.entry(e.user_id.as_str())
+            .or_default()
+            .push(e.event_id.as_str());
+    }
+    assert_eq!(by_user, want);
 }
 
 #[tokio::test]
@@ -244,30 +296,32 @@ async fn replaying_already_applied_events_changes_nothing() {
     stop.cancel();
     let stats = handle.await.unwrap();
     assert_eq!(stats.records, 10, "all ten events were read again");
-    // The restored changelog makes the nine replays no-ops: one new state only. (Asking
-    // for 11 records returns what is there once a short wait for more has passed.)
+    // The restored changelog makes the nine replays no-ops: one new state only, for the
+    // new event alone. (Asking for one record more returns what is there once a short
+    // wait for more has passed.)
     let mut all_after: Vec<UserVectorRecord> = read_topic(
         &env.broker.brokers(),
         &env.settings.kafka.topics.user_vectors,
-        11,
+        first.len() + 2,
         Duration::from_secs(3),
     )
     .await
     .iter()
-    .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+    .map(decode)
     .collect();
     let mut all = all;
     let by_position = |s: &UserVectorRecord| (s.source.partition, s.source.offset);
     all.sort_by_key(by_position);
     all_after.sort_by_key(by_position);
-    assert_eq!(all.len(), 10);
     assert_eq!(
         all_after.len(),
-        10,
+        first.len() + 1,
         "a replayed event produced a state again"
     );
     assert_eq!(all_after, all);
+    in_each_users_order(&batch(0, 10), &all_after);
     let newest = all.iter().find(|s| s.last_event.event_id == "e9").unwrap();
+    assert!(newest.folded_events.is_empty(), "{newest:?}");
     let before = first
         .iter()
         .filter(|s| s.user_id == newest.user_id)
@@ -292,7 +346,7 @@ async fn sigterm_finishes_commits_and_exits_zero() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    assert_eq!(states(&env, 5).await.len(), 5);
+    assert_eq!(applied_ids(&states(&env, 5).await).len(), 5);
     // Health, readiness and metrics, as Kubernetes and Prometheus see them.
     let get = |path: &str| reqwest::get(format!("http://{admin}{path}"));
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
@@ -320,7 +374,7 @@ async fn sigterm_finishes_commits_and_exits_zero() {
     // Its offsets were committed: a new run reads only the new event.
     env.send_events(&batch(5, 6)).await;
     let (stop, handle) = start(&env.settings);
-    assert_eq!(states(&env, 6).await.len(), 6);
+    assert_eq!(applied_ids(&states(&env, 6).await).len(), 6);
     stop.cancel();
     assert_eq!(handle.await.unwrap().records, 1);
 }
@@ -344,13 +398,13 @@ async fn a_second_instance_joins_and_the_first_leaves_without_loss_or_double_cou
     let env = TestEnv::start().await;
     env.send_events(&spread(0, 40)).await;
     let (stop_a, a) = start(&env.settings);
-    assert_eq!(states(&env, 40).await.len(), 40);
+    assert_eq!(applied_ids(&states(&env, 40).await).len(), 40);
 
     // B joins: the partitions are split, and B restores its users from the changelog.
     let (stop_b, b) = start(&env.settings);
     tokio::time::sleep(Duration::from_secs(5)).await;
     env.send_events(&spread(40, 80)).await;
-    assert_eq!(states(&env, 80).await.len(), 80);
+    assert_eq!(applied_ids(&states(&env, 80).await).len(), 80);
 
     // A leaves: B takes every partition.
     stop_a.cancel();
@@ -366,9 +420,9 @@ async fn a_second_instance_joins_and_the_first_leaves_without_loss_or_double_cou
         a.records,
         b.records
     );
-    let ids: HashSet<&str> = out.iter().map(|s| s.last_event.event_id.as_str()).collect();
-    assert_eq!(out.len(), 120, "a state was produced twice");
-    assert_eq!(ids.len(), 120);
+    let ids = applied_ids(&out);
+    assert_eq!(ids.len(), 120, "an event was applied twice");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 120);
     let mut last: HashMap<&str, u64> = HashMap::new();
     for s in &out {
         let v = last.entry(s.user_id.as_str()).or_default();
@@ -379,4 +433,99 @@ async fn a_second_instance_joins_and_the_first_leaves_without_loss_or_double_cou
         last.values().all(|&v| v == 10),
         "every user saw 10 events once: {last:?}"
     );
+}
+
+#[tokio::test]
+async fn a_batch_makes_one_state_per_user_and_partition_with_the_earlier_events_folded_in() {
+    let env = TestEnv::start().await;
+    let models = Arc::new(ModelRegistry::from_settings(&env.settings, IndexKind::None).unwrap());
+    let mut processor = UpdateEmbeddings::new(models, &env.settings).unwrap();
+    let at = |i: usize, user: &str, partition: i32| Decoded {
+        meta: RecordMeta {
+            topic: "events".into(),
+            partition,
+            offset: 100 + i as i64,
+            key: Some(user.as_bytes().to_vec()),
+        },
+        input: event(
+            &format!("e{i}"),
+            user,
+            EventType::View,
+            &format!("p-{:05}", i * 7),
+            T0 + 1_000 * i as i64,
+        ),
+    };
+    let mut retried = at(5, "u1", 1);
+    retried.input.event_id = "e1".into();
+    let batch = vec![
+        at(0, "u0", 0),
+        at(1, "u1", 1),
+        at(2, "u0", 0),
+        at(3, "u0", 0),
+        at(4, "u2", 2),
+        retried,        // a producer's retry of e1: skipped, not folded
+        at(6, "u2", 3), // another partition's changelog: not folded into e4's state
+        at(7, "u1", 1),
+    ];
+    let sent: Vec<_> = batch.iter().map(|d| d.input.clone()).collect();
+    let outcomes = processor.process(batch).await.unwrap();
+
+    let produced: Vec<Option<UserVectorRecord>> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Emit(out) if out.is_empty() => None,
+            Outcome::Emit(out) => {
+                assert_eq!(out.len(), 1);
+                Some(serde_json::from_slice(&out[0].payload).unwrap())
+            }
+            Outcome::Reject(reason) => panic!("rejected: {reason}"),
+        })
+        .collect();
+    let folded = |i: usize| -> Vec<&str> {
+        let s = produced[i].as_ref().unwrap();
+        s.folded_events
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .collect()
+    };
+    let made: Vec<usize> = (0..8).filter(|&i| produced[i].is_some()).collect();
+    assert_eq!(made, vec![3, 4, 6, 7]);
+    assert_eq!(folded(3), vec!["e0", "e2"]);
+    assert_eq!(folded(4), Vec::<&str>::new());
+    assert_eq!(folded(6), Vec::<&str>::new());
+    assert_eq!(folded(7), vec!["e1"]);
+    // Each state goes to its last event's partition and is what applying the user's
+    // events one at a time gives.
+    let model =
+        recpipe_shared::model::UserModel::new(Arc::new(env.catalog()), env.settings.model.clone());
+    let mut expected: HashMap<String, UserVectorRecord> = HashMap::new();
+    for (i, e) in sent.iter().enumerate() {
+        if i == 5 {
+            continue;
+        }
+        let source = SourcePosition {
+            partition: [0, 1, 0, 0, 2, 1, 3, 1][i],
+            offset: 100 + i as i64,
+        };
+        let updated_at = produced[i].as_ref().map_or(0, |p| p.updated_at);
+        let state = model
+            .apply(expected.get(&e.user_id), e, source, updated_at)
+            .unwrap();
+        if let Some(p) = &produced[i] {
+            match &outcomes[i] {
+                Outcome::Emit(out) => assert_eq!(out[0].partition, Some(source.partition)),
+                Outcome::Reject(_) => unreachable!(),
+            }
+            let mut p = p.clone();
+            p.folded_events.clear();
+            assert_eq!(state, p, "state after {}", e.event_id);
+        }
+        expected.insert(e.user_id.clone(), state);
+    }
+    assert_eq!(expected["u0"].version, 3);
+    assert_eq!(expected["u1"].version, 2);
+    // The state kept in memory is the newest, without the folded list.
+    let kept = processor.user("u0").unwrap().unwrap();
+    assert!(kept.folded_events.is_empty());
+    assert_eq!(kept.last_event.event_id, "e3");
 }

@@ -373,6 +373,7 @@ mod tests {
             updated_at: 0,
             embeddings: None,
             recent_event_ids: Vec::new(),
+            folded_events: Vec::new(),
         };
         let list = rec.recommend(&user, 20).unwrap();
         assert_eq!(list.len(), 20);
@@ -419,6 +420,7 @@ mod tests {
             updated_at: 0,
             embeddings: None,
             recent_event_ids: Vec::new(),
+            folded_events: Vec::new(),
         };
         let list = rec.recommend(&user, 10).unwrap();
         for item in &list {

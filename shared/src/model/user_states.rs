@@ -546,6 +546,7 @@ pub mod compact {
             updated_at: e.updated_at,
             embeddings: e.embeddings,
             recent_event_ids,
+            folded_events: Vec::new(),
         })
     }
 }
@@ -576,6 +577,7 @@ mod tests {
             updated_at: 5,
             embeddings: Some("abc".into()),
             recent_event_ids: vec![format!("{user}-e{version}")],
+            folded_events: Vec::new(),
         }
     }
 
@@ -657,6 +659,7 @@ mod tests {
                 updated_at: offset.wrapping_add(1),
                 embeddings,
                 recent_event_ids: ids,
+                folded_events: Vec::new(),
             };
             let encoded = compact::encode(&state);
             proptest::prop_assert_eq!(compact::decode(&encoded).unwrap(), state);

@@ -163,6 +163,7 @@ impl UserModel {
             updated_at: now_ms,
             embeddings: Some(space.to_string()),
             recent_event_ids: recent_ids,
+            folded_events: Vec::new(),
         })
     }
 }

@@ -291,6 +291,7 @@ pub mod suite {
             updated_at: 1,
             embeddings: Some("emb-test".into()),
             recent_event_ids: vec![format!("e{version}")],
+            folded_events: Vec::new(),
         }
     }
 
