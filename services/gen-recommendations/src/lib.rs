@@ -301,7 +301,11 @@ mod tests {
         let published = generator.tick();
         let popular: RecommendationRecord = serde_json::from_slice(&published[0].payload).unwrap();
         assert_eq!(popular.user_id, POPULAR_USER_ID);
-        let ids: Vec<&str> = popular.items.iter().map(|i| i.product_id.as_str()).collect();
+        let ids: Vec<&str> = popular
+            .items
+            .iter()
+            .map(|i| i.product_id.as_str())
+            .collect();
         assert_eq!(ids, vec!["p-00001", "p-00002"]);
         assert!(popular.items[0].score > 2.5 * popular.items[1].score);
     }

@@ -91,9 +91,9 @@ pub trait Processor: Send {
         batch: Vec<Decoded<Self::Input>>,
     ) -> Result<Vec<Outcome>, RetryableError>;
 
-    /// Called with the partitions of a batch that are new since the last assignment,
-    /// before any of their records is processed, so a processor can restore the state
-    /// that belongs to them.
+    /// Called with the partitions of each new assignment as soon as it is known (and
+    /// with any partition of a batch not prepared since), before any of their records is
+    /// processed, so a processor can restore the state that belongs to them.
     async fn prepare_partitions(
         &mut self,
         _partitions: &[(String, i32)],
@@ -267,12 +267,28 @@ pub async fn run_with_health<P: Processor>(
     let dead_lettered = metrics::counter!("recpipe_records_total", "service" => service.clone(), "outcome" => "dead_lettered");
     let produced = metrics::counter!("recpipe_produced_total", "service" => service.clone());
     let batch_seconds = metrics::histogram!("recpipe_batch_seconds", "service" => service.clone());
+    // The parts of a batch's time spent waiting on the broker.
+    let delivery_seconds =
+        metrics::histogram!("recpipe_delivery_seconds", "service" => service.clone());
+    let commit_seconds =
+        metrics::histogram!("recpipe_commit_seconds", "service" => service.clone());
 
     let mut stats = RunStats::default();
     let mut prepared: HashSet<(String, i32)> = HashSet::new();
     let idle = Duration::from_millis(200);
 
     loop {
+        // A new assignment is prepared as soon as it is known, before its records come:
+        // a partition's state restore (about half a second even when there is nothing to
+        // restore) then falls between batches rather than holding up the first batch
+        // that has a record of it.
+        if rebalanced.swap(false, Ordering::SeqCst) {
+            prepared.clear();
+            let assigned = assigned_partitions(&consumer);
+            if !prepare(&mut processor, &mut prepared, assigned, &shutdown).await {
+                return finish(&consumer, &producer, stats);
+            }
+        }
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             received = consumer.recv() => received,
@@ -305,28 +321,19 @@ pub async fn run_with_health<P: Processor>(
             }
         }
 
-        if rebalanced.swap(false, Ordering::SeqCst) {
-            prepared.clear();
-        }
-        let mut new_partitions: Vec<(String, i32)> = batch
+        // The batch's partitions, and the rest of an assignment that came while it was
+        // being read.
+        let mut partitions: Vec<(String, i32)> = batch
             .iter()
             .map(|m| (m.topic().to_string(), m.partition()))
-            .filter(|key| !prepared.contains(key))
             .collect();
-        new_partitions.sort();
-        new_partitions.dedup();
-        if !new_partitions.is_empty() {
-            let mut backoff = Backoff::new();
-            while let Err(e) = processor.prepare_partitions(&new_partitions).await {
-                if !backoff
-                    .wait(&shutdown, "restoring partition state", &e)
-                    .await
-                {
-                    // Not prepared: leave the batch uncommitted for the next owner.
-                    return finish(&consumer, &producer, stats);
-                }
-            }
-            prepared.extend(new_partitions);
+        if rebalanced.swap(false, Ordering::SeqCst) {
+            prepared.clear();
+            partitions.extend(assigned_partitions(&consumer));
+        }
+        if !prepare(&mut processor, &mut prepared, partitions, &shutdown).await {
+            // Not prepared: leave the batch uncommitted for the next owner.
+            return finish(&consumer, &producer, stats);
         }
 
         let (outputs, dead, processed_all) = handle_batch(
@@ -353,6 +360,7 @@ pub async fn run_with_health<P: Processor>(
         // makes harmless), nothing is committed meanwhile, and the service reports not
         // ready. Memory stays bounded by the batch in hand.
         let mut backoff = Backoff::new();
+        let delivery_started = std::time::Instant::now();
         let delivered = loop {
             match deliver(&producer, &all).await {
                 Ok(n) => break n,
@@ -373,8 +381,10 @@ pub async fn run_with_health<P: Processor>(
             }
         };
         stats.produced += delivered;
-
+        delivery_seconds.record(delivery_started.elapsed().as_secs_f64());
+        let commit_started = std::time::Instant::now();
         commit(&consumer, &batch);
+        commit_seconds.record(commit_started.elapsed().as_secs_f64());
         health.set_ready();
         stats.batches += 1;
         stats.records += batch.len() as u64;
@@ -384,6 +394,49 @@ pub async fn run_with_health<P: Processor>(
         batch_seconds.record(batch_started.elapsed().as_secs_f64());
     }
     finish(&consumer, &producer, stats)
+}
+
+/// The partitions assigned to this consumer now.
+fn assigned_partitions<C: Consumer<RebalanceContext>>(consumer: &C) -> Vec<(String, i32)> {
+    match consumer.assignment() {
+        Ok(tpl) => tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect(),
+        Err(e) => {
+            // The batches' own partitions are still prepared before they are processed.
+            tracing::warn!(error = %e, "could not read the assignment");
+            Vec::new()
+        }
+    }
+}
+
+/// Prepares those of `partitions` not yet prepared, retrying with backoff; false when
+/// shutdown was requested before they were.
+async fn prepare<P: Processor>(
+    processor: &mut P,
+    prepared: &mut HashSet<(String, i32)>,
+    mut partitions: Vec<(String, i32)>,
+    shutdown: &CancellationToken,
+) -> bool {
+    partitions.retain(|key| !prepared.contains(key));
+    partitions.sort();
+    partitions.dedup();
+    if partitions.is_empty() {
+        return true;
+    }
+    let mut backoff = Backoff::new();
+    while let Err(e) = processor.prepare_partitions(&partitions).await {
+        if !backoff
+            .wait(shutdown, "restoring partition state", &e)
+            .await
+        {
+            return false;
+        }
+    }
+    prepared.extend(partitions);
+    true
 }
 
 fn finish<C: Consumer<RebalanceContext>>(
