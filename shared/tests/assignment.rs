@@ -1,0 +1,94 @@
+//! A new assignment is prepared (state restored) as soon as it is known, before any of
+//! its records comes, and each partition once.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use recpipe_shared::kafka::framework::{
+    self, Decoded, Outcome, Processor, RecordMeta, RetryableError,
+};
+use recpipe_shared::testkit::{produce, TestBroker};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+enum Call {
+    Prepare(Vec<(String, i32)>),
+    Process(usize),
+}
+
+/// Says what the framework asked of it.
+struct Recorder(mpsc::UnboundedSender<Call>);
+
+#[async_trait]
+impl Processor for Recorder {
+    type Input = ();
+
+    fn name(&self) -> &str {
+        "recorder"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec!["in".into()]
+    }
+
+    fn decode(&self, _meta: &RecordMeta, _payload: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn process(&mut self, batch: Vec<Decoded<()>>) -> Result<Vec<Outcome>, RetryableError> {
+        let _ = self.0.send(Call::Process(batch.len()));
+        Ok(batch.iter().map(|_| Outcome::Emit(Vec::new())).collect())
+    }
+
+    async fn prepare_partitions(
+        &mut self,
+        partitions: &[(String, i32)],
+    ) -> Result<(), RetryableError> {
+        let _ = self.0.send(Call::Prepare(partitions.to_vec()));
+        Ok(())
+    }
+}
+
+async fn next(calls: &mut mpsc::UnboundedReceiver<Call>) -> Call {
+    tokio::time::timeout(Duration::from_secs(30), calls.recv())
+        .await
+        .expect("the framework called nothing in 30 s")
+        .expect("the framework stopped")
+}
+
+#[tokio::test]
+async fn every_assigned_partition_is_prepared_before_any_record_comes() {
+    let broker = TestBroker::start().await;
+    let settings = broker.kafka_settings();
+    recpipe_shared::kafka::ensure_topics(&settings, &["in"], 3)
+        .await
+        .unwrap();
+    let (tx, mut calls) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let service = {
+        let (settings, stop) = (settings.clone(), stop.clone());
+        tokio::spawn(async move { framework::run(&settings, Recorder(tx), stop).await })
+    };
+
+    // Nothing produced yet: the whole assignment is prepared in one call.
+    match next(&mut calls).await {
+        Call::Prepare(p) => assert_eq!(
+            p,
+            vec![
+                ("in".to_string(), 0),
+                ("in".to_string(), 1),
+                ("in".to_string(), 2)
+            ]
+        ),
+        Call::Process(n) => panic!("a batch of {n} came before the partitions were prepared"),
+    }
+
+    // A record then goes straight to processing: its partition is not prepared again.
+    produce(&broker.brokers(), "in", "k", b"x").await;
+    match next(&mut calls).await {
+        Call::Process(n) => assert_eq!(n, 1),
+        Call::Prepare(p) => panic!("{p:?} prepared again"),
+    }
+    stop.cancel();
+    service.await.unwrap().unwrap();
+}
