@@ -112,7 +112,14 @@ say "6/7 what the pipeline recommends"
 "$bin/recpipe-loadtest" --api "$api" --catalog "$run/catalog" show --users user-0001,user-0002,user-0003 --k 5
 echo
 echo "A user never seen gets the popularity list:"
-curl -fsS "$api/v1/users/someone-new/recommendations?k=3"; echo
+# gen-recommendations republishes that list every 2 s: give the one counting this traffic
+# a moment rather than show the one published after the first few events.
+for _ in $(seq 1 30); do
+  popular="$(curl -fsS "$api/v1/users/someone-new/recommendations?k=3")"
+  [ "$(grep -o '"product_id"' <<<"$popular" | wc -l)" -ge 3 ] && break
+  sleep 0.2
+done
+echo "$popular"
 
 say "7/7 an experiment: a second model beside the first, published without a restart"
 # blurred-v1 has the same products with blurred embeddings: a weaker model on purpose.
