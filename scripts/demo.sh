@@ -107,16 +107,18 @@ fi
 
 say "5/7 sending 3,000 events from 60 synthetic shoppers (each has a favourite category)"
 "$bin/recpipe-loadtest" --api "$api" --catalog "$run/catalog" events --users 60 --events 3000 --rate 1500
+events_sent_ms="$(date +%s%3N)"
 
 say "6/7 what the pipeline recommends"
 "$bin/recpipe-loadtest" --api "$api" --catalog "$run/catalog" show --users user-0001,user-0002,user-0003 --k 5
 echo
 echo "A user never seen gets the popularity list:"
-# gen-recommendations republishes that list every 2 s: give the one counting this traffic
-# a moment rather than show the one published after the first few events.
+# gen-recommendations republishes that list every 2 s: wait (up to 6 s) for one made
+# after the events above, rather than show one that counted only the first few.
 for _ in $(seq 1 30); do
   popular="$(curl -fsS "$api/v1/users/someone-new/recommendations?k=3")"
-  [ "$(grep -o '"product_id"' <<<"$popular" | wc -l)" -ge 3 ] && break
+  made_ms="$(grep -o '"generated_at":[0-9]*' <<<"$popular" | cut -d: -f2)"
+  [ "${made_ms:-0}" -ge "$events_sent_ms" ] && break
   sleep 0.2
 done
 echo "$popular"
