@@ -464,7 +464,9 @@ pub async fn peak(
 ) -> anyhow::Result<()> {
     let total = plan.step_secs * plan.max_steps as u64;
     let s = streams(catalog, plan.users, plan.seed, total);
-    let lag_until = s.started + Duration::from_secs(total + 5);
+    // Scraped until the last step is judged (the task is stopped then): the warm-up and
+    // the pauses between steps make the run longer than its steps.
+    let lag_until = s.started + Duration::from_secs(3 * total + 600);
     let lag = tokio::spawn(scenarios::scrape_lag(
         target.client.clone(),
         plan.metrics.clone(),

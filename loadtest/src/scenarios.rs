@@ -347,6 +347,14 @@ pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)]) {
         .filter(|(t, _)| *t >= step.from_second as f64 && *t < step.to_second as f64)
         .map(|(_, v)| *v)
         .collect();
+    // Scraped (metrics given) but too few readings in the step to see a trend: the step
+    // cannot be called sustained.
+    if !lag.is_empty() && in_step.len() < 4 {
+        why.push(format!(
+            "consumer lag read {} times in the step, 4 needed",
+            in_step.len()
+        ));
+    }
     if let (Some(first), Some(last)) = (in_step.first(), in_step.last()) {
         step.lag_end = Some(*last);
         let half = in_step.len() / 2;
@@ -419,10 +427,19 @@ mod tests {
             .why_not
             .unwrap()
             .contains("consumer lag grew from 50 to 2750"));
-        // Lag outside the step does not count.
+        // Lag read only outside the step (the scraper stopped early, as it did at the last
+        // step of a peak run before this was caught): not judged sustained.
         let mut other = step_at(844.0, 124.9);
         judge(&mut other, 1000.0, &lag_from(0, &rising));
-        assert!(other.sustained && other.lag_end.is_none());
+        assert!(!other.sustained && other.lag_end.is_none());
+        assert!(other
+            .why_not
+            .unwrap()
+            .contains("consumer lag read 0 times in the step"));
+        // Without metrics to scrape, the lag is not judged at all.
+        let mut unscraped = step_at(844.0, 124.9);
+        judge(&mut unscraped, 1000.0, &[]);
+        assert!(unscraped.sustained, "{:?}", unscraped.why_not);
     }
 
     #[test]
