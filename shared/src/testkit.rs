@@ -351,13 +351,7 @@ impl TestEnv {
         // Fewer hot users than most tests have users: the state file is always in use.
         settings.state.hot_users = 8;
         settings.state.dir = Some(dir.path().join("state"));
-        crate::catalog::generate(crate::catalog::SyntheticCatalog {
-            products: 1_000,
-            dim: 16,
-            ..Default::default()
-        })
-        .save(&settings.catalog.dir)
-        .unwrap();
+        write_catalog(&settings.catalog.dir, 1_000, 16);
         broker.create_topics(&settings.kafka).await;
         TestEnv {
             broker,
@@ -382,6 +376,17 @@ impl TestEnv {
             .await;
         }
     }
+}
+
+/// Writes a generated catalog of `products` × `dim` to `dir`.
+pub fn write_catalog(dir: &std::path::Path, products: usize, dim: usize) {
+    crate::catalog::generate(crate::catalog::SyntheticCatalog {
+        products,
+        dim,
+        ..Default::default()
+    })
+    .save(dir)
+    .unwrap();
 }
 
 /// An event with a product, as JSON-ready struct.

@@ -256,13 +256,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut settings = Settings::default();
         settings.catalog.dir = dir.path().join("catalog");
-        recpipe_shared::catalog::generate(recpipe_shared::catalog::SyntheticCatalog {
-            products: 200,
-            dim: 8,
-            ..Default::default()
-        })
-        .save(&settings.catalog.dir)
-        .unwrap();
+        recpipe_shared::testkit::write_catalog(&settings.catalog.dir, 200, 8);
         let models = ModelRegistry::from_settings(&settings, IndexKind::Hnsw).unwrap();
         let mut generator = GenRecommendations::new(Arc::new(models), &settings);
         let state = UserVectorRecord {

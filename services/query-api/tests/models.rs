@@ -363,15 +363,7 @@ async fn a_click_on_a_recommended_product_counts_for_the_version_that_made_the_l
     let docs = app.client.get(app.url("/docs")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
     assert!(docs.text().await.unwrap().contains("/openapi.json"));
-    let status: Value = app
-        .client
-        .get(app.url("/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.get_json("/v1/status").await;
     assert_eq!(status["models"].as_array().unwrap().len(), 2);
     assert!(status["live"]["gets"].as_u64().unwrap() >= 2);
     assert!(status["live"]["events"].as_u64().unwrap() >= 20);

@@ -73,14 +73,8 @@ async fn events_in_recommendations_out() {
     // until then the API can only answer with the catalog's garden products.
     let garden = eventually(WAIT, "her stored state", || async {
         let l: RecommendationsResponse = app
-            .client
-            .get(app.url("/v1/users/alice/recommendations?k=5&category=garden"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .get_json("/v1/users/alice/recommendations?k=5&category=garden")
+            .await;
         assert!(l.items.iter().all(|i| i.category == "garden"), "{l:?}");
         (l.fallback.is_none() && l.source_event_id.as_deref() == Some("alice-buy")).then_some(l)
     })
@@ -97,14 +91,8 @@ async fn events_in_recommendations_out() {
 
     // Similar products.
     let similar: Value = app
-        .client
-        .get(app.url(&format!("/v1/products/{kitchen_bought}/similar?k=5")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/v1/products/{kitchen_bought}/similar?k=5"))
+        .await;
     let items = similar["items"].as_array().unwrap();
     assert_eq!(items.len(), 5);
     assert!(items
@@ -153,15 +141,7 @@ async fn events_in_recommendations_out() {
 
     // Every event is stored, newest first.
     let stored = eventually(WAIT, "stored events", || async {
-        let v: Value = app
-            .client
-            .get(app.url("/v1/users/alice/events?limit=100"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = app.get_json("/v1/users/alice/events?limit=100").await;
         (v["events"].as_array().unwrap().len() == 13).then_some(v)
     })
     .await;

@@ -78,6 +78,12 @@ impl TestApp {
             .unwrap()
     }
 
+    /// GETs `path` and decodes its JSON body.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        r.json().await.unwrap()
+    }
+
     pub async fn recommendations(&self, user: &str, k: usize) -> RecommendationsResponse {
         let r = self
             .client
