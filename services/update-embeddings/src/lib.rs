@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use recpipe_shared::events::{now_ms, Event, SourcePosition, UserVectorRecord};
+use recpipe_shared::events::{now_ms, Event, LastEvent, SourcePosition, UserVectorRecord};
 use recpipe_shared::kafka::client_config;
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
@@ -74,40 +74,41 @@ impl UpdateEmbeddings {
 
     /// Applies one event read at `meta` to `before` (the user's newest state); None when
     /// it is a replay already applied.
+    /// Moves `state` on by `event`, in place. Ok(None) when the event is skipped (a replay
+    /// or a producer's retry of one already applied), else the state's previous last
+    /// event. On an error `state` is unchanged.
     fn apply(
         &self,
-        before: Option<&UserVectorRecord>,
+        state: &mut UserVectorRecord,
         meta: &RecordMeta,
         event: &Event,
-    ) -> Result<Option<UserVectorRecord>, String> {
+    ) -> Result<Option<LastEvent>, String> {
         // Every log line of this record names its event and user.
         let _span =
             tracing::info_span!("event", event_id = %event.event_id, user_id = %event.user_id)
                 .entered();
-        if let Some(b) = before {
-            if b.source.partition == meta.partition && meta.offset <= b.source.offset {
-                tracing::debug!(user = %event.user_id, offset = meta.offset, "replayed event skipped");
-                return Ok(None);
-            }
-            // A producer's retry of an event already applied (same id, new offset): the
-            // ids of the user's recent events are kept for exactly this.
-            if b.recent_event_ids.contains(&event.event_id) {
-                metrics::counter!("recpipe_duplicate_events_total").increment(1);
-                tracing::debug!(user = %event.user_id, event = %event.event_id, "duplicate event skipped");
-                return Ok(None);
-            }
+        if state.source.partition == meta.partition && meta.offset <= state.source.offset {
+            tracing::debug!(user = %event.user_id, offset = meta.offset, "replayed event skipped");
+            return Ok(None);
+        }
+        // A producer's retry of an event already applied (same id, new offset): the ids
+        // of the user's recent events are kept for exactly this.
+        if state.recent_event_ids.contains(&event.event_id) {
+            metrics::counter!("recpipe_duplicate_events_total").increment(1);
+            tracing::debug!(user = %event.user_id, event = %event.event_id, "duplicate event skipped");
+            return Ok(None);
         }
         let source = SourcePosition {
             partition: meta.partition,
             offset: meta.offset,
         };
-        let after = self
+        let previous = self
             .model
-            .apply(before, event, source, now_ms())
+            .update(state, event, source, now_ms())
             .map_err(|e| e.to_string())?;
         metrics::counter!("recpipe_events_applied_total", "type" => event.event_type.as_str())
             .increment(1);
-        Ok(Some(after))
+        Ok(Some(previous))
     }
 
     /// Applies a batch: one outcome per event, and one state per user and partition,
@@ -122,35 +123,42 @@ impl UpdateEmbeddings {
         let mut at_of_user: HashMap<&str, usize> = HashMap::new();
         for (i, d) in batch.iter().enumerate() {
             let user = d.input.user_id.as_str();
-            let mut previous = at_of_user
-                .get(user)
-                .map(|&j| (j, newest[j].take().expect("the user's newest state")));
-            let applied = match &previous {
-                Some((_, state)) => self.apply(Some(state), &d.meta, &d.input),
+            // The state to move on: the user's newest of this batch, taken over when it is
+            // the same partition's changelog and copied (it keeps its own output) when it
+            // is not; else the stored state, or a new one.
+            let earlier = at_of_user.get(user).copied();
+            let folds = earlier.is_some_and(|j| batch[j].meta.partition == d.meta.partition);
+            let mut state = match earlier {
+                Some(j) if folds => newest[j].take().expect("the user's newest state"),
+                Some(j) => {
+                    let mut copy = newest[j].clone().expect("the user's newest state");
+                    copy.folded_events.clear();
+                    copy
+                }
                 None => match self.users.get(user) {
-                    Ok(state) => self.apply(state.as_ref(), &d.meta, &d.input),
-                    Err(e) => Err(e.to_string()),
+                    Ok(stored) => stored.unwrap_or_else(|| self.model.new_state(&d.input)),
+                    Err(e) => {
+                        rejected[i] = Some(e.to_string());
+                        continue;
+                    }
                 },
             };
+            let applied = self.apply(&mut state, &d.meta, &d.input);
             match applied {
-                Ok(Some(mut after)) => {
-                    if let Some((j, before)) = previous.take() {
-                        // Folded in only where this state is the same partition's changelog.
-                        if batch[j].meta.partition == d.meta.partition {
-                            after.folded_events = before.folded_events;
-                            after.folded_events.push(before.last_event);
-                        } else {
-                            newest[j] = Some(before);
-                        }
+                Ok(Some(previous)) => {
+                    if folds {
+                        state.folded_events.push(previous);
                     }
-                    newest[i] = Some(after);
+                    newest[i] = Some(state);
                     at_of_user.insert(user, i);
+                    continue;
                 }
                 Ok(None) => {}
                 Err(reason) => rejected[i] = Some(reason),
             }
-            if let Some((j, before)) = previous {
-                newest[j] = Some(before);
+            // Not applied: the state taken over stays where it was.
+            if let (Some(j), true) = (earlier, folds) {
+                newest[j] = Some(state);
             }
         }
         let topic = &self.kafka.topics.user_vectors;

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use ndarray::Array1;
+use ndarray::{Array1, ArrayViewMut1};
 
 use crate::catalog::Catalog;
 use crate::events::{Event, EventType, LastEvent, SourcePosition, UserVectorRecord};
@@ -87,84 +87,106 @@ impl UserModel {
         source: SourcePosition,
         now_ms: i64,
     ) -> Result<UserVectorRecord, UpdateError> {
-        let direction = self.direction(event)?;
-        let dim = self.catalog.dim();
-        let space = self.catalog.embeddings_id();
-        let (mut vector, mut anchor, version, mut recent, mut purchased, mut recent_ids) =
-            match before {
-                Some(b) => {
-                    // A state built with other embeddings (the model changed) starts again
-                    // from its recent history, valued in this model's space.
-                    let same_space = match &b.embeddings {
-                        Some(e) => e == space,
-                        None => b.vector.len() == dim,
-                    };
-                    let vector = if same_space {
-                        Array1::from_vec(b.vector.clone())
-                    } else {
-                        Array1::from_vec(
-                            vector_from_history(&self.catalog, &b.recent_products)
-                                .unwrap_or_else(|| vec![0.0; dim]),
-                        )
-                    };
-                    (
-                        vector,
-                        b.anchor_ts,
-                        b.version,
-                        b.recent_products.clone(),
-                        b.purchased.clone(),
-                        b.recent_event_ids.clone(),
-                    )
-                }
-                None => (
-                    Array1::zeros(dim),
-                    event.ts,
-                    0,
-                    Vec::new(),
-                    Vec::new(),
-                    Vec::new(),
-                ),
-            };
-        push_front_bounded(&mut recent_ids, &event.event_id, self.settings.recent_limit);
-        if let Some(d) = direction {
-            let w = self.settings.weights.of(event.event_type);
-            if event.ts >= anchor {
-                let decay = (-((event.ts - anchor) as f64) / self.tau_ms).exp() as f32;
-                vector *= decay;
-                vector.scaled_add(w, &d);
-                anchor = event.ts;
-            } else {
-                let decay = (-((anchor - event.ts) as f64) / self.tau_ms).exp() as f32;
-                vector.scaled_add(w * decay, &d);
-            }
-        } else {
-            anchor = anchor.max(event.ts);
-        }
-        if let Some(p) = &event.product_id {
-            push_front_bounded(&mut recent, p, self.settings.recent_limit);
-            if event.event_type == EventType::Purchase {
-                push_front_bounded(&mut purchased, p, self.settings.purchased_limit);
-            }
-        }
-        Ok(UserVectorRecord {
+        let mut state = match before {
+            Some(b) => b.clone(),
+            None => self.new_state(event),
+        };
+        self.update(&mut state, event, source, now_ms)?;
+        Ok(state)
+    }
+
+    /// The state of a user before their first event: no vector, no history.
+    pub fn new_state(&self, event: &Event) -> UserVectorRecord {
+        UserVectorRecord {
             user_id: event.user_id.clone(),
-            vector: vector.to_vec(),
-            anchor_ts: anchor,
-            version: version + 1,
-            recent_products: recent,
-            purchased,
+            vector: vec![0.0; self.catalog.dim()],
+            anchor_ts: event.ts,
+            version: 0,
+            recent_products: Vec::new(),
+            purchased: Vec::new(),
             last_event: LastEvent {
                 event_id: event.event_id.clone(),
                 event_type: event.event_type,
                 product_id: event.product_id.clone(),
                 ts: event.ts,
             },
-            source,
-            updated_at: now_ms,
-            embeddings: Some(space.to_string()),
-            recent_event_ids: recent_ids,
+            source: SourcePosition {
+                partition: 0,
+                offset: -1,
+            },
+            updated_at: 0,
+            embeddings: Some(self.catalog.embeddings_id().to_string()),
+            recent_event_ids: Vec::new(),
             folded_events: Vec::new(),
-        })
+        }
+    }
+
+    /// Moves `state` to after `event`, in place: the service applies a user's events one
+    /// after another, and copying the histories (some 200 strings) for every event cost
+    /// more than the vector arithmetic. On an error `state` is left as it was.
+    /// `folded_events` is left for the caller; the state's last event before this one is
+    /// returned for it.
+    pub fn update(
+        &self,
+        state: &mut UserVectorRecord,
+        event: &Event,
+        source: SourcePosition,
+        now_ms: i64,
+    ) -> Result<LastEvent, UpdateError> {
+        let direction = self.direction(event)?;
+        let dim = self.catalog.dim();
+        let space = self.catalog.embeddings_id();
+        // A state built with other embeddings (the model changed) starts again from its
+        // recent history, valued in this model's space.
+        let same_space = match &state.embeddings {
+            Some(e) => e == space,
+            None => state.vector.len() == dim,
+        };
+        if !same_space {
+            state.vector = vector_from_history(&self.catalog, &state.recent_products)
+                .unwrap_or_else(|| vec![0.0; dim]);
+        }
+        if state.embeddings.as_deref() != Some(space) {
+            state.embeddings = Some(space.to_string());
+        }
+        push_front_bounded(
+            &mut state.recent_event_ids,
+            &event.event_id,
+            self.settings.recent_limit,
+        );
+        let mut vector = ArrayViewMut1::from(state.vector.as_mut_slice());
+        if let Some(d) = direction {
+            let w = self.settings.weights.of(event.event_type);
+            if event.ts >= state.anchor_ts {
+                let decay = (-((event.ts - state.anchor_ts) as f64) / self.tau_ms).exp() as f32;
+                vector *= decay;
+                vector.scaled_add(w, &d);
+                state.anchor_ts = event.ts;
+            } else {
+                let decay = (-((state.anchor_ts - event.ts) as f64) / self.tau_ms).exp() as f32;
+                vector.scaled_add(w * decay, &d);
+            }
+        } else {
+            state.anchor_ts = state.anchor_ts.max(event.ts);
+        }
+        if let Some(p) = &event.product_id {
+            push_front_bounded(&mut state.recent_products, p, self.settings.recent_limit);
+            if event.event_type == EventType::Purchase {
+                push_front_bounded(&mut state.purchased, p, self.settings.purchased_limit);
+            }
+        }
+        state.version += 1;
+        state.source = source;
+        state.updated_at = now_ms;
+        Ok(std::mem::replace(
+            &mut state.last_event,
+            LastEvent {
+                event_id: event.event_id.clone(),
+                event_type: event.event_type,
+                product_id: event.product_id.clone(),
+                ts: event.ts,
+            },
+        ))
     }
 }
 
@@ -191,8 +213,12 @@ pub fn vector_from_history(catalog: &Catalog, recent_products: &[String]) -> Opt
 
 /// Moves `item` to the front of `list` (no duplicates), keeping at most `limit`.
 fn push_front_bounded(list: &mut Vec<String>, item: &str, limit: usize) {
-    list.retain(|x| x != item);
-    list.insert(0, item.to_string());
+    // The item's own string is reused when it is already listed.
+    let own = match list.iter().position(|x| x == item) {
+        Some(at) => list.remove(at),
+        None => item.to_string(),
+    };
+    list.insert(0, own);
     list.truncate(limit);
 }
 
