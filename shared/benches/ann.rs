@@ -1,7 +1,8 @@
 //! One nearest-neighbour query at 100k products × 64 dims: HNSW at several `ef_search`
 //! values, each with the recall@10 it reaches against exact search (printed), and exact
 //! search beside it. Run: `cargo bench -p recpipe-shared --bench ann`
-//! (RECPIPE_BENCH_PRODUCTS changes the catalog size, RECPIPE_BENCH_M the graph degree M,
+//! (RECPIPE_BENCH_PRODUCTS changes the catalog size, RECPIPE_BENCH_DIM the dimension,
+//! RECPIPE_BENCH_M the graph degree M,
 //! default the configured 32; the index build takes about 25 s).
 //!
 //! Two query sets: "one-interest" queries (a product's embedding plus noise, the usual ANN
@@ -35,9 +36,13 @@ fn ann(c: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
+    let dim = std::env::var("RECPIPE_BENCH_DIM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let catalog = Arc::new(generate(SyntheticCatalog {
         products,
-        dim: 64,
+        dim,
         seed: 1,
         unavailable_share: 0.0,
     }));
@@ -59,12 +64,12 @@ fn ann(c: &mut Criterion) {
     let started = Instant::now();
     let mut hnsw = Recommender::new(catalog.clone(), &settings);
     eprintln!(
-        "HNSW build: {products} × 64, M={m}, ef_construction={}: {:.1} s",
+        "HNSW build: {products} × {dim}, M={m}, ef_construction={}: {:.1} s",
         settings.ef_construction,
         started.elapsed().as_secs_f64()
     );
 
-    let mut group = c.benchmark_group(format!("ann_{products}x64"));
+    let mut group = c.benchmark_group(format!("ann_{products}x{dim}"));
     group.sample_size(20);
     for ef in [16, 32, 64, 128] {
         hnsw.set_ef_search(ef);

@@ -323,7 +323,9 @@ pub struct HnswSettings {
     pub max_connections: usize,
     pub ef_construction: usize,
     pub ef_search: usize,
-    /// Catalogs up to this size are searched exactly instead (faster, and exact).
+    /// Catalogs of fewer products are searched exactly instead: faster, and exact. At
+    /// 2,000 × 32 an exact search took 10 µs against HNSW's 28 µs at ef_search 128; at
+    /// 5,000 × 32, 23 against 32 µs (`cargo bench -p recpipe-shared --bench ann`).
     pub exact_below: usize,
 }
 
@@ -333,7 +335,7 @@ impl Default for HnswSettings {
             max_connections: 32,
             ef_construction: 200,
             ef_search: 128,
-            exact_below: 0,
+            exact_below: 4_000,
         }
     }
 }

@@ -240,10 +240,10 @@ impl FlatHnsw {
         fn compiled_for_avx2(graph: &FlatHnsw, request: &Request<'_>) -> Vec<(usize, f32)> {
             // The closures, defined here, are compiled with AVX2 and FMA, and `dot_fma` is
             // inlined into them (a function item passed instead was not, and ran 5× slower).
-            #[allow(clippy::redundant_closure)]
             graph.search_with(
                 request,
-                |a, b| dot_fma(a, b),
+                // SAFETY: this function is compiled for, and only called on, AVX2 and FMA.
+                |a, b| unsafe { dot_avx2(a, b) },
                 |row: &[f32]| {
                     // Each cache line of the row is asked for before the distance loop,
                     // so the misses of one neighbour list overlap instead of queueing.
@@ -358,22 +358,88 @@ impl FlatHnsw {
     }
 }
 
-/// Dot product in 16 lanes (two 256-bit registers under AVX2, so consecutive adds do not
-/// wait on each other); vectorisable without `unsafe`.
+/// The dot product of `query` with every row of `vectors` (rows of `query.len()`), into
+/// `scores`: exact search's one pass over the catalog. On x86-64 with AVX2 and FMA a copy
+/// compiled for them runs.
+pub(crate) fn score_rows(vectors: &[f32], query: &[f32], scores: &mut Vec<f32>) {
+    #[inline(always)]
+    fn score_with(
+        vectors: &[f32],
+        query: &[f32],
+        scores: &mut Vec<f32>,
+        dot: impl Fn(&[f32], &[f32]) -> f32,
+    ) {
+        scores.clear();
+        scores.extend(vectors.chunks_exact(query.len()).map(|row| dot(row, query)));
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn compiled_for_avx2(vectors: &[f32], query: &[f32], scores: &mut Vec<f32>) {
+            // SAFETY: this function is compiled for, and only called on, AVX2 and FMA.
+            score_with(vectors, query, scores, |a, b| unsafe { dot_avx2(a, b) })
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX2 and FMA were just detected on this CPU.
+            return unsafe { compiled_for_avx2(vectors, query, scores) };
+        }
+    }
+    score_with(vectors, query, scores, dot16)
+}
+
+/// Dot product in 16 independent lanes, so consecutive adds do not wait on each other;
+/// portable, without `unsafe` (x86-64 with AVX2 and FMA uses `dot_avx2`).
 #[inline(always)]
 pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes::<false>(a, b)
+    dot_lanes(a, b)
 }
 
-/// [`dot16`] with fused multiply-adds. Only for code compiled with FMA: elsewhere
-/// `mul_add` is a call to libm's `fmaf`.
-#[inline(always)]
-fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes::<true>(a, b)
+/// [`dot16`] in two 256-bit registers of fused multiply-adds, summed in the same order.
+/// Written with intrinsics: from the portable code the compiler made eight 64-bit-wide
+/// multiply-adds per 16 floats, and searches ran at a third of the speed this gives.
+///
+/// # Safety
+/// Only on a CPU with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let whole = n - n % 16;
+    let (mut low, mut high) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut i = 0;
+    while i < whole {
+        // SAFETY: i + 16 <= n, within both slices.
+        unsafe {
+            low = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), low);
+            high = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                high,
+            );
+        }
+        i += 16;
+    }
+    let tail: f32 = a[whole..n]
+        .iter()
+        .zip(&b[whole..n])
+        .map(|(x, y)| x * y)
+        .sum();
+    // The tree of `dot_lanes`: 8 lanes, then 4, then 2, then 1.
+    let half = _mm256_add_ps(low, high);
+    let quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+    let pair = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+    let one = _mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1));
+    _mm_cvtss_f32(one) + tail
 }
 
 #[inline(always)]
-fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
@@ -384,14 +450,23 @@ fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
         .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            lanes[i] = if FUSED {
-                x[i].mul_add(y[i], lanes[i])
-            } else {
-                lanes[i] + x[i] * y[i]
-            };
+            lanes[i] += x[i] * y[i];
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    // Summed as a tree (8 + 4 + 2 + 1 adds, each level's independent) rather than left to
+    // right: a sequential sum of 16 lanes waits on 15 adds in a row, which cost more than
+    // the multiplications of a 32- or 64-dimensional product.
+    let mut half = [0.0f32; 8];
+    for i in 0..8 {
+        half[i] = lanes[i] + lanes[i + 8];
+    }
+    let quarter = [
+        half[0] + half[4],
+        half[1] + half[5],
+        half[2] + half[6],
+        half[3] + half[7],
+    ];
+    (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]) + tail
 }
 
 #[cfg(test)]
@@ -535,6 +610,33 @@ mod tests {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    fn the_avx2_dot_product_is_the_portable_one() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            return;
+        }
+        for n in [0, 1, 5, 16, 17, 32, 33, 64, 100, 128] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+            let plain: f64 = a.iter().zip(&b).map(|(x, y)| (x * y) as f64).sum();
+            // SAFETY: AVX2 and FMA were detected above.
+            let avx2 = unsafe { dot_avx2(&a, &b) };
+            let portable = dot16(&a, &b);
+            assert!(
+                (avx2 as f64 - plain).abs() < 1e-4,
+                "n={n}: {avx2} vs {plain}"
+            );
+            assert!(
+                (portable as f64 - plain).abs() < 1e-4,
+                "n={n}: {portable} vs {plain}"
+            );
+        }
+    }
+
     #[test]
     fn the_portable_and_the_avx2_search_agree() {
         let (catalog, _, flat) = built(1_500);

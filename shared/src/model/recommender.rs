@@ -2,13 +2,13 @@
 //! exact scoring for small catalogs and as the reference. Excluded products (the user's
 //! history, purchases, unavailable ones) are filtered inside the search.
 
-use std::collections::HashSet;
+use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
 
 use hnsw_rs::prelude::{Distance, Hnsw};
 use ndarray::ArrayView1;
 
-use super::graph::FlatHnsw;
+use super::graph::{score_rows, FlatHnsw};
 
 use crate::catalog::Catalog;
 use crate::events::{ScoredProduct, UserVectorRecord};
@@ -63,6 +63,30 @@ pub fn recall(found: &[Vec<(usize, f32)>], truth: &[HashSet<usize>]) -> f64 {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     super::graph::dot16(a, b)
 }
+
+/// A product and its score, ordered best first: higher score, then lower index.
+#[derive(Debug, Clone, Copy)]
+struct Ranked(usize, f32);
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.1.total_cmp(&self.1).then(self.0.cmp(&other.0))
+    }
+}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Ranked {}
 
 enum Index {
     Exact,
@@ -187,20 +211,28 @@ impl Recommender {
         k: usize,
         allowed: &dyn Fn(usize) -> bool,
     ) -> Vec<(usize, f32)> {
-        let scores = self.catalog.embeddings().dot(&ArrayView1::from(unit));
-        let mut ranked: Vec<(usize, f32)> = scores
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| allowed(*i))
-            .map(|(i, &s)| (i, s))
-            .collect();
-        let by_score = |a: &(usize, f32), b: &(usize, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if ranked.len() > k {
-            ranked.select_nth_unstable_by(k - 1, by_score);
-            ranked.truncate(k);
+        let mut scores = Vec::with_capacity(self.catalog.len());
+        score_rows(self.catalog.embeddings_slice(), unit, &mut scores);
+        // The k best so far, the worst of them on top. A product is put to the filter only
+        // when it would enter: most of a catalog never gets that far.
+        let mut best: BinaryHeap<Ranked> = BinaryHeap::with_capacity(k + 1);
+        for (i, &score) in scores.iter().enumerate() {
+            let candidate = Ranked(i, score);
+            if best.len() == k && best.peek().is_some_and(|worst| candidate >= *worst) {
+                continue;
+            }
+            if !allowed(i) {
+                continue;
+            }
+            best.push(candidate);
+            if best.len() > k {
+                best.pop();
+            }
         }
-        ranked.sort_by(by_score);
-        ranked
+        best.into_sorted_vec()
+            .into_iter()
+            .map(|Ranked(i, score)| (i, score))
+            .collect()
     }
 
     /// The user's list: nearest products excluding what they touched or bought. None when
@@ -298,10 +330,18 @@ mod tests {
         }))
     }
 
+    /// The default settings, with a graph however small the catalog.
+    fn graph_always() -> HnswSettings {
+        HnswSettings {
+            exact_below: 0,
+            ..HnswSettings::default()
+        }
+    }
+
     #[test]
     fn hnsw_recall_at_10_is_at_least_095_on_a_generated_catalog() {
         let catalog = catalog(5_000);
-        let hnsw = Recommender::new(catalog.clone(), &HnswSettings::default());
+        let hnsw = Recommender::new(catalog.clone(), &graph_always());
         let exact = Recommender::exact(catalog.clone());
         assert!(!hnsw.is_exact());
         let (mut hits, mut total) = (0, 0);
@@ -328,7 +368,7 @@ mod tests {
     fn excluded_and_unavailable_products_never_come_back() {
         let catalog = catalog(1_000);
         for rec in [
-            Recommender::new(catalog.clone(), &HnswSettings::default()),
+            Recommender::new(catalog.clone(), &graph_always()),
             Recommender::exact(catalog.clone()),
         ] {
             for q in 0..50 {
@@ -350,9 +390,37 @@ mod tests {
     }
 
     #[test]
+    fn exact_search_is_the_full_ranking_of_allowed_products() {
+        let catalog = catalog(1_000);
+        let exact = Recommender::exact(catalog.clone());
+        let rows = catalog.embeddings();
+        for q in 0..20 {
+            let v = catalog.embedding(q * 37).to_vec();
+            let skip = |i: usize| i % 3 == q % 3;
+            // Every allowed product scored and sorted: best first, ties by index.
+            let mut want: Vec<(usize, f32)> = (0..catalog.len())
+                .filter(|&i| catalog.product(i).available && !skip(i))
+                .map(|i| (i, dot(rows.row(i).as_slice().unwrap(), &v)))
+                .collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(25);
+            let got = exact.nearest(&v, 25, &skip);
+            let ids = |l: &[(usize, f32)]| l.iter().map(|x| x.0).collect::<Vec<_>>();
+            assert_eq!(ids(&got), ids(&want), "query {q}");
+            for (g, w) in got.iter().zip(&want) {
+                // The search's kernel may fuse multiply-adds: the last bits may differ.
+                assert!((g.1 - w.1).abs() < 1e-5, "query {q}: {g:?} vs {w:?}");
+            }
+        }
+        // Equal scores: the lower index first, whatever order they come in.
+        let tied = Ranked(3, 0.5);
+        assert!(tied < Ranked(7, 0.5) && tied > Ranked(9, 0.6) && tied < Ranked(1, 0.4));
+    }
+
+    #[test]
     fn user_history_is_excluded_and_zero_vector_means_no_list() {
         let catalog = catalog(500);
-        let rec = Recommender::new(catalog.clone(), &HnswSettings::default());
+        let rec = Recommender::new(catalog.clone(), &graph_always());
         let mut user = UserVectorRecord {
             user_id: "u".into(),
             vector: catalog.embedding(7).to_vec(),
@@ -388,7 +456,7 @@ mod tests {
     #[test]
     fn lists_explain_themselves_and_similar_excludes_the_product() {
         let catalog = catalog(500);
-        let rec = Recommender::new(catalog.clone(), &HnswSettings::default());
+        let rec = Recommender::new(catalog.clone(), &graph_always());
         let coffee: Vec<usize> = (0..500)
             .filter(|&i| catalog.product(i).category == "coffee")
             .take(3)
