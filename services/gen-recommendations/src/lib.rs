@@ -57,7 +57,8 @@ impl GenRecommendations {
     /// The list for one user state from `model`: personalised, or popularity when the
     /// state carries no signal the model can use.
     fn list_from(&self, model: &ServedModel, user: &UserVectorRecord) -> RecommendationRecord {
-        let _span = tracing::info_span!(
+        // Debug: nothing inside logs at info, and a span per list costs its fields' formatting.
+        let _span = tracing::debug_span!(
             "list",
             event_id = %user.last_event.event_id,
             user_id = %user.user_id,

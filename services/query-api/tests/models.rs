@@ -322,17 +322,24 @@ async fn a_click_on_a_recommended_product_counts_for_the_version_that_made_the_l
         "impressions and clicks counted per version",
         || async {
             let report = experiments(&app).await;
-            ["a", "b"]
-                .iter()
-                .all(|v| {
-                    report.arms.iter().any(|arm| {
-                        arm.arm == *v
-                            && arm.clicks == 1
-                            && arm.purchases == 1
-                            && arm.impressions == personal_gets[*v]
-                    })
+            let done = ["a", "b"].iter().all(|v| {
+                report.arms.iter().any(|arm| {
+                    arm.arm == *v
+                        && arm.clicks == 1
+                        && arm.purchases == 1
+                        && arm.impressions == personal_gets[*v]
                 })
-                .then_some(())
+            });
+            if !done {
+                // What a timeout leaves to go on: the counts against the personalised GETs.
+                let counts: Vec<_> = report
+                    .arms
+                    .iter()
+                    .map(|a| (&a.arm, a.impressions, a.clicks, a.purchases))
+                    .collect();
+                eprintln!("waiting: arms {counts:?}, personalised GETs {personal_gets:?}");
+            }
+            done.then_some(())
         },
     )
     .await;

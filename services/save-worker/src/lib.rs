@@ -384,9 +384,9 @@ impl SaveWorker {
         use tracing::Instrument;
         let mut rows = Vec::new();
         for e in events {
-            // Log lines of this step name the event and the user.
+            // Log lines of this step (debug ones) name the event and the user.
             let span =
-                tracing::info_span!("attribution", event_id = %e.event_id, user_id = %e.user_id);
+                tracing::debug_span!("attribution", event_id = %e.event_id, user_id = %e.user_id);
             if let Some(row) = self.attribute_one(e, lists).instrument(span).await? {
                 rows.push(row);
             }

@@ -83,9 +83,11 @@ impl UpdateEmbeddings {
         meta: &RecordMeta,
         event: &Event,
     ) -> Result<Option<LastEvent>, String> {
-        // Every log line of this record names its event and user.
+        // Every log line of this record names its event and user. A debug span: the lines
+        // inside are debug ones, and an info span per event (its fields formatted for the
+        // log) cost about 6% of the service's CPU.
         let _span =
-            tracing::info_span!("event", event_id = %event.event_id, user_id = %event.user_id)
+            tracing::debug_span!("event", event_id = %event.event_id, user_id = %event.user_id)
                 .entered();
         if state.source.partition == meta.partition && meta.offset <= state.source.offset {
             tracing::debug!(user = %event.user_id, offset = meta.offset, "replayed event skipped");
