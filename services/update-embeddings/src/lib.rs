@@ -72,8 +72,6 @@ impl UpdateEmbeddings {
         self.users.get(user_id)
     }
 
-    /// Applies one event read at `meta` to `before` (the user's newest state); None when
-    /// it is a replay already applied.
     /// Moves `state` on by `event`, in place. Ok(None) when the event is skipped (a replay
     /// or a producer's retry of one already applied), else the state's previous last
     /// event. On an error `state` is unchanged.

@@ -88,7 +88,12 @@ impl UserModel {
         now_ms: i64,
     ) -> Result<UserVectorRecord, UpdateError> {
         let mut state = match before {
-            Some(b) => b.clone(),
+            Some(b) => {
+                let mut state = b.clone();
+                // A state made here stands for this event alone.
+                state.folded_events.clear();
+                state
+            }
             None => self.new_state(event),
         };
         self.update(&mut state, event, source, now_ms)?;
