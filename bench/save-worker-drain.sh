@@ -19,7 +19,12 @@ c0=$(cpu_ticks)
 "$root/target/release/recpipe-loadtest" --catalog "$root/.run/catalog" events \
   --events "$n" --users $((n / 10)) --rate 50000 --batch 200 >/dev/null
 t0=$(date +%s.%N)
-while [ $(($(records) - r0)) -lt "$n" ]; do sleep 0.2; done
+for _ in $(seq 1 3000); do
+  [ $(($(records) - r0)) -ge "$n" ] && break
+  sleep 0.2
+done
+stored=$(($(records) - r0))
+[ "$stored" -ge "$n" ] || { echo "save-worker took $stored of $n records in 10 min; see .run/logs/save-worker.log" >&2; exit 1; }
 t1=$(date +%s.%N)
 c1=$(cpu_ticks)
 awk -v n="$n" -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" \

@@ -317,6 +317,8 @@ async fn a_click_on_a_recommended_product_counts_for_the_version_that_made_the_l
         assert_eq!(r.status(), 202);
     }
 
+    // The counts last printed while waiting.
+    let last_seen = std::sync::Mutex::new(String::new());
     eventually(
         WAIT,
         "impressions and clicks counted per version",
@@ -337,7 +339,12 @@ async fn a_click_on_a_recommended_product_counts_for_the_version_that_made_the_l
                     .iter()
                     .map(|a| (&a.arm, a.impressions, a.clicks, a.purchases))
                     .collect();
-                eprintln!("waiting: arms {counts:?}, personalised GETs {personal_gets:?}");
+                let seen = format!("arms {counts:?}, personalised GETs {personal_gets:?}");
+                let mut last = last_seen.lock().unwrap();
+                if *last != seen {
+                    eprintln!("waiting: {seen}");
+                    *last = seen;
+                }
             }
             done.then_some(())
         },

@@ -223,8 +223,7 @@ impl FlatHnsw {
             allowed,
         };
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx2_fma() {
             return self.search_avx2(&request);
         }
         self.search_with(&request, dot16, |_| {})
@@ -238,7 +237,7 @@ impl FlatHnsw {
     fn search_avx2(&self, request: &Request<'_>) -> Vec<(usize, f32)> {
         #[target_feature(enable = "avx2,fma")]
         fn compiled_for_avx2(graph: &FlatHnsw, request: &Request<'_>) -> Vec<(usize, f32)> {
-            // The closures, defined here, are compiled with AVX2 and FMA, and `dot_fma` is
+            // The closures, defined here, are compiled with AVX2 and FMA, and `dot_avx2` is
             // inlined into them (a function item passed instead was not, and ran 5× slower).
             graph.search_with(
                 request,
@@ -358,6 +357,12 @@ impl FlatHnsw {
     }
 }
 
+/// Whether this CPU has AVX2 and FMA (the answer is cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// The dot product of `query` with every row of `vectors` (rows of `query.len()`), into
 /// `scores`: exact search's one pass over the catalog. On x86-64 with AVX2 and FMA a copy
 /// compiled for them runs.
@@ -380,8 +385,7 @@ pub(crate) fn score_rows(vectors: &[f32], query: &[f32], scores: &mut Vec<f32>) 
             // SAFETY: this function is compiled for, and only called on, AVX2 and FMA.
             score_with(vectors, query, scores, |a, b| unsafe { dot_avx2(a, b) })
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx2_fma() {
             // SAFETY: AVX2 and FMA were just detected on this CPU.
             return unsafe { compiled_for_avx2(vectors, query, scores) };
         }
@@ -398,7 +402,9 @@ pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
 
 /// [`dot16`] in two 256-bit registers of fused multiply-adds, summed in the same order.
 /// Written with intrinsics: from the portable code the compiler made eight 64-bit-wide
-/// multiply-adds per 16 floats, and searches ran at a third of the speed this gives.
+/// multiply-adds per 16 floats. Exact search's scan is about a fifth faster with this
+/// (18.8 → 15.0 µs at 2,000 × 32); HNSW search, bound by its memory accesses, did not
+/// change.
 ///
 /// # Safety
 /// Only on a CPU with AVX2 and FMA.
@@ -454,8 +460,7 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     // Summed as a tree (8 + 4 + 2 + 1 adds, each level's independent) rather than left to
-    // right: a sequential sum of 16 lanes waits on 15 adds in a row, which cost more than
-    // the multiplications of a 32- or 64-dimensional product.
+    // right (15 adds in a row), in the order `dot_avx2` sums its registers.
     let mut half = [0.0f32; 8];
     for i in 0..8 {
         half[i] = lanes[i] + lanes[i + 8];
@@ -614,9 +619,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)]
     fn the_avx2_dot_product_is_the_portable_one() {
-        if !(std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma"))
-        {
+        if !has_avx2_fma() {
             return;
         }
         for n in [0, 1, 5, 16, 17, 32, 33, 64, 100, 128] {
