@@ -407,6 +407,9 @@ pub struct ApiSettings {
     /// How long impressions (one per GET) are gathered before they are produced, one
     /// record per partition holding them all (schemas/impression-batch.v1).
     pub impressions_linger_ms: u64,
+    /// How long POSTed events may wait for others to share their broker request (the
+    /// `linger.ms` of the API's event producer; 0: each POST sends at once).
+    pub events_linger_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -423,6 +426,7 @@ impl Default for ApiSettings {
             cors_origins: Vec::new(),
             view_max_users: 1_000_000,
             impressions_linger_ms: 100,
+            events_linger_ms: 15,
         }
     }
 }

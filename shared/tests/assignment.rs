@@ -1,9 +1,12 @@
 //! A new assignment is prepared (state restored) as soon as it is known, before any of
-//! its records comes, and each partition once.
+//! its records comes, and each partition once; processed batches' offsets are committed,
+//! for good by a clean stop.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
 use recpipe_shared::kafka::framework::{
     self, Decoded, Outcome, Processor, RecordMeta, RetryableError,
 };
@@ -91,4 +94,69 @@ async fn every_assigned_partition_is_prepared_before_any_record_comes() {
     }
     stop.cancel();
     service.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_clean_stop_leaves_every_processed_record_committed() {
+    let broker = TestBroker::start().await;
+    let settings = broker.kafka_settings();
+    recpipe_shared::kafka::ensure_topics(&settings, &["in"], 3)
+        .await
+        .unwrap();
+    for key in ["a", "b", "c", "d", "e"] {
+        produce(&broker.brokers(), "in", key, b"x").await;
+    }
+    let (tx, mut calls) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let service = {
+        let (settings, stop) = (settings.clone(), stop.clone());
+        tokio::spawn(async move { framework::run(&settings, Recorder(tx), stop).await })
+    };
+    let mut processed = 0;
+    while processed < 5 {
+        if let Call::Process(n) = next(&mut calls).await {
+            processed += n;
+        }
+    }
+    stop.cancel();
+    let stats = service.await.unwrap().unwrap();
+    assert_eq!(stats.records, 5);
+
+    // The group's committed offsets are each partition's end: a restart replays nothing.
+    let consumer: BaseConsumer = recpipe_shared::kafka::client_config(&settings)
+        .set("group.id", format!("{}-recorder", settings.group_prefix))
+        .create()
+        .unwrap();
+    let mut partitions = TopicPartitionList::new();
+    for p in 0..3 {
+        partitions.add_partition("in", p);
+    }
+    let (committed, ends) = tokio::task::spawn_blocking(move || {
+        let ends: Vec<i64> = (0..3)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks("in", p, Duration::from_secs(10))
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        (
+            consumer.committed_offsets(partitions, Duration::from_secs(10)),
+            ends,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(ends.iter().sum::<i64>(), 5);
+    for e in committed.unwrap().elements() {
+        let end = ends[e.partition() as usize];
+        if end > 0 {
+            assert_eq!(
+                e.offset(),
+                Offset::Offset(end),
+                "partition {}: committed offset against its end",
+                e.partition()
+            );
+        }
+    }
 }

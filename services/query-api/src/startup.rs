@@ -17,7 +17,7 @@ use tower_http::trace::TraceLayer;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
-    /// Accepted events (sent at once: freshness waits on them).
+    /// Accepted events, lingering `api.events_linger_ms` to share broker requests.
     pub producer: FutureProducer,
     /// Impressions, gathered per partition and produced every
     /// `api.impressions_linger_ms` (nobody waits on them).
@@ -55,7 +55,11 @@ impl AppState {
         // After the follower took its start offsets: every list is then in the store's
         // set or comes through the follower.
         load_stored_users(&view, &*store, settings.api.view_max_users).await;
-        let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
+        let producer = {
+            let mut config = recpipe_shared::kafka::producer_config(&settings.kafka);
+            config.set("linger.ms", settings.api.events_linger_ms.to_string());
+            recpipe_shared::kafka::with_overrides(config, &settings.kafka).create()?
+        };
         let impressions = {
             let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
             let topic = settings.kafka.topics.impressions.clone();

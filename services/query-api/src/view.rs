@@ -285,6 +285,9 @@ pub fn follow(
         "following the latest lists"
     );
     let users = metrics::gauge!("recpipe_view_users");
+    // From a list's production to its arrival here: the last hop of freshness.
+    let record_wait_seconds =
+        metrics::histogram!("recpipe_record_wait_seconds", "service" => "query-api-view");
     std::thread::Builder::new()
         .name("list-view".into())
         .spawn(move || {
@@ -300,6 +303,10 @@ pub fn follow(
                 }
                 match consumer.poll(Duration::from_millis(100)) {
                     Some(Ok(m)) => {
+                        if let Some(created) = m.timestamp().to_millis() {
+                            let waited = recpipe_shared::events::now_ms() - created;
+                            record_wait_seconds.record(waited.max(0) as f64 / 1000.0);
+                        }
                         let Some(payload) = m.payload() else { continue };
                         match serde_json::from_slice::<RecommendationRecord>(payload) {
                             Ok(list) => {

@@ -272,6 +272,10 @@ pub async fn run_with_health<P: Processor>(
         metrics::histogram!("recpipe_delivery_seconds", "service" => service.clone());
     let commit_seconds =
         metrics::histogram!("recpipe_commit_seconds", "service" => service.clone());
+    // From a record's production (its CreateTime) to its arrival in a batch: the hop's
+    // broker and queueing time, which the batch timings above leave out.
+    let record_wait_seconds =
+        metrics::histogram!("recpipe_record_wait_seconds", "service" => service.clone());
 
     let mut stats = RunStats::default();
     let mut prepared: HashSet<(String, i32)> = HashSet::new();
@@ -318,6 +322,12 @@ pub async fn run_with_health<P: Processor>(
                 Some(Ok(m)) => batch.push(m.detach()),
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => break,
+            }
+        }
+        let received = now_ms();
+        for m in &batch {
+            if let Some(created) = m.timestamp().to_millis() {
+                record_wait_seconds.record((received - created).max(0) as f64 / 1000.0);
             }
         }
 
