@@ -13,6 +13,7 @@ pub mod auth;
 pub mod experiments;
 pub mod impressions;
 pub mod live;
+pub mod quiet;
 pub mod routes;
 pub mod startup;
 pub mod view;

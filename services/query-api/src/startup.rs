@@ -19,6 +19,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Accepted events, lingering `api.events_linger_ms` to share broker requests.
     pub producer: FutureProducer,
+    /// Which POSTs come after a quiet spell and so are flushed at once.
+    pub events_quiet: Arc<crate::quiet::QuietSpell>,
     /// Impressions, gathered per partition and produced every
     /// `api.impressions_linger_ms` (nobody waits on them).
     pub impressions: Arc<crate::impressions::ImpressionLog>,
@@ -86,6 +88,9 @@ impl AppState {
             keys,
             store,
             producer,
+            events_quiet: Arc::new(crate::quiet::QuietSpell::new(Duration::from_millis(
+                settings.api.events_linger_ms,
+            ))),
             impressions,
             models,
             settings: Arc::new(settings),

@@ -377,3 +377,28 @@ async fn posting_events_takes_a_valid_key_within_its_rate_and_cors_follows_setti
     assert!(other.headers().get("access-control-allow-origin").is_none());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_lone_event_is_not_held_for_the_linger() {
+    // Events linger to share broker requests with others; one that comes after a quiet
+    // spell is sent at once. With a two-minute linger, a lone POST must still be
+    // acknowledged within WAIT (a minute).
+    let app = spawn_app_with(|s| {
+        s.api.events_linger_ms = 120_000;
+        s.kafka.delivery_timeout_ms = 300_000; // librdkafka wants it above the linger
+    })
+    .await;
+    let body = serde_json::to_value(event(
+        "lone-1",
+        "lena",
+        EventType::View,
+        "p-00001",
+        1_700_000_000_000,
+    ))
+    .unwrap();
+    let answer = tokio::time::timeout(WAIT, app.post_events(&body))
+        .await
+        .expect("the lone event waited for the linger");
+    assert_eq!(answer.status(), 202);
+    app.stop().await;
+}
