@@ -408,7 +408,8 @@ pub struct ApiSettings {
     /// record per partition holding them all (schemas/impression-batch.v1).
     pub impressions_linger_ms: u64,
     /// How long POSTed events may wait for others to share their broker request (the
-    /// `linger.ms` of the API's event producer; 0: each POST sends at once).
+    /// `linger.ms` of the API's event producer; 0: each POST sends at once). A POST
+    /// that comes when none came for this long is sent at once.
     pub events_linger_ms: u64,
 }
 
