@@ -8,10 +8,12 @@ use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use recpipe_shared::kafka::framework::{
-    self, Decoded, Outcome, Processor, RecordMeta, RetryableError,
+    self, Decoded, FrameworkError, Outcome, Processor, RecordMeta, RetryableError, RunStats,
 };
+use recpipe_shared::settings::KafkaSettings;
 use recpipe_shared::testkit::{produce, TestBroker};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 enum Call {
@@ -59,19 +61,37 @@ async fn next(calls: &mut mpsc::UnboundedReceiver<Call>) -> Call {
         .expect("the framework stopped")
 }
 
-#[tokio::test]
-async fn every_assigned_partition_is_prepared_before_any_record_comes() {
+/// A broker with the topic `in` of three partitions.
+async fn broker_with_topic_in() -> (TestBroker, KafkaSettings) {
     let broker = TestBroker::start().await;
     let settings = broker.kafka_settings();
     recpipe_shared::kafka::ensure_topics(&settings, &["in"], 3)
         .await
         .unwrap();
-    let (tx, mut calls) = mpsc::unbounded_channel();
+    (broker, settings)
+}
+
+/// The framework running a [`Recorder`]: what it is asked, its stop, and its task.
+fn run_recorder(
+    settings: &KafkaSettings,
+) -> (
+    mpsc::UnboundedReceiver<Call>,
+    CancellationToken,
+    JoinHandle<Result<RunStats, FrameworkError>>,
+) {
+    let (tx, calls) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     let service = {
         let (settings, stop) = (settings.clone(), stop.clone());
         tokio::spawn(async move { framework::run(&settings, Recorder(tx), stop).await })
     };
+    (calls, stop, service)
+}
+
+#[tokio::test]
+async fn every_assigned_partition_is_prepared_before_any_record_comes() {
+    let (broker, settings) = broker_with_topic_in().await;
+    let (mut calls, stop, service) = run_recorder(&settings);
 
     // Nothing produced yet: the whole assignment is prepared in one call.
     match next(&mut calls).await {
@@ -98,20 +118,11 @@ async fn every_assigned_partition_is_prepared_before_any_record_comes() {
 
 #[tokio::test]
 async fn a_clean_stop_leaves_every_processed_record_committed() {
-    let broker = TestBroker::start().await;
-    let settings = broker.kafka_settings();
-    recpipe_shared::kafka::ensure_topics(&settings, &["in"], 3)
-        .await
-        .unwrap();
+    let (broker, settings) = broker_with_topic_in().await;
     for key in ["a", "b", "c", "d", "e"] {
         produce(&broker.brokers(), "in", key, b"x").await;
     }
-    let (tx, mut calls) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    let service = {
-        let (settings, stop) = (settings.clone(), stop.clone());
-        tokio::spawn(async move { framework::run(&settings, Recorder(tx), stop).await })
-    };
+    let (mut calls, stop, service) = run_recorder(&settings);
     let mut processed = 0;
     while processed < 5 {
         if let Call::Process(n) = next(&mut calls).await {

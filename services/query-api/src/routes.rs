@@ -773,21 +773,11 @@ async fn post_events(
         .events_quiet
         .post_after_quiet(std::time::Instant::now())
     {
-        // Nothing else is coming to share the request: send now rather than linger.
-        // While librdkafka's flush runs, the producer sends what it holds without
-        // lingering; it returns once that is delivered, or after at most the linger.
-        // (rdkafka's own `flush` calls it with no wait in a loop, which the producer's
-        // thread often misses.) It blocks, so it runs apart from the request.
-        let producer = state.producer.clone();
-        let wait_ms = state.settings.api.events_linger_ms.min(i32::MAX as u64) as i32;
-        tokio::task::spawn_blocking(move || {
-            let client = producer.client().native_ptr();
-            // SAFETY: the client is valid while `producer`, moved here, lives.
-            #[allow(unsafe_code)]
-            unsafe {
-                rdkafka::bindings::rd_kafka_flush(client, wait_ms);
-            }
-        });
+        // Nothing else is coming to share the broker request: send now, not linger.
+        crate::quiet::flush_now(
+            &state.producer,
+            std::time::Duration::from_millis(state.settings.api.events_linger_ms),
+        );
     }
     for result in futures::future::join_all(deliveries).await {
         match result {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Router;
 use rdkafka::producer::FutureProducer;
 use recpipe_shared::model::{IndexKind, ModelRegistry};
-use recpipe_shared::settings::Settings;
+use recpipe_shared::settings::{KafkaSettings, Settings};
 use recpipe_shared::store::{self, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -57,11 +57,10 @@ impl AppState {
         // After the follower took its start offsets: every list is then in the store's
         // set or comes through the follower.
         load_stored_users(&view, &*store, settings.api.view_max_users).await;
-        let producer = {
-            let mut config = recpipe_shared::kafka::producer_config(&settings.kafka);
-            config.set("linger.ms", settings.api.events_linger_ms.to_string());
-            recpipe_shared::kafka::with_overrides(config, &settings.kafka).create()?
-        };
+        let producer = recpipe_shared::kafka::producer(&KafkaSettings {
+            linger_ms: settings.api.events_linger_ms,
+            ..settings.kafka.clone()
+        })?;
         let impressions = {
             let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
             let topic = settings.kafka.topics.impressions.clone();
