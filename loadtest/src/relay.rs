@@ -147,7 +147,10 @@ pub async fn run(
     let client = reqwest::Client::new();
     let started = Instant::now();
     produce_all(kafka, &kafka.topics.events, &input).await?;
-    let deadline = Instant::now() + Duration::from_secs(600);
+    // A list that has not moved on for this long is not coming (its state or list may
+    // have been dead-lettered): say so rather than wait out a long run.
+    let stall_limit = Duration::from_secs(60);
+    let mut progressed = Instant::now();
     // Users in the order of their last event: the pipeline finishes them in about that
     // order (per partition exactly). A pass stops at the first user not yet done and
     // tries again shortly, so the check costs about one GET per user (each GET is also an
@@ -160,10 +163,14 @@ pub async fn run(
     let mut gets = 0u64;
     while done < waiting.len() {
         anyhow::ensure!(
-            Instant::now() < deadline,
-            "{} users never got a list for their last event",
-            waiting.len() - done
+            progressed.elapsed() < stall_limit,
+            "{} users never got a list for their last event (none came in {} s; the first \
+             waiting is {}): see the services' logs and the dead-letters topic",
+            waiting.len() - done,
+            stall_limit.as_secs(),
+            waiting[done].0
         );
+        let done_before = done;
         let mut missed = false;
         for (user, id) in &waiting[done..] {
             let list: serde_json::Value = client
@@ -178,6 +185,9 @@ pub async fn run(
                 break;
             }
             done += 1;
+        }
+        if done > done_before {
+            progressed = Instant::now();
         }
         if missed {
             // A user further on may be done already; moving them ahead of this one keeps

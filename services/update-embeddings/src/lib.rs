@@ -40,6 +40,13 @@ pub const SERVICE: &str = "update-embeddings";
 /// Longest a partition's state restore may take before it is retried.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Most events folded into one state. A user with more events in one batch gets a state
+/// every this many, so a state stays far below `kafka.max_record_bytes` (64 KiB) whatever
+/// `kafka.batch_max` is: at ids of 128 bytes a folded event is about 330 bytes of JSON.
+/// Without the bound, a batch of 2,000 gave a hot user states of 70 KB, which every
+/// consumer dead-lettered.
+pub const MAX_FOLDED_EVENTS: usize = 64;
+
 pub struct UpdateEmbeddings {
     models: Arc<ModelRegistry>,
     /// The assignment `model` was built for.
@@ -115,7 +122,8 @@ impl UpdateEmbeddings {
     /// produced at the user's last applied event of the batch with the earlier ones
     /// listed as folded. The framework commits the batch's offsets only once all of its
     /// outputs are acknowledged, so a folded event is never committed without the state
-    /// that holds it.
+    /// that holds it. A state holds at most [`MAX_FOLDED_EVENTS`]; the user's next event
+    /// starts another.
     fn apply_batch(&mut self, batch: &[Decoded<Event>]) -> Vec<Outcome> {
         // By batch position: the newest state so far of the user whose event is there.
         let mut newest: Vec<Option<UserVectorRecord>> = vec![None; batch.len()];
@@ -124,10 +132,15 @@ impl UpdateEmbeddings {
         for (i, d) in batch.iter().enumerate() {
             let user = d.input.user_id.as_str();
             // The state to move on: the user's newest of this batch, taken over when it is
-            // the same partition's changelog and copied (it keeps its own output) when it
-            // is not; else the stored state, or a new one.
+            // the same partition's changelog and has room, and copied (it keeps its own
+            // output) when it has not; else the stored state, or a new one.
             let earlier = at_of_user.get(user).copied();
-            let folds = earlier.is_some_and(|j| batch[j].meta.partition == d.meta.partition);
+            let folds = earlier.is_some_and(|j| {
+                batch[j].meta.partition == d.meta.partition
+                    && newest[j]
+                        .as_ref()
+                        .is_some_and(|s| s.folded_events.len() < MAX_FOLDED_EVENTS)
+            });
             let mut state = match earlier {
                 Some(j) if folds => newest[j].take().expect("the user's newest state"),
                 Some(j) => {

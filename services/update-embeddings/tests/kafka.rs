@@ -529,3 +529,70 @@ async fn a_batch_makes_one_state_per_user_and_partition_with_the_earlier_events_
     assert!(kept.folded_events.is_empty());
     assert_eq!(kept.last_event.event_id, "e3");
 }
+
+#[tokio::test]
+async fn a_hot_users_batch_is_split_into_states_that_each_fold_a_bounded_number_of_events() {
+    let env = TestEnv::start().await;
+    let models = Arc::new(ModelRegistry::from_settings(&env.settings, IndexKind::None).unwrap());
+    let mut processor = UpdateEmbeddings::new(models, &env.settings).unwrap();
+    // 600 events of one user in one batch (a bot, or a batch_max of thousands), with a
+    // long event id each, as a real producer's UUIDs with a prefix would be: folded into
+    // one state, about 120 KB.
+    let events = 600;
+    let batch: Vec<_> = (0..events)
+        .map(|i| Decoded {
+            meta: RecordMeta {
+                topic: "events".into(),
+                partition: 2,
+                offset: 1_000 + i as i64,
+                key: Some(b"hot".to_vec()),
+            },
+            input: event(
+                &format!("{:0>120}", i),
+                "hot",
+                EventType::Click,
+                &format!("p-{:05}", i % 50),
+                T0 + i as i64,
+            ),
+        })
+        .collect();
+    let outcomes = processor.process(batch).await.unwrap();
+
+    let mut states = Vec::new();
+    for (i, o) in outcomes.iter().enumerate() {
+        match o {
+            Outcome::Emit(out) if out.is_empty() => {}
+            Outcome::Emit(out) => {
+                assert!(
+                    out[0].payload.len() < env.settings.kafka.max_record_bytes,
+                    "state at {i} is {} bytes",
+                    out[0].payload.len()
+                );
+                states.push((
+                    i,
+                    serde_json::from_slice::<UserVectorRecord>(&out[0].payload).unwrap(),
+                ));
+            }
+            Outcome::Reject(reason) => panic!("rejected: {reason}"),
+        }
+    }
+    let max = update_embeddings::MAX_FOLDED_EVENTS;
+    // A state every max + 1 events, and one at the batch's last event.
+    let at: Vec<usize> = states.iter().map(|(i, _)| *i).collect();
+    let expected: Vec<usize> = (max..events).step_by(max + 1).chain([events - 1]).collect();
+    assert_eq!(at, expected);
+    assert!(at.len() >= 2, "{at:?}");
+    assert!(states.iter().all(|(_, s)| s.folded_events.len() <= max));
+    // Together they stand for every event once, in order, and versions count them.
+    let only: Vec<UserVectorRecord> = states.iter().map(|(_, s)| s.clone()).collect();
+    let want: Vec<String> = (0..events).map(|i| format!("{:0>120}", i)).collect();
+    assert_eq!(
+        applied_ids(&only),
+        want.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    for (i, s) in &states {
+        assert_eq!(s.version, *i as u64 + 1);
+    }
+    let kept = processor.user("hot").unwrap().unwrap();
+    assert_eq!(kept.version, events as u64);
+}
