@@ -29,8 +29,6 @@ pub enum EventIds {
     Uuid,
 }
 
-/// Events per batch, as `kafka.batch_max`.
-const BATCH: usize = 500;
 
 #[derive(Debug, Serialize)]
 pub struct MemorySummary {
@@ -89,7 +87,9 @@ pub fn run(
     let started = Instant::now();
     let mut json = 0usize;
     let total = users * events_per_user;
-    let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
+    // Events per batch: the services' default `kafka.batch_max`.
+    let batch_max = recpipe_shared::settings::KafkaSettings::default().batch_max;
+    let mut batch: Vec<Event> = Vec::with_capacity(batch_max);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     for n in 0..total {
         let (round, u) = (n / users, n % users);
@@ -107,7 +107,7 @@ pub fn run(
             ts: 1_700_000_000_000 + round as i64,
             recommendation_id: None,
         });
-        if batch.len() < BATCH && n + 1 < total {
+        if batch.len() < batch_max && n + 1 < total {
             continue;
         }
         states.load(batch.iter().map(|e| e.user_id.as_str()))?;

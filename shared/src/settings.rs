@@ -100,7 +100,7 @@ impl Default for KafkaSettings {
             group_prefix: "recpipe".into(),
             partitions: 4,
             topics: Topics::default(),
-            batch_max: 500,
+            batch_max: 2000,
             delivery_timeout_ms: 30_000,
             client: BTreeMap::new(),
             max_record_bytes: 64 * 1024,
