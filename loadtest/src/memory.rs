@@ -29,7 +29,6 @@ pub enum EventIds {
     Uuid,
 }
 
-
 #[derive(Debug, Serialize)]
 pub struct MemorySummary {
     pub users: usize,
