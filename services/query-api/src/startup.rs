@@ -13,7 +13,6 @@ use tokio_util::sync::CancellationToken;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
 
-/// What every handler shares.
 /// What every handler shares. Handlers take it by value (axum's `State` clones it per
 /// request), so it is one `Arc`: a clone and a drop are one atomic count each, where the
 /// nine shared parts on their own cost nine of each, on cache lines both cores write.
@@ -28,6 +27,7 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// The parts of [`AppState`], reached through it.
 pub struct AppParts {
     pub store: Arc<dyn Store>,
     /// Accepted events, lingering `api.events_linger_ms` to share broker requests.
