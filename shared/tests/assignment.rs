@@ -171,3 +171,37 @@ async fn a_clean_stop_leaves_every_processed_record_committed() {
         }
     }
 }
+
+/// A batch's outputs are sent as soon as the batch has queued them, not held for the
+/// producer's linger (which only bounds how long the first waits for the rest).
+#[tokio::test]
+async fn a_batchs_outputs_are_not_held_for_the_linger() {
+    let (broker, mut settings) = broker_with_topic_in().await;
+    recpipe_shared::kafka::ensure_topics(&settings, &["out"], 3)
+        .await
+        .unwrap();
+    // Two minutes: a record held for it would miss the minute the test waits
+    // (librdkafka wants the delivery timeout longer than the linger).
+    settings.linger_ms = 120_000;
+    settings.delivery_timeout_ms = 300_000;
+    let stop = CancellationToken::new();
+    let relay = recpipe_shared::kafka::relay::Relay {
+        from: "in".into(),
+        to: "out".into(),
+    };
+    let run = {
+        let (settings, stop) = (settings.clone(), stop.clone());
+        tokio::spawn(async move { framework::run(&settings, relay, stop).await })
+    };
+    produce(&broker.brokers(), "in", "u1", b"one").await;
+    let out =
+        recpipe_shared::testkit::read_topic(&broker.brokers(), "out", 1, Duration::from_secs(60))
+            .await;
+    assert_eq!(
+        out.len(),
+        1,
+        "the relayed record did not arrive within a minute"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}

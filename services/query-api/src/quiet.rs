@@ -3,12 +3,11 @@
 //! POSTed events linger (`api.events_linger_ms`) so that, under load, many share one
 //! broker request: each request is a stored batch per partition, which tansu's memory
 //! engine lists on every fetch. An event that comes after a quiet spell has nothing to
-//! wait for, so its POST flushes the producer and the event goes at once.
+//! wait for, so its POST flushes the producer ([`recpipe_shared::kafka::send_now`]) and
+//! the event goes at once.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use rdkafka::producer::{FutureProducer, Producer};
 
 pub struct QuietSpell {
     spell: Duration,
@@ -35,24 +34,6 @@ impl QuietSpell {
         *last = Some(now);
         quiet
     }
-}
-
-/// Makes `producer` send what it holds now rather than linger, without holding up the
-/// caller. librdkafka's flush sends without lingering while it runs and returns once that
-/// is delivered, or after `wait`; it blocks, so it runs on a blocking thread. (rdkafka's
-/// own `flush` calls it with no wait, in a loop, which the producer's thread often
-/// missed: a lone POST then waited for the linger.)
-pub fn flush_now(producer: &FutureProducer, wait: Duration) {
-    let producer = producer.clone();
-    let wait_ms = wait.as_millis().min(i32::MAX as u128) as i32;
-    tokio::task::spawn_blocking(move || {
-        let client = producer.client().native_ptr();
-        // SAFETY: the client is valid while `producer`, moved here, lives.
-        #[allow(unsafe_code)]
-        unsafe {
-            rdkafka::bindings::rd_kafka_flush(client, wait_ms);
-        }
-    });
 }
 
 #[cfg(test)]

@@ -774,7 +774,7 @@ async fn post_events(
         .post_after_quiet(std::time::Instant::now())
     {
         // Nothing else is coming to share the broker request: send now, not linger.
-        crate::quiet::flush_now(
+        recpipe_shared::kafka::send_now(
             &state.producer,
             std::time::Duration::from_millis(state.settings.api.events_linger_ms),
         );

@@ -260,7 +260,7 @@ pub async fn run_with_health<P: Processor>(
     let topics = processor.topics();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
-    let mut producer = super::producer(settings)?;
+    let mut producer = batch_producer(settings)?;
     tracing::info!(service, ?topics, "consuming");
     crate::admin::metrics(); // the recorder must exist before the handles are made
     let processed = metrics::counter!("recpipe_records_total", "service" => service.clone(), "outcome" => "processed");
@@ -298,7 +298,7 @@ pub async fn run_with_health<P: Processor>(
             received = consumer.recv() => received,
             _ = tokio::time::sleep(idle) => {
                 let outputs: Vec<Outgoing> = processor.tick().into_iter().map(Outgoing::from).collect();
-                match deliver(&producer, &outputs).await {
+                match deliver(&producer, &outputs, settings).await {
                     Ok(n) => stats.produced += n,
                     // Periodic outputs (e.g. the popularity list) are made again next tick.
                     Err(e) => tracing::warn!(error = %e, "periodic outputs not delivered"),
@@ -372,14 +372,14 @@ pub async fn run_with_health<P: Processor>(
         let mut backoff = Backoff::new();
         let delivery_started = std::time::Instant::now();
         let delivered = loop {
-            match deliver(&producer, &all).await {
+            match deliver(&producer, &all, settings).await {
                 Ok(n) => break n,
                 Err(e) => {
                     health.set_not_ready(format!("kafka: {e}"));
                     // A fresh producer: an idempotent one whose records timed out in
                     // flight can be left in a fatal state (a broker without epoch bumps,
                     // like tansu), failing every later send.
-                    producer = super::producer(settings)?;
+                    producer = batch_producer(settings)?;
                     metrics::counter!("recpipe_delivery_retries_total", "service" => service.clone())
                         .increment(1);
                     let e = RetryableError(e.to_string());
@@ -641,8 +641,30 @@ fn dead_letter(service: &str, dead_letter_topic: &str, m: &OwnedMessage, reason:
     }
 }
 
-/// Produces `records` and waits until the broker has acknowledged every one.
-async fn deliver(producer: &FutureProducer, records: &[Outgoing]) -> Result<u64, FrameworkError> {
+/// Longest a batch's first output waits for the rest of the batch's outputs before it is
+/// sent (`linger.ms` of the framework's producer, unless `kafka.linger_ms` is longer).
+/// [`deliver`] sends as soon as the batch's last output is queued, so this is only a
+/// bound. Without it (`linger.ms` 0) the first outputs went out alone while the rest were
+/// being queued: two or three requests per batch where one does, each stored by the
+/// broker as one more batch per partition, which tansu's memory engine lists on every
+/// fetch (freshness p99 at 2,135 events/s: 69-78 ms with `linger.ms` 0, 48-52 with 1).
+const BATCH_HOLD: Duration = Duration::from_millis(5);
+
+/// The producer of a batch's outputs: it holds them for at most [`BATCH_HOLD`].
+fn batch_producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError> {
+    super::producer(&KafkaSettings {
+        linger_ms: settings.linger_ms.max(BATCH_HOLD.as_millis() as u64),
+        ..settings.clone()
+    })
+}
+
+/// Produces `records` and waits until the broker has acknowledged every one. They are
+/// queued first and then sent together: one request per broker for the whole batch.
+async fn deliver(
+    producer: &FutureProducer,
+    records: &[Outgoing],
+    settings: &KafkaSettings,
+) -> Result<u64, FrameworkError> {
     if records.is_empty() {
         return Ok(0);
     }
@@ -680,6 +702,13 @@ async fn deliver(producer: &FutureProducer, records: &[Outgoing]) -> Result<u64,
             }
         }
     }
+    // All queued: send them now rather than at the end of the hold. The send lasts while
+    // its wait does (librdkafka lingers again once it returns), and a new producer first
+    // fetches its id, so the wait is the delivery timeout: it ends when all is delivered.
+    super::send_now(
+        producer,
+        Duration::from_millis(settings.delivery_timeout_ms),
+    );
     let mut failed = 0;
     let mut first = String::new();
     for result in futures::future::join_all(pending).await {

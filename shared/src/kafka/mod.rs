@@ -12,7 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::settings::KafkaSettings;
@@ -52,6 +52,24 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
             settings.delivery_timeout_ms.to_string(),
         );
     config
+}
+
+/// Makes `producer` send what it holds now rather than linger, without holding up the
+/// caller. librdkafka's flush sends without lingering while it runs and returns once that
+/// is delivered, or after `wait`; it blocks, so it runs on a blocking thread. (rdkafka's
+/// own `flush` calls it with no wait, in a loop, which the producer's thread often
+/// missed: the records then waited for the linger.)
+pub fn send_now(producer: &FutureProducer, wait: Duration) {
+    let producer = producer.clone();
+    let wait_ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    tokio::task::spawn_blocking(move || {
+        let client = producer.client().native_ptr();
+        // SAFETY: the client is valid while `producer`, moved here, lives.
+        #[allow(unsafe_code)]
+        unsafe {
+            rdkafka::bindings::rd_kafka_flush(client, wait_ms);
+        }
+    });
 }
 
 /// Creates the pipeline's missing topics: the user-partitioned ones with `partitions`
