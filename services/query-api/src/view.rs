@@ -303,9 +303,9 @@ pub fn follow(
                 }
                 match consumer.poll(Duration::from_millis(100)) {
                     Some(Ok(m)) => {
-                        if let Some(created) = m.timestamp().to_millis() {
-                            let waited = recpipe_shared::events::now_ms() - created;
-                            record_wait_seconds.record(waited.max(0) as f64 / 1000.0);
+                        let now = recpipe_shared::events::now_ms();
+                        if let Some(waited) = recpipe_shared::kafka::record_wait_seconds(&m, now) {
+                            record_wait_seconds.record(waited);
                         }
                         let Some(payload) = m.payload() else { continue };
                         match serde_json::from_slice::<RecommendationRecord>(payload) {

@@ -325,10 +325,11 @@ pub async fn run_with_health<P: Processor>(
             }
         }
         let received = now_ms();
-        for m in &batch {
-            if let Some(created) = m.timestamp().to_millis() {
-                record_wait_seconds.record((received - created).max(0) as f64 / 1000.0);
-            }
+        for waited in batch
+            .iter()
+            .filter_map(|m| super::record_wait_seconds(m, received))
+        {
+            record_wait_seconds.record(waited);
         }
 
         // The batch's partitions, and the rest of an assignment that came while it was
@@ -658,6 +659,14 @@ fn batch_producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaError
     })
 }
 
+/// How long [`deliver`]'s send-now lasts: librdkafka lingers again once it returns, and a
+/// new producer first fetches its id, so it waits for delivery, but for at most a second:
+/// it runs on a blocking thread, which the runtime waits for on exit, and a broker that is
+/// down must not hold a stopping service up for the whole delivery timeout.
+fn send_wait(settings: &KafkaSettings) -> Duration {
+    Duration::from_millis(settings.delivery_timeout_ms).min(Duration::from_secs(1))
+}
+
 /// Produces `records` and waits until the broker has acknowledged every one. They are
 /// queued first and then sent together: one request per broker for the whole batch.
 async fn deliver(
@@ -689,7 +698,9 @@ async fn deliver(
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // The local queue is full: let deliveries drain, then try again.
+                    // The local queue is full: send what it holds rather than let it
+                    // linger, let deliveries drain, then try again.
+                    super::send_now(producer, send_wait(settings));
                     record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -702,13 +713,8 @@ async fn deliver(
             }
         }
     }
-    // All queued: send them now rather than at the end of the hold. The send lasts while
-    // its wait does (librdkafka lingers again once it returns), and a new producer first
-    // fetches its id, so the wait is the delivery timeout: it ends when all is delivered.
-    super::send_now(
-        producer,
-        Duration::from_millis(settings.delivery_timeout_ms),
-    );
+    // All queued: send them now rather than at the end of the hold.
+    super::send_now(producer, send_wait(settings));
     let mut failed = 0;
     let mut first = String::new();
     for result in futures::future::join_all(pending).await {

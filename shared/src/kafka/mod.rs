@@ -54,6 +54,13 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// A record's time from its production (its CreateTime) to `now_ms`, in seconds: the
+/// broker and queueing time of a hop. None when the record carries no timestamp.
+pub fn record_wait_seconds(m: &impl rdkafka::Message, now_ms: i64) -> Option<f64> {
+    let created = m.timestamp().to_millis()?;
+    Some((now_ms - created).max(0) as f64 / 1000.0)
+}
+
 /// Makes `producer` send what it holds now rather than linger, without holding up the
 /// caller. librdkafka's flush sends without lingering while it runs and returns once that
 /// is delivered, or after `wait`; it blocks, so it runs on a blocking thread. (rdkafka's
