@@ -98,7 +98,7 @@ impl Default for KafkaSettings {
         Self {
             brokers: "127.0.0.1:19092".into(),
             group_prefix: "recpipe".into(),
-            partitions: 4,
+            partitions: 1,
             topics: Topics::default(),
             batch_max: 2000,
             delivery_timeout_ms: 30_000,

@@ -135,6 +135,8 @@ impl TestBroker {
         KafkaSettings {
             brokers: self.brokers(),
             delivery_timeout_ms: 20_000,
+            // Several partitions, as a scaled-out deployment has (the local default is 1).
+            partitions: 4,
             ..KafkaSettings::default()
         }
     }
