@@ -75,7 +75,9 @@ impl AppState {
             ..settings.kafka.clone()
         })?;
         let impressions = {
-            let producer = recpipe_shared::kafka::producer(&settings.kafka)?;
+            let producer = recpipe_shared::kafka::producer(
+                &crate::impressions::producer_settings(&settings.kafka),
+            )?;
             let topic = settings.kafka.topics.impressions.clone();
             let partitions = {
                 let (producer, topic) = (producer.clone(), topic.clone());
