@@ -679,6 +679,10 @@ async fn deliver(
     }
     let count = records.len() as u64;
     let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(records.len());
+    // When the last send-now started: a full queue starts one per send_wait at most, not
+    // one per 5 ms retry (with the broker down, each would hold a blocking thread for
+    // the whole wait).
+    let mut sent_at: Option<std::time::Instant> = None;
     for r in records {
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&r.topic).payload(r.payload.as_slice());
@@ -700,7 +704,10 @@ async fn deliver(
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // The local queue is full: send what it holds rather than let it
                     // linger, let deliveries drain, then try again.
-                    super::send_now(producer, send_wait(settings));
+                    if sent_at.is_none_or(|t| t.elapsed() >= send_wait(settings)) {
+                        super::send_now(producer, send_wait(settings));
+                        sent_at = Some(std::time::Instant::now());
+                    }
                     record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
