@@ -2,11 +2,12 @@
 //!
 //! Every GET of a list is an impression (schemas/impression.v1.schema.json). Produced one
 //! record each, tens of thousands a second, they cost the broker and save-worker a
-//! record's work per GET, on the machine the API shares with them. Instead, a GET hands
-//! its encoded impression to this log (a lock-free channel send, which wakes nothing),
-//! and a flusher task produces them every `api.impressions_linger_ms` as one record per
-//! partition (schemas/impression-batch.v1.schema.json): a JSON array of the impressions
-//! of that partition's users, in the order they were served, each record at most
+//! record's work per GET, on the machine the API shares with them. Instead, a GET writes
+//! its impression straight into the record being filled for its user's partition (under
+//! a lock held for the copy: no allocation, no channel, nothing woken), and a flusher
+//! task produces those records every `api.impressions_linger_ms`: a JSON array of the
+//! impressions of that partition's users, in the order they were served
+//! (schemas/impression-batch.v1.schema.json), each record at most
 //! `kafka.max_record_bytes` (what save-worker accepts). The partition is the one a
 //! record keyed by the user's id goes to, so a user's impressions stay beside their
 //! events.
@@ -17,18 +18,11 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use recpipe_shared::kafka::partitioner::{murmur2, partition_of_hash};
 use recpipe_shared::settings::KafkaSettings;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// One served impression, encoded, with its user's key hash.
-struct Served {
-    hash: i32,
-    json: Vec<u8>,
-}
-
 pub struct ImpressionLog {
-    sender: mpsc::UnboundedSender<Served>,
+    records: Arc<Mutex<Records>>,
     flusher: Mutex<Option<(CancellationToken, JoinHandle<()>)>>,
 }
 
@@ -62,27 +56,29 @@ impl ImpressionLog {
         linger: Duration,
         max_record_bytes: usize,
     ) -> Arc<ImpressionLog> {
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let records = Arc::new(Mutex::new(Records::new(partitions, max_record_bytes)));
         let stop = CancellationToken::new();
         let flusher = Flusher {
             producer,
             topic,
-            partitions: partitions.max(1),
-            max_record_bytes,
-            receiver,
-            queued: vec![Vec::new(); partitions.max(1) as usize],
+            records: records.clone(),
         };
         let handle = tokio::spawn(flusher.run(linger, stop.clone()));
         Arc::new(ImpressionLog {
-            sender,
+            records,
             flusher: Mutex::new(Some((stop, handle))),
         })
     }
 
-    /// Queues one impression of `user_id`'s. Never waits.
-    pub fn record(&self, user_id: &str, json: Vec<u8>) {
+    /// Queues one impression of `user_id`'s, which `encode` appends (one JSON object).
+    /// Never waits on Kafka.
+    pub fn record(&self, user_id: &str, encode: impl FnOnce(&mut Vec<u8>)) {
         let hash = murmur2(user_id.as_bytes());
-        if self.sender.send(Served { hash, json }).is_err() {
+        let queued = match self.records.lock() {
+            Ok(mut records) => records.push(hash, encode),
+            Err(_) => false,
+        };
+        if !queued {
             // Only after close: the API is stopping.
             metrics::counter!("recpipe_impressions_dropped_total").increment(1);
         }
@@ -99,18 +95,88 @@ impl ImpressionLog {
     }
 }
 
+/// The records being filled, one per partition, and those already full.
+struct Records {
+    partitions: i32,
+    max_bytes: usize,
+    /// Per partition: a JSON array without its closing `]` (empty when it holds nothing),
+    /// and how many impressions it holds.
+    open: Vec<(Vec<u8>, usize)>,
+    /// Closed records waiting for the flusher: partition, payload, impressions.
+    full: Vec<(i32, Vec<u8>, usize)>,
+    closed: bool,
+}
+
+impl Records {
+    fn new(partitions: i32, max_bytes: usize) -> Records {
+        let partitions = partitions.max(1);
+        Records {
+            partitions,
+            max_bytes,
+            open: vec![(Vec::new(), 0); partitions as usize],
+            full: Vec::new(),
+            closed: false,
+        }
+    }
+
+    /// Appends one impression to its partition's record; false once closed.
+    fn push(&mut self, hash: i32, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        if self.closed {
+            return false;
+        }
+        let partition = partition_of_hash(hash, self.partitions);
+        let (record, count) = &mut self.open[partition as usize];
+        let start = record.len();
+        record.push(if *count == 0 { b'[' } else { b',' });
+        encode(record);
+        // With its `]`, the record would pass the limit: close it without this
+        // impression, which starts the next one (one larger than the limit goes alone).
+        if *count > 0 && record.len() + 1 > self.max_bytes {
+            let mut next = Vec::with_capacity(record.capacity());
+            next.push(b'[');
+            next.extend_from_slice(&record[start + 1..]);
+            record.truncate(start);
+            record.push(b']');
+            let closed = std::mem::replace(record, next);
+            self.full.push((partition, closed, *count));
+            *count = 1;
+        } else {
+            *count += 1;
+        }
+        true
+    }
+
+    /// Every impression queued, as complete records, oldest first per partition.
+    fn take(&mut self) -> Vec<(i32, Vec<u8>, usize)> {
+        let mut taken = std::mem::take(&mut self.full);
+        for (partition, (record, count)) in self.open.iter_mut().enumerate() {
+            if *count > 0 {
+                // The next record will likely be as large: keep its room.
+                let mut closed = std::mem::replace(record, Vec::with_capacity(record.capacity()));
+                closed.push(b']');
+                taken.push((partition as i32, closed, std::mem::take(count)));
+            }
+        }
+        taken
+    }
+
+    /// Users hash over `partitions` from now on (more only: a topic never loses any).
+    fn follow(&mut self, partitions: i32) {
+        if partitions > self.partitions {
+            self.partitions = partitions;
+            self.open.resize(partitions as usize, (Vec::new(), 0));
+        }
+    }
+}
+
 struct Flusher {
     producer: FutureProducer,
     topic: String,
-    partitions: i32,
-    max_record_bytes: usize,
-    receiver: mpsc::UnboundedReceiver<Served>,
-    /// Impressions waiting, per partition.
-    queued: Vec<Vec<Vec<u8>>>,
+    records: Arc<Mutex<Records>>,
 }
 
 impl Flusher {
-    async fn run(mut self, linger: Duration, stop: CancellationToken) {
+    async fn run(self, linger: Duration, stop: CancellationToken) {
         let mut tick = tokio::time::interval(linger.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut checked = std::time::Instant::now();
@@ -122,6 +188,11 @@ impl Flusher {
             if checked.elapsed() >= PARTITION_CHECK {
                 checked = std::time::Instant::now();
                 self.follow_partition_count().await;
+            }
+            if stopping {
+                if let Ok(mut records) = self.records.lock() {
+                    records.closed = true;
+                }
             }
             self.flush();
             if stopping {
@@ -135,55 +206,58 @@ impl Flusher {
         }
     }
 
-    /// Takes what the GETs queued and produces it, one record per partition (more where
-    /// a partition's impressions pass the size limit). Never waits for the broker: a
-    /// record that cannot be queued is dropped and counted, as a lost impression only
-    /// lowers a count.
-    fn flush(&mut self) {
-        while let Ok(served) = self.receiver.try_recv() {
-            let p = partition_of_hash(served.hash, self.partitions);
-            self.queued[p as usize].push(served.json);
-        }
-        for (partition, queued) in self.queued.iter_mut().enumerate() {
-            if queued.is_empty() {
-                continue;
-            }
-            let impressions = std::mem::take(queued);
-            let count = impressions.len();
-            for (payload, in_record) in batch_records(impressions, self.max_record_bytes) {
-                let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&self.topic)
-                    .partition(partition as i32)
-                    .payload(&payload);
-                match self.producer.send_result(record) {
-                    Ok(delivery) => drop(delivery),
-                    Err((e, _)) => {
-                        metrics::counter!("recpipe_impressions_dropped_total")
-                            .increment(in_record as u64);
-                        tracing::warn!(error = %e, impressions = in_record, "impressions not queued");
-                    }
+    /// Produces what the GETs queued.
+    fn flush(&self) {
+        let taken = match self.records.lock() {
+            Ok(mut records) => records.take(),
+            Err(_) => return,
+        };
+        self.produce(taken);
+    }
+
+    /// Never waits for the broker: a record that cannot be queued is dropped and counted,
+    /// as a lost impression only lowers a count.
+    fn produce(&self, taken: Vec<(i32, Vec<u8>, usize)>) {
+        for (partition, payload, in_record) in taken {
+            let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&self.topic)
+                .partition(partition)
+                .payload(&payload);
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    drop(delivery);
+                    metrics::counter!("recpipe_impressions_queued_total")
+                        .increment(in_record as u64);
+                }
+                Err((e, _)) => {
+                    metrics::counter!("recpipe_impressions_dropped_total")
+                        .increment(in_record as u64);
+                    tracing::warn!(error = %e, impressions = in_record, "impressions not queued");
                 }
             }
-            metrics::counter!("recpipe_impressions_queued_total").increment(count as u64);
         }
     }
 
     /// Follows partitions added to the topic (users then hash elsewhere, as their
     /// events do).
-    async fn follow_partition_count(&mut self) {
+    async fn follow_partition_count(&self) {
         let (producer, topic) = (self.producer.clone(), self.topic.clone());
         let count = tokio::task::spawn_blocking(move || partition_count(&producer, &topic)).await;
-        if let Ok(Ok(n)) = count {
-            if n > self.partitions {
-                self.flush();
-                tracing::info!(
-                    topic = self.topic,
-                    partitions = n,
-                    "impressions follow the new partitions"
-                );
-                self.partitions = n;
-                self.queued.resize(n as usize, Vec::new());
+        let Ok(Ok(n)) = count else { return };
+        // What was queued goes where it was hashed to; the rest follows the new count.
+        let taken = match self.records.lock() {
+            Ok(mut records) if n > records.partitions => {
+                let taken = records.take();
+                records.follow(n);
+                taken
             }
-        }
+            _ => return,
+        };
+        self.produce(taken);
+        tracing::info!(
+            topic = self.topic,
+            partitions = n,
+            "impressions follow the new partitions"
+        );
     }
 }
 
@@ -203,30 +277,6 @@ pub fn partition_count(producer: &FutureProducer, topic: &str) -> anyhow::Result
     Ok(n)
 }
 
-/// `impressions` as JSON arrays of at most `max_bytes` each (an impression larger than
-/// that alone goes alone), in order; each with the number of impressions it holds.
-pub fn batch_records(impressions: Vec<Vec<u8>>, max_bytes: usize) -> Vec<(Vec<u8>, usize)> {
-    let mut records = Vec::new();
-    let mut record: Vec<u8> = Vec::new();
-    let mut in_record = 0;
-    for json in impressions {
-        // `[` or `,` before it, `]` after.
-        if in_record > 0 && record.len() + 1 + json.len() + 1 > max_bytes {
-            record.push(b']');
-            records.push((std::mem::take(&mut record), in_record));
-            in_record = 0;
-        }
-        record.push(if in_record == 0 { b'[' } else { b',' });
-        record.extend_from_slice(&json);
-        in_record += 1;
-    }
-    if in_record > 0 {
-        record.push(b']');
-        records.push((record, in_record));
-    }
-    records
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,35 +285,102 @@ mod tests {
         format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(pad)).into_bytes()
     }
 
+    /// The records `impressions` (hash, JSON) make in `records`, with how many each holds.
+    fn fill(records: &mut Records, impressions: &[(i32, Vec<u8>)]) -> Vec<(i32, Vec<u8>, usize)> {
+        for (hash, json) in impressions {
+            assert!(records.push(*hash, |out| out.extend_from_slice(json)));
+        }
+        records.take()
+    }
+
     #[test]
     fn records_are_json_arrays_under_the_limit_holding_every_impression_in_order() {
-        let impressions: Vec<Vec<u8>> = (0..100).map(|n| impression(n, n % 37)).collect();
-        let records = batch_records(impressions.clone(), 300);
-        assert!(records.len() > 1, "300 bytes cannot hold them all");
+        let mut records = Records::new(1, 300);
+        let impressions: Vec<_> = (0..100)
+            .map(|n| (n as i32, impression(n, n % 37)))
+            .collect();
+        let taken = fill(&mut records, &impressions);
+        assert!(taken.len() > 1, "300 bytes cannot hold them all");
         let mut seen = Vec::new();
-        for (payload, in_record) in &records {
+        for (partition, payload, in_record) in &taken {
+            assert_eq!(*partition, 0);
             assert!(payload.len() <= 300, "{} bytes", payload.len());
             let array: Vec<serde_json::Value> = serde_json::from_slice(payload).unwrap();
             assert_eq!(array.len(), *in_record);
             seen.extend(array.into_iter().map(|v| v["n"].as_u64().unwrap()));
         }
         assert_eq!(seen, (0..100).collect::<Vec<u64>>());
+        assert!(records.take().is_empty(), "taken once");
     }
 
     #[test]
     fn one_record_when_they_fit_and_an_oversized_impression_alone() {
-        let records = batch_records(vec![impression(0, 1), impression(1, 1)], 1000);
-        assert_eq!(records.len(), 1);
-        assert_eq!(records[0].1, 2);
-
-        let records = batch_records(
-            vec![impression(0, 1), impression(1, 500), impression(2, 1)],
-            100,
+        let mut records = Records::new(1, 1000);
+        let taken = fill(
+            &mut records,
+            &[(0, impression(0, 1)), (0, impression(1, 1))],
         );
-        let counts: Vec<usize> = records.iter().map(|(_, n)| *n).collect();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].2, 2);
+
+        let mut records = Records::new(1, 100);
+        let taken = fill(
+            &mut records,
+            &[
+                (0, impression(0, 1)),
+                (0, impression(1, 500)),
+                (0, impression(2, 1)),
+            ],
+        );
+        let counts: Vec<usize> = taken.iter().map(|(_, _, n)| *n).collect();
         assert_eq!(counts, vec![1, 1, 1]);
-        assert!(serde_json::from_slice::<Vec<serde_json::Value>>(&records[1].0).is_ok());
-        assert!(batch_records(Vec::new(), 100).is_empty());
+        for (_, payload, _) in &taken {
+            assert!(serde_json::from_slice::<Vec<serde_json::Value>>(payload).is_ok());
+        }
+        assert!(Records::new(1, 100).take().is_empty());
+    }
+
+    #[test]
+    fn each_user_goes_to_the_partition_of_their_key_and_follows_added_partitions() {
+        let users: Vec<String> = (0..50).map(|i| format!("user-{i}")).collect();
+        let partitions_of = |records: &mut Records| {
+            let taken = fill(
+                records,
+                &users
+                    .iter()
+                    .map(|u| (murmur2(u.as_bytes()), format!("{u:?}").into_bytes()))
+                    .collect::<Vec<_>>(),
+            );
+            let mut found = std::collections::HashMap::new();
+            for (partition, payload, _) in taken {
+                for user in serde_json::from_slice::<Vec<String>>(&payload).unwrap() {
+                    found.insert(user, partition);
+                }
+            }
+            found
+        };
+        let mut records = Records::new(3, 64 * 1024);
+        let found = partitions_of(&mut records);
+        for user in &users {
+            let keyed = recpipe_shared::kafka::partitioner::partition_of(user.as_bytes(), 3);
+            assert_eq!(found[user], keyed, "{user}");
+        }
+        records.follow(5);
+        let found = partitions_of(&mut records);
+        assert!(
+            found.values().any(|p| *p >= 3),
+            "none hashed to the new partitions"
+        );
+        for user in &users {
+            let keyed = recpipe_shared::kafka::partitioner::partition_of(user.as_bytes(), 5);
+            assert_eq!(found[user], keyed, "{user}");
+        }
+        records.closed = true;
+        assert!(
+            !records.push(0, |out| out.push(b'1')),
+            "accepted after close"
+        );
+        assert!(records.take().is_empty());
     }
 
     #[test]

@@ -82,7 +82,10 @@ impl LiveStats {
     }
 
     fn with_slot(&self, f: impl FnOnce(&mut Slot)) {
-        let second = self.now_second();
+        self.with_slot_of(self.now_second(), f)
+    }
+
+    fn with_slot_of(&self, second: u64, f: impl FnOnce(&mut Slot)) {
         let Ok(mut slots) = self.slots.lock() else {
             return;
         };
@@ -93,16 +96,21 @@ impl LiveStats {
         f(slot);
     }
 
-    /// One GET of recommendations: its latency, whether it failed, whether the list was
-    /// personalised, and its freshness (event time → list made) if known.
+    /// One GET of recommendations, started at `started`: its latency, whether it failed,
+    /// whether the list was personalised, and its freshness (event time → list made) if
+    /// known. (Its second is `started + latency`: no clock read here, a GET makes enough.)
     pub fn record_get(
         &self,
+        started: Instant,
         latency: Duration,
         failed: bool,
         personalised: bool,
         freshness_ms: Option<i64>,
     ) {
-        self.with_slot(|s| {
+        let second = (started + latency)
+            .saturating_duration_since(self.started)
+            .as_secs();
+        self.with_slot_of(second, |s| {
             s.gets += 1;
             if failed {
                 s.get_errors += 1;
@@ -177,9 +185,15 @@ mod tests {
     fn sums_the_window_and_reports_percentiles() {
         let live = LiveStats::new();
         for i in 1..=100u64 {
-            live.record_get(Duration::from_micros(i * 100), false, i % 4 != 0, Some(20));
+            live.record_get(
+                Instant::now(),
+                Duration::from_micros(i * 100),
+                false,
+                i % 4 != 0,
+                Some(20),
+            );
         }
-        live.record_get(Duration::from_millis(1), true, false, None);
+        live.record_get(Instant::now(), Duration::from_millis(1), true, false, None);
         live.record_events(7);
         let s = live.summary();
         assert_eq!((s.gets, s.get_errors, s.events), (101, 1, 7));
