@@ -30,6 +30,7 @@ pub struct ImpressionLog {
 /// `kafka.client` names a compression. Impressions are most of the API's bytes to Kafka
 /// (one per GET, about 300 bytes, repeating field names, model and items); lz4 makes
 /// them 2-8 times smaller for the broker, which on tansu holds every record in memory.
+/// Its `linger.ms` is at least [`FLUSH_HOLD`].
 pub fn producer_settings(kafka: &KafkaSettings) -> KafkaSettings {
     let mut settings = kafka.clone();
     if !settings
@@ -40,8 +41,15 @@ pub fn producer_settings(kafka: &KafkaSettings) -> KafkaSettings {
             .client
             .insert("compression.type".into(), "lz4".into());
     }
+    settings.linger_ms = settings.linger_ms.max(FLUSH_HOLD.as_millis() as u64);
     settings
 }
+
+/// How long the impressions producer holds records before sending. A flush queues its
+/// records all at once, and nobody waits on them: held this long, a flush's records go
+/// in few requests (each stored by the broker as one batch), not one request each as
+/// `linger.ms` 0 sends them while the rest are still being queued.
+const FLUSH_HOLD: Duration = Duration::from_millis(5);
 
 /// How often the flusher looks for partitions added to the topic.
 const PARTITION_CHECK: Duration = Duration::from_secs(30);
@@ -404,5 +412,14 @@ mod tests {
             .client
             .insert("compression.codec".into(), "none".into());
         assert_eq!(compression(&kafka), ["compression.codec=none"]);
+    }
+
+    #[test]
+    fn impressions_are_held_for_the_flush_unless_the_producers_linger_is_longer() {
+        let mut kafka = KafkaSettings::default();
+        kafka.linger_ms = 0;
+        assert_eq!(producer_settings(&kafka).linger_ms, 5);
+        kafka.linger_ms = 20;
+        assert_eq!(producer_settings(&kafka).linger_ms, 20);
     }
 }
