@@ -416,8 +416,10 @@ mod tests {
 
     #[test]
     fn impressions_are_held_for_the_flush_unless_the_producers_linger_is_longer() {
-        let mut kafka = KafkaSettings::default();
-        kafka.linger_ms = 0;
+        let mut kafka = KafkaSettings {
+            linger_ms: 0,
+            ..KafkaSettings::default()
+        };
         assert_eq!(producer_settings(&kafka).linger_ms, 5);
         kafka.linger_ms = 20;
         assert_eq!(producer_settings(&kafka).linger_ms, 20);
