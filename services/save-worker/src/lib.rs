@@ -7,10 +7,12 @@
 //! and every click, cart or purchase that names a served list and one of its products,
 //! under the arm (model version) that made the list. Actions are rows keyed by event id;
 //! impressions, a GET's worth each, are tallied per arm, day and partition with the last
-//! offset counted ([`ImpressionTally`]). Either way a replay counts once.
+//! offset counted ([`ImpressionTally`]). Either way a replay counts once. An action whose
+//! list is not stored yet waits for it (see [`AwaitingList`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use recpipe_shared::events::{
@@ -132,6 +134,42 @@ pub struct SaveWorker {
     /// The stored impression tallies this worker has read or written, by arm, day and
     /// partition: each is read from the store once, then kept up to date here.
     tallies: HashMap<TallyKey, ImpressionTally>,
+    /// Actions whose list was found neither in their batch nor in the store, oldest
+    /// first.
+    awaiting: VecDeque<AwaitingList>,
+    /// How long an action waits for its list before it counts as `unknown_list`.
+    attribution_wait: Duration,
+}
+
+/// A click, cart or purchase naming a list this worker has not stored yet. The list
+/// may still be on its way: `recommendations` is read beside `events`, and one fetch can
+/// bring a click made soon after its list was served without the list (the broker reads
+/// each partition at its own moment). It waits for the lists of later batches for at
+/// most the worker's `attribution_wait`, and then the store is asked once more (another
+/// worker may have stored the list). Held in memory only: after a crash such an action
+/// is not counted, which lowers a count and loses no event (the event is stored with its
+/// batch).
+#[derive(Clone)]
+struct AwaitingList {
+    event: Event,
+    since: Instant,
+}
+
+/// How long an action waits for its list by default.
+const ATTRIBUTION_WAIT: Duration = Duration::from_secs(30);
+
+/// Actions awaiting their list beyond this many count as `unknown_list` at once.
+const MAX_AWAITING: usize = 10_000;
+
+/// What became of an action's attribution.
+enum Attribution {
+    /// Not an action naming a list and a product.
+    NotAnAction,
+    /// Its list is not known (yet).
+    UnknownList,
+    /// Its list did not show the product.
+    NotInList,
+    Attributed(ExperimentEvent),
 }
 
 type TallyKey = (String, i64, i32);
@@ -165,6 +203,8 @@ impl SaveWorker {
             store,
             topics,
             tallies: HashMap::new(),
+            awaiting: VecDeque::new(),
+            attribution_wait: ATTRIBUTION_WAIT,
         }
     }
 }
@@ -238,7 +278,8 @@ impl Processor for SaveWorker {
             .map_err(|e| RetryableError(e.to_string()))?;
         writes.impression_tallies = tallied.values().cloned().collect();
         writes.user_states = newest_states(std::mem::take(&mut writes.user_states));
-        let attributed = self
+        // Worked out on a copy of the awaiting actions, kept once the batch is written.
+        let (attributed, awaiting) = self
             .attribute(&writes.events, &writes.recommendations)
             .await
             .map_err(|e| RetryableError(e.to_string()))?;
@@ -275,6 +316,7 @@ impl Processor for SaveWorker {
             self.tallies.clear();
         }
         self.tallies.extend(tallied);
+        self.awaiting = awaiting;
         // Event time → list persisted (client clocks permitting).
         for seconds in freshness {
             metrics::histogram!("recpipe_freshness_seconds", "stage" => "list_persisted")
@@ -375,64 +417,155 @@ impl SaveWorker {
 
     /// The experiment rows of events that act on a product of the list they name: the
     /// list is looked up in this batch, then among the user's stored lists, then among
-    /// the popularity lists (served to users the pipeline had not seen).
+    /// the popularity lists (served to users the pipeline had not seen). Also the rows of
+    /// awaiting actions whose list this batch brings, and the awaiting actions after this
+    /// batch (those whose list is still unknown and whose wait is not over).
     async fn attribute(
         &self,
         events: &[Event],
         lists: &[RecommendationRecord],
-    ) -> Result<Vec<ExperimentEvent>, StoreError> {
+    ) -> Result<(Vec<ExperimentEvent>, VecDeque<AwaitingList>), StoreError> {
         use tracing::Instrument;
         let mut rows = Vec::new();
+        let mut awaiting = VecDeque::with_capacity(self.awaiting.len());
+        for waiting in &self.awaiting {
+            let e = &waiting.event;
+            let span =
+                tracing::debug_span!("attribution", event_id = %e.event_id, user_id = %e.user_id);
+            let over = waiting.since.elapsed() >= self.attribution_wait;
+            // In this batch's lists; at the end of the wait, in the store too.
+            let found = match find_list(e, lists) {
+                Some(list) => Some(list.clone()),
+                None if over => self.stored_list(e).instrument(span.clone()).await?,
+                None => None,
+            };
+            match found {
+                Some(list) => {
+                    let result = attribution(e, &list);
+                    if let Attribution::Attributed(row) = &result {
+                        rows.push(row.clone());
+                    }
+                    span.in_scope(|| count_attribution(e, &result));
+                }
+                None if over => span.in_scope(|| count_attribution(e, &Attribution::UnknownList)),
+                None => awaiting.push_back(waiting.clone()),
+            }
+        }
+        // A replayed batch brings the same actions again.
+        let mut waiting_ids: HashSet<&str> =
+            awaiting.iter().map(|w| w.event.event_id.as_str()).collect();
+        let mut newly_awaiting = Vec::new();
         for e in events {
             // Log lines of this step (debug ones) name the event and the user.
             let span =
                 tracing::debug_span!("attribution", event_id = %e.event_id, user_id = %e.user_id);
-            if let Some(row) = self.attribute_one(e, lists).instrument(span).await? {
-                rows.push(row);
+            let result = self
+                .attribute_one(e, lists)
+                .instrument(span.clone())
+                .await?;
+            match result {
+                Attribution::NotAnAction => {}
+                Attribution::UnknownList
+                    if awaiting.len() + newly_awaiting.len() < MAX_AWAITING =>
+                {
+                    if waiting_ids.insert(&e.event_id) {
+                        newly_awaiting.push(AwaitingList {
+                            event: e.clone(),
+                            since: Instant::now(),
+                        });
+                    }
+                }
+                result => {
+                    if let Attribution::Attributed(row) = &result {
+                        rows.push(row.clone());
+                    }
+                    span.in_scope(|| count_attribution(e, &result));
+                }
             }
         }
-        Ok(rows)
+        awaiting.extend(newly_awaiting);
+        metrics::gauge!("recpipe_attribution_awaiting_list").set(awaiting.len() as f64);
+        Ok((rows, awaiting))
     }
 
     async fn attribute_one(
         &self,
         e: &Event,
         lists: &[RecommendationRecord],
-    ) -> Result<Option<ExperimentEvent>, StoreError> {
-        let (Some(rec_id), Some(product), Some(kind)) = (
-            e.recommendation_id.as_deref(),
-            e.product_id.as_deref(),
-            ExperimentKind::of_event(e.event_type),
-        ) else {
+    ) -> Result<Attribution, StoreError> {
+        if !is_action(e) {
+            return Ok(Attribution::NotAnAction);
+        }
+        let list = match find_list(e, lists) {
+            Some(l) => Some(l.clone()),
+            None => self.stored_list(e).await?,
+        };
+        Ok(match list {
+            Some(list) => attribution(e, &list),
+            None => Attribution::UnknownList,
+        })
+    }
+
+    /// The stored list an action names: the user's, else a popularity list.
+    async fn stored_list(&self, e: &Event) -> Result<Option<RecommendationRecord>, StoreError> {
+        let Some(rec_id) = e.recommendation_id.as_deref() else {
             return Ok(None);
         };
-        let list = match lists
-            .iter()
-            .find(|l| l.recommendation_id == rec_id && l.user_id == e.user_id)
-        {
-            Some(l) => Some(l.clone()),
-            None => match self.store.recommendation(&e.user_id, rec_id).await? {
-                Some(l) => Some(l),
-                None => self.store.recommendation(POPULAR_USER_ID, rec_id).await?,
-            },
-        };
-        let (row, result) = match list {
-            None => (None, "unknown_list"),
-            Some(l) if !l.items.iter().any(|i| i.product_id == product) => (None, "not_in_list"),
-            Some(l) => (
-                Some(ExperimentEvent {
-                    arm: arm(&l.model_version, l.fallback).to_string(),
-                    kind,
-                    id: e.event_id.clone(),
-                    ts: e.ts,
-                }),
-                "attributed",
-            ),
-        };
-        tracing::debug!(result, recommendation_id = rec_id, "attribution");
-        metrics::counter!("recpipe_attribution_total", "result" => result).increment(1);
-        Ok(row)
+        match self.store.recommendation(&e.user_id, rec_id).await? {
+            Some(l) => Ok(Some(l)),
+            None => self.store.recommendation(POPULAR_USER_ID, rec_id).await,
+        }
     }
+}
+
+/// An event that names a list and a product and is an outcome the experiments count.
+fn is_action(e: &Event) -> bool {
+    e.recommendation_id.is_some()
+        && e.product_id.is_some()
+        && ExperimentKind::of_event(e.event_type).is_some()
+}
+
+/// The list `e` names, among `lists`.
+fn find_list<'a>(e: &Event, lists: &'a [RecommendationRecord]) -> Option<&'a RecommendationRecord> {
+    let rec_id = e.recommendation_id.as_deref()?;
+    lists
+        .iter()
+        .find(|l| l.recommendation_id == rec_id && l.user_id == e.user_id)
+}
+
+/// The action `e` (see [`is_action`]) against the list it names.
+fn attribution(e: &Event, list: &RecommendationRecord) -> Attribution {
+    let (Some(product), Some(kind)) = (
+        e.product_id.as_deref(),
+        ExperimentKind::of_event(e.event_type),
+    ) else {
+        return Attribution::NotAnAction;
+    };
+    if !list.items.iter().any(|i| i.product_id == product) {
+        return Attribution::NotInList;
+    }
+    Attribution::Attributed(ExperimentEvent {
+        arm: arm(&list.model_version, list.fallback).to_string(),
+        kind,
+        id: e.event_id.clone(),
+        ts: e.ts,
+    })
+}
+
+/// Logs (at debug) and counts an attribution's final result.
+fn count_attribution(e: &Event, result: &Attribution) {
+    let result = match result {
+        Attribution::NotAnAction => return,
+        Attribution::UnknownList => "unknown_list",
+        Attribution::NotInList => "not_in_list",
+        Attribution::Attributed(_) => "attributed",
+    };
+    tracing::debug!(
+        result,
+        recommendation_id = e.recommendation_id.as_deref().unwrap_or_default(),
+        "attribution"
+    );
+    metrics::counter!("recpipe_attribution_total", "result" => result).increment(1);
 }
 
 /// Runs the service until `shutdown` is cancelled.
@@ -730,5 +863,130 @@ mod tests {
         );
         let tally = store.impression_tally("b", day, 0).await.unwrap().unwrap();
         assert_eq!((tally.impressions, tally.through_offset), (3, 2));
+    }
+
+    /// `record` as the worker gets it from `topic` at `offset`.
+    fn decoded(
+        worker: &SaveWorker,
+        topic: &str,
+        offset: i64,
+        record: &impl serde::Serialize,
+    ) -> Decoded<Record> {
+        let meta = RecordMeta {
+            topic: topic.to_string(),
+            partition: 0,
+            offset,
+            key: None,
+        };
+        let json = serde_json::to_vec(record).unwrap();
+        let input = worker.decode(&meta, &json).expect("a valid record");
+        Decoded { meta, input }
+    }
+
+    fn shown_list(user: &str, id: &str, products: &[&str]) -> RecommendationRecord {
+        RecommendationRecord {
+            recommendation_id: id.into(),
+            user_id: user.into(),
+            model_version: "v7".into(),
+            fallback: None,
+            items: products
+                .iter()
+                .map(|p| recpipe_shared::events::ScoredProduct {
+                    product_id: p.to_string(),
+                    score: 0.5,
+                    because: None,
+                })
+                .collect(),
+            user_version: 1,
+            source_event_id: None,
+            source_event_ts: None,
+            generated_at: 1,
+            source: None,
+            input_event_ids: Vec::new(),
+        }
+    }
+
+    fn action(id: &str, t: EventType, product: &str, list: &str, ts: i64) -> Event {
+        let mut e = recpipe_shared::testkit::event(id, "u", t, product, ts);
+        e.recommendation_id = Some(list.into());
+        e
+    }
+
+    async fn actions_counted(store: &dyn Store, day: i64) -> Vec<(String, u64, u64)> {
+        let counts = store.experiment_counts(day, day).await.unwrap();
+        counts
+            .into_iter()
+            .map(|c| (c.arm, c.clicks, c.purchases))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_action_read_before_its_list_is_counted_when_the_list_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let store = store::open(&url).await.unwrap();
+        let topics = Topics::default();
+        let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
+        let mut worker = SaveWorker::new(store.clone(), topics.clone());
+
+        // The click and purchase come before the list they name (and twice: a retry).
+        let click = action("c1", EventType::Click, "p-1", "L", ts);
+        let buy = action("b1", EventType::Purchase, "p-2", "L", ts);
+        let elsewhere = action("c2", EventType::Click, "p-9", "L", ts);
+        let batch = [&click, &buy, &elsewhere, &click]
+            .iter()
+            .enumerate()
+            .map(|(i, e)| decoded(&worker, &topics.events, i as i64, e))
+            .collect();
+        worker.process(batch).await.unwrap();
+        assert_eq!(actions_counted(&*store, day).await, vec![]);
+        assert_eq!(worker.awaiting.len(), 3, "each action waits once");
+
+        let list = shown_list("u", "L", &["p-1", "p-2", "p-3"]);
+        let batch = vec![decoded(&worker, &topics.recommendations, 0, &list)];
+        worker.process(batch).await.unwrap();
+        assert_eq!(
+            actions_counted(&*store, day).await,
+            vec![("v7".to_string(), 1, 1)],
+            "the click and the purchase, not the product the list did not show"
+        );
+        assert!(worker.awaiting.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_action_waits_for_its_list_only_so_long_and_then_asks_the_store_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let store = store::open(&url).await.unwrap();
+        let topics = Topics::default();
+        let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
+        let mut worker = SaveWorker::new(store.clone(), topics.clone());
+        worker.attribution_wait = Duration::ZERO;
+
+        let stored_later = action("c1", EventType::Click, "p-1", "L", ts);
+        let never = action("c2", EventType::Click, "p-1", "no-such-list", ts);
+        let batch = vec![
+            decoded(&worker, &topics.events, 0, &stored_later),
+            decoded(&worker, &topics.events, 1, &never),
+        ];
+        worker.process(batch).await.unwrap();
+        assert_eq!(worker.awaiting.len(), 2);
+
+        // Another worker stores the list; this one's next batch brings other things.
+        store
+            .write(WriteBatch {
+                recommendations: vec![shown_list("u", "L", &["p-1"])],
+                ..WriteBatch::default()
+            })
+            .await
+            .unwrap();
+        let unrelated = recpipe_shared::testkit::event("v1", "u", EventType::View, "p-5", ts);
+        let batch = vec![decoded(&worker, &topics.events, 2, &unrelated)];
+        worker.process(batch).await.unwrap();
+        assert_eq!(
+            actions_counted(&*store, day).await,
+            vec![("v7".to_string(), 1, 0)]
+        );
+        assert!(worker.awaiting.is_empty(), "the unknown list is given up");
     }
 }
