@@ -87,7 +87,7 @@ impl ImpressionLog {
             Err(_) => false,
         };
         if !queued {
-            // Only after close: the API is stopping.
+            // After close (the API is stopping), or a GET that panicked holding the lock.
             metrics::counter!("recpipe_impressions_dropped_total").increment(1);
         }
     }
