@@ -411,6 +411,11 @@ pub struct ApiSettings {
     /// `linger.ms` of the API's event producer; 0: each POST sends at once). A POST
     /// that comes when none came for this long is sent at once.
     pub events_linger_ms: u64,
+    /// How long a POST waits for the broker to acknowledge its events before answering
+    /// 503 (the events may still be delivered later: a retry with the same event ids is
+    /// safe). Without it a POST during a broker outage waited out the producer's delivery
+    /// timeout, longer than most clients wait.
+    pub events_ack_timeout_ms: u64,
 }
 
 impl Default for ApiSettings {
@@ -428,6 +433,7 @@ impl Default for ApiSettings {
             view_max_users: 1_000_000,
             impressions_linger_ms: 100,
             events_linger_ms: 15,
+            events_ack_timeout_ms: 10_000,
         }
     }
 }

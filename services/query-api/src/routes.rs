@@ -798,7 +798,19 @@ async fn post_events(
             std::time::Duration::from_millis(state.settings.api.events_linger_ms),
         );
     }
-    for result in futures::future::join_all(deliveries).await {
+    let ack_timeout = std::time::Duration::from_millis(state.settings.api.events_ack_timeout_ms);
+    let Ok(results) =
+        tokio::time::timeout(ack_timeout, futures::future::join_all(deliveries)).await
+    else {
+        metrics::counter!("recpipe_events_unacknowledged_total").increment(events.len() as u64);
+        return Err(ApiError::unavailable(format!(
+            "Kafka has not acknowledged the events within {} ms (is the broker up?); they \
+             may still be delivered: retry later with the same event ids, which makes \
+             retries safe",
+            ack_timeout.as_millis()
+        )));
+    };
+    for result in results {
         match result {
             Ok(Ok(_)) => {}
             Ok(Err((e, _))) => {
