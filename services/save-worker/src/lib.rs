@@ -711,6 +711,14 @@ mod tests {
             .collect()
     }
 
+    /// An empty store in a directory of its own (gone with the returned guard).
+    async fn fresh_store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let store = store::open(&url).await.unwrap();
+        (dir, store)
+    }
+
     async fn impressions_counted(store: &dyn Store, day: i64) -> u64 {
         let counts = store.experiment_counts(day, day).await.unwrap();
         counts.iter().map(|c| c.impressions).sum()
@@ -718,9 +726,7 @@ mod tests {
 
     #[tokio::test]
     async fn impressions_are_tallied_once_each_across_replays_and_restarts() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("store.db").display());
-        let store = store::open(&url).await.unwrap();
+        let (_dir, store) = fresh_store().await;
         let topics = Topics::default();
         let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
 
@@ -795,9 +801,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_record_counts_all_its_impressions_once_per_arm_and_day() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("store.db").display());
-        let store = store::open(&url).await.unwrap();
+        let (_dir, store) = fresh_store().await;
         let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
         let next_day = ts + 86_400_000;
         let mut worker = SaveWorker::new(store.clone(), Topics::default());
@@ -922,9 +926,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_action_read_before_its_list_is_counted_when_the_list_comes() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("store.db").display());
-        let store = store::open(&url).await.unwrap();
+        let (_dir, store) = fresh_store().await;
         let topics = Topics::default();
         let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
         let mut worker = SaveWorker::new(store.clone(), topics.clone());
@@ -955,9 +957,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_action_waits_for_its_list_only_so_long_and_then_asks_the_store_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("store.db").display());
-        let store = store::open(&url).await.unwrap();
+        let (_dir, store) = fresh_store().await;
         let topics = Topics::default();
         let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
         let mut worker = SaveWorker::new(store.clone(), topics.clone());
