@@ -426,6 +426,16 @@ impl SaveWorker {
         lists: &[RecommendationRecord],
     ) -> Result<(Vec<ExperimentEvent>, VecDeque<AwaitingList>), StoreError> {
         use tracing::Instrument;
+        // Looked up by id: up to MAX_AWAITING actions against a batch's lists.
+        let lists: HashMap<&str, &RecommendationRecord> =
+            if self.awaiting.is_empty() && !events.iter().any(is_action) {
+                HashMap::new()
+            } else {
+                lists
+                    .iter()
+                    .map(|l| (l.recommendation_id.as_str(), l))
+                    .collect()
+            };
         let mut rows = Vec::new();
         let mut awaiting = VecDeque::with_capacity(self.awaiting.len());
         for waiting in &self.awaiting {
@@ -434,7 +444,7 @@ impl SaveWorker {
                 tracing::debug_span!("attribution", event_id = %e.event_id, user_id = %e.user_id);
             let over = waiting.since.elapsed() >= self.attribution_wait;
             // In this batch's lists; at the end of the wait, in the store too.
-            let found = match find_list(e, lists) {
+            let found = match find_list(e, &lists) {
                 Some(list) => Some(list.clone()),
                 None if over => self.stored_list(e).instrument(span.clone()).await?,
                 None => None,
@@ -460,7 +470,7 @@ impl SaveWorker {
             let span =
                 tracing::debug_span!("attribution", event_id = %e.event_id, user_id = %e.user_id);
             let result = self
-                .attribute_one(e, lists)
+                .attribute_one(e, &lists)
                 .instrument(span.clone())
                 .await?;
             match result {
@@ -491,7 +501,7 @@ impl SaveWorker {
     async fn attribute_one(
         &self,
         e: &Event,
-        lists: &[RecommendationRecord],
+        lists: &HashMap<&str, &RecommendationRecord>,
     ) -> Result<Attribution, StoreError> {
         if !is_action(e) {
             return Ok(Attribution::NotAnAction);
@@ -525,12 +535,13 @@ fn is_action(e: &Event) -> bool {
         && ExperimentKind::of_event(e.event_type).is_some()
 }
 
-/// The list `e` names, among `lists`.
-fn find_list<'a>(e: &Event, lists: &'a [RecommendationRecord]) -> Option<&'a RecommendationRecord> {
-    let rec_id = e.recommendation_id.as_deref()?;
-    lists
-        .iter()
-        .find(|l| l.recommendation_id == rec_id && l.user_id == e.user_id)
+/// The list `e` names, among `lists` (by id); only a list of the event's user.
+fn find_list<'a>(
+    e: &Event,
+    lists: &HashMap<&str, &'a RecommendationRecord>,
+) -> Option<&'a RecommendationRecord> {
+    let list = *lists.get(e.recommendation_id.as_deref()?)?;
+    (list.user_id == e.user_id).then_some(list)
 }
 
 /// The action `e` (see [`is_action`]) against the list it names.
