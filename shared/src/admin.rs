@@ -48,7 +48,11 @@ impl Health {
     }
 }
 
-/// The process-wide Prometheus recorder (installed on first use).
+/// How often recorded histogram values are drained into their summaries.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The process-wide Prometheus recorder (installed on first use, with a thread that
+/// drains its histograms every [`METRICS_UPKEEP`]).
 pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -58,6 +62,16 @@ pub fn metrics() -> PrometheusHandle {
             // Another recorder may already be installed (tests in one process); the
             // handle then renders this one's (empty) registry rather than failing.
             let _ = metrics::set_global_recorder(recorder);
+            // A histogram keeps every value recorded until it is drained, which a scrape
+            // of /metrics does, or this: without it a process nobody scraped grew by about
+            // 20 bytes per GET (the API, 7-8 MB per 5 s of wrk), without bound.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(METRICS_UPKEEP);
+                    upkeep.run_upkeep();
+                });
             handle
         })
         .clone()
