@@ -410,6 +410,31 @@ pub fn event(
     }
 }
 
+/// A list of `products` for `user` at `version` (id `{user}-v{version}`, model
+/// `synthetic-v1`), as gen-recommendations would produce it.
+pub fn list(user: &str, version: u64, products: &[&str]) -> crate::events::RecommendationRecord {
+    crate::events::RecommendationRecord {
+        recommendation_id: format!("{user}-v{version}"),
+        user_id: user.into(),
+        model_version: "synthetic-v1".into(),
+        fallback: None,
+        items: products
+            .iter()
+            .map(|p| crate::events::ScoredProduct {
+                product_id: p.to_string(),
+                score: 0.5,
+                because: None,
+            })
+            .collect(),
+        user_version: version,
+        source_event_id: Some(format!("{user}-e{version}")),
+        source_event_ts: Some(1_700_000_000_000),
+        generated_at: 1_700_000_000_000 + version as i64,
+        source: None,
+        input_event_ids: Vec::new(),
+    }
+}
+
 /// Waits until `check` returns Some, polling every 50 ms, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

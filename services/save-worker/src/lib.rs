@@ -901,23 +901,8 @@ mod tests {
     fn shown_list(user: &str, id: &str, products: &[&str]) -> RecommendationRecord {
         RecommendationRecord {
             recommendation_id: id.into(),
-            user_id: user.into(),
             model_version: "v7".into(),
-            fallback: None,
-            items: products
-                .iter()
-                .map(|p| recpipe_shared::events::ScoredProduct {
-                    product_id: p.to_string(),
-                    score: 0.5,
-                    because: None,
-                })
-                .collect(),
-            user_version: 1,
-            source_event_id: None,
-            source_event_ts: None,
-            generated_at: 1,
-            source: None,
-            input_event_ids: Vec::new(),
+            ..recpipe_shared::testkit::list(user, 1, products)
         }
     }
 

@@ -143,32 +143,8 @@ pub fn shopper(app: &TestApp, user: &str, category: &str, views: usize) -> (Vec<
 
 // For tests that run the API alone and feed `recommendations` themselves.
 
-pub fn list(
-    user: &str,
-    version: u64,
-    products: &[&str],
-) -> recpipe_shared::events::RecommendationRecord {
-    recpipe_shared::events::RecommendationRecord {
-        recommendation_id: format!("{user}-v{version}"),
-        user_id: user.into(),
-        model_version: "synthetic-v1".into(),
-        fallback: None,
-        items: products
-            .iter()
-            .map(|p| recpipe_shared::events::ScoredProduct {
-                product_id: p.to_string(),
-                score: 0.5,
-                because: None,
-            })
-            .collect(),
-        user_version: version,
-        source_event_id: Some(format!("{user}-e{version}")),
-        source_event_ts: Some(1_700_000_000_000),
-        generated_at: 1_700_000_000_000 + version as i64,
-        source: None,
-        input_event_ids: Vec::new(),
-    }
-}
+#[allow(unused_imports)] // each test binary uses part of this module
+pub use recpipe_shared::testkit::list;
 
 pub async fn publish(env: &TestEnv, list: &recpipe_shared::events::RecommendationRecord) {
     recpipe_shared::testkit::produce(
