@@ -414,7 +414,7 @@ pub struct ApiSettings {
     /// How long a POST waits for the broker to acknowledge its events before answering
     /// 503 (the events may still be delivered later: a retry with the same event ids is
     /// safe). Without it a POST during a broker outage waited out the producer's delivery
-    /// timeout, longer than most clients wait.
+    /// timeout, longer than most clients wait. 0: wait for the delivery timeout.
     pub events_ack_timeout_ms: u64,
 }
 

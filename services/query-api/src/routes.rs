@@ -798,7 +798,11 @@ async fn post_events(
             std::time::Duration::from_millis(state.settings.api.events_linger_ms),
         );
     }
-    let ack_timeout = std::time::Duration::from_millis(state.settings.api.events_ack_timeout_ms);
+    // 0: no limit of its own (the producer's delivery timeout still ends the wait).
+    let ack_timeout = match state.settings.api.events_ack_timeout_ms {
+        0 => std::time::Duration::MAX,
+        ms => std::time::Duration::from_millis(ms),
+    };
     let Ok(results) =
         tokio::time::timeout(ack_timeout, futures::future::join_all(deliveries)).await
     else {
