@@ -8,7 +8,8 @@
 //! under the arm (model version) that made the list. Actions are rows keyed by event id;
 //! impressions, a GET's worth each, are tallied per arm, day and partition with the last
 //! offset counted ([`ImpressionTally`]). Either way a replay counts once. An action whose
-//! list is not stored yet waits for it (see [`AwaitingList`]).
+//! list is not stored yet waits for it (see [`AwaitingList`]), and its offset is not
+//! committed meanwhile.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use recpipe_shared::events::{
     arm, now_ms, Event, EventType, RecommendationRecord, SourcePosition, POPULAR_USER_ID,
 };
 use recpipe_shared::kafka::framework::{
-    Decoded, Outcome, Processor, RecordMeta, RetryableError, RunStats,
+    Decoded, HeldOffset, Outcome, Processor, RecordMeta, RetryableError, RunStats,
 };
 use recpipe_shared::settings::{Settings, Topics};
 use recpipe_shared::store::{
@@ -146,12 +147,14 @@ pub struct SaveWorker {
 /// bring a click made soon after its list was served without the list (the broker reads
 /// each partition at its own moment). It waits for the lists of later batches for at
 /// most the worker's `attribution_wait`, and then the store is asked once more (another
-/// worker may have stored the list). Held in memory only: after a crash such an action
-/// is not counted, which lowers a count and loses no event (the event is stored with its
-/// batch).
+/// worker may have stored the list). Held in memory, with its offset not committed
+/// meanwhile (see [`Processor::held_offsets`]): after a crash the action is read again.
 #[derive(Clone)]
 struct AwaitingList {
     event: Event,
+    /// Where the event was read (of the events topic).
+    partition: i32,
+    offset: i64,
     since: Instant,
 }
 
@@ -262,9 +265,13 @@ impl Processor for SaveWorker {
         let n = batch.len();
         let mut writes = WriteBatch::default();
         let mut impressions = Vec::new();
+        let mut event_positions = Vec::new();
         for d in batch {
             match d.input {
-                Record::Event(e) => writes.events.push(e),
+                Record::Event(e) => {
+                    writes.events.push(e);
+                    event_positions.push((d.meta.partition, d.meta.offset));
+                }
                 Record::UserState(s) => writes.user_states.push(s),
                 Record::Recommendation(r) => writes.recommendations.push(r),
                 Record::Impressions(i) => impressions.push((d.meta, i)),
@@ -280,7 +287,7 @@ impl Processor for SaveWorker {
         writes.user_states = newest_states(std::mem::take(&mut writes.user_states));
         // Worked out on a copy of the awaiting actions, kept once the batch is written.
         let (attributed, awaiting) = self
-            .attribute(&writes.events, &writes.recommendations)
+            .attribute(&writes.events, &event_positions, &writes.recommendations)
             .await
             .map_err(|e| RetryableError(e.to_string()))?;
         writes.experiment.extend(attributed);
@@ -344,6 +351,23 @@ impl Processor for SaveWorker {
             .collect();
         self.tallies.retain(|(_, _, p), _| !assigned.contains(p));
         Ok(())
+    }
+
+    /// The first awaiting action of each events partition.
+    fn held_offsets(&self) -> Vec<HeldOffset> {
+        let mut first: HashMap<i32, i64> = HashMap::new();
+        for w in &self.awaiting {
+            let offset = first.entry(w.partition).or_insert(w.offset);
+            *offset = (*offset).min(w.offset);
+        }
+        first
+            .into_iter()
+            .map(|(partition, offset)| HeldOffset {
+                topic: self.topics.events.clone(),
+                partition,
+                offset,
+            })
+            .collect()
     }
 }
 
@@ -423,6 +447,7 @@ impl SaveWorker {
     async fn attribute(
         &self,
         events: &[Event],
+        positions: &[(i32, i64)],
         lists: &[RecommendationRecord],
     ) -> Result<(Vec<ExperimentEvent>, VecDeque<AwaitingList>), StoreError> {
         use tracing::Instrument;
@@ -465,7 +490,7 @@ impl SaveWorker {
         let mut waiting_ids: HashSet<&str> =
             awaiting.iter().map(|w| w.event.event_id.as_str()).collect();
         let mut newly_awaiting = Vec::new();
-        for e in events {
+        for (e, &(partition, offset)) in events.iter().zip(positions) {
             // Log lines of this step (debug ones) name the event and the user.
             let span =
                 tracing::debug_span!("attribution", event_id = %e.event_id, user_id = %e.user_id);
@@ -481,6 +506,8 @@ impl SaveWorker {
                     if waiting_ids.insert(&e.event_id) {
                         newly_awaiting.push(AwaitingList {
                             event: e.clone(),
+                            partition,
+                            offset,
                             since: Instant::now(),
                         });
                     }
@@ -939,6 +966,15 @@ mod tests {
         worker.process(batch).await.unwrap();
         assert_eq!(actions_counted(&*store, day).await, vec![]);
         assert_eq!(worker.awaiting.len(), 3, "each action waits once");
+        assert_eq!(
+            worker.held_offsets(),
+            vec![HeldOffset {
+                topic: topics.events.clone(),
+                partition: 0,
+                offset: 0
+            }],
+            "not committed from the first awaiting action on"
+        );
 
         let list = shown_list("u", "L", &["p-1", "p-2", "p-3"]);
         let batch = vec![decoded(&worker, &topics.recommendations, 0, &list)];
@@ -949,6 +985,7 @@ mod tests {
             "the click and the purchase, not the product the list did not show"
         );
         assert!(worker.awaiting.is_empty());
+        assert_eq!(worker.held_offsets(), vec![]);
     }
 
     #[tokio::test]

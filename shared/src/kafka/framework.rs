@@ -10,6 +10,8 @@
 //!   make replays harmless);
 //! - a batch-level failure (e.g. the store is down) is retried with backoff, without
 //!   committing, until it succeeds or shutdown is requested;
+//! - a processor still holding a record it read (see [`Processor::held_offsets`]) keeps
+//!   its partition's commit before it, so a crash replays that record too;
 //! - on shutdown the batch in hand is finished and committed, then the loop returns.
 
 use std::collections::{BTreeMap, HashSet};
@@ -113,6 +115,22 @@ pub trait Processor: Send {
     fn tick(&mut self) -> Vec<Output> {
         Vec::new()
     }
+
+    /// Records of past batches this processor has not finished with (it keeps them in
+    /// memory, waiting on something): for each partition, the offset of the first one.
+    /// Called after each batch; that partition's commit stays before it, so a crash or
+    /// a rebalance reads it again rather than losing what was still to be done.
+    fn held_offsets(&self) -> Vec<HeldOffset> {
+        Vec::new()
+    }
+}
+
+/// See [`Processor::held_offsets`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Counters of one run, returned when it ends.
@@ -279,6 +297,7 @@ pub async fn run_with_health<P: Processor>(
 
     let mut stats = RunStats::default();
     let mut prepared: HashSet<(String, i32)> = HashSet::new();
+    let mut offsets = Offsets::default();
     let idle = Duration::from_millis(200);
 
     loop {
@@ -289,6 +308,7 @@ pub async fn run_with_health<P: Processor>(
         if rebalanced.swap(false, Ordering::SeqCst) {
             prepared.clear();
             let assigned = assigned_partitions(&consumer);
+            offsets.keep_only(&assigned);
             if !prepare(&mut processor, &mut prepared, assigned, &shutdown).await {
                 return finish(&consumer, &producer, stats);
             }
@@ -340,7 +360,9 @@ pub async fn run_with_health<P: Processor>(
             .collect();
         if rebalanced.swap(false, Ordering::SeqCst) {
             prepared.clear();
-            partitions.extend(assigned_partitions(&consumer));
+            let assigned = assigned_partitions(&consumer);
+            offsets.keep_only(&assigned);
+            partitions.extend(assigned);
         }
         if !prepare(&mut processor, &mut prepared, partitions, &shutdown).await {
             // Not prepared: leave the batch uncommitted for the next owner.
@@ -394,7 +416,11 @@ pub async fn run_with_health<P: Processor>(
         stats.produced += delivered;
         delivery_seconds.record(delivery_started.elapsed().as_secs_f64());
         let commit_started = std::time::Instant::now();
-        commit(&consumer, &batch);
+        offsets.processed(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())));
+        let due = offsets.due(&processor.held_offsets());
+        if commit(&consumer, &due) {
+            offsets.committed(due);
+        }
         commit_seconds.record(commit_started.elapsed().as_secs_f64());
         health.set_ready();
         stats.batches += 1;
@@ -741,23 +767,140 @@ async fn deliver(
     Ok(count)
 }
 
-fn commit<C: Consumer<RebalanceContext>>(consumer: &C, batch: &[OwnedMessage]) {
-    let mut next: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    for m in batch {
-        let e = next
-            .entry((m.topic().to_string(), m.partition()))
-            .or_insert(0);
-        *e = (*e).max(m.offset() + 1);
+/// What has been processed and committed of each assigned partition, so commits can
+/// stop before a held record and still move on once it is let go (even when the batch
+/// that lets it go has no record of that partition).
+#[derive(Debug, Default)]
+struct Offsets {
+    /// The offset after the last record processed.
+    processed: BTreeMap<(String, i32), i64>,
+    /// The offset last committed: at first, that of the first record read since the
+    /// partition was assigned (the group's committed offset, where reading began).
+    committed: BTreeMap<(String, i32), i64>,
+}
+
+impl Offsets {
+    fn processed<'a>(&mut self, records: impl IntoIterator<Item = (&'a str, i32, i64)>) {
+        for (topic, partition, offset) in records {
+            let key = (topic.to_string(), partition);
+            self.committed.entry(key.clone()).or_insert(offset);
+            let next = self.processed.entry(key).or_insert(0);
+            *next = (*next).max(offset + 1);
+        }
+    }
+
+    /// The commits to make: each partition as far as it is processed, but not past its
+    /// held record, and only where that is further than the last commit (a record held
+    /// since before the partition was assigned cannot move the group's offset back).
+    fn due(&self, held: &[HeldOffset]) -> Vec<((String, i32), i64)> {
+        self.processed
+            .iter()
+            .filter_map(|(key, &next)| {
+                let hold = held
+                    .iter()
+                    .filter(|h| h.topic == key.0 && h.partition == key.1)
+                    .map(|h| h.offset)
+                    .min();
+                let target = hold.map_or(next, |h| h.min(next));
+                (target > self.committed.get(key).copied().unwrap_or(i64::MIN))
+                    .then(|| (key.clone(), target))
+            })
+            .collect()
+    }
+
+    fn committed(&mut self, commits: Vec<((String, i32), i64)>) {
+        self.committed.extend(commits);
+    }
+
+    /// After a rebalance: another consumer may have moved a partition that was taken
+    /// away and given back.
+    fn keep_only(&mut self, assigned: &[(String, i32)]) {
+        self.processed.retain(|key, _| assigned.contains(key));
+        self.committed.retain(|key, _| assigned.contains(key));
+    }
+}
+
+/// Commits these offsets; true if the broker took them (or there were none).
+fn commit<C: Consumer<RebalanceContext>>(consumer: &C, due: &[((String, i32), i64)]) -> bool {
+    if due.is_empty() {
+        return true;
     }
     let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), offset) in &next {
+    for ((topic, partition), offset) in due {
         if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
             tracing::warn!(error = %e, topic, partition, "bad offset for commit");
         }
     }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-        // Typically a rebalance took the partitions: the next owner replays from the
-        // last commit, which processors make harmless.
-        tracing::warn!(error = %e, "offset commit failed; records will be replayed");
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => true,
+        Err(e) => {
+            // Typically a rebalance took the partitions: the next owner replays from the
+            // last commit, which processors make harmless.
+            tracing::warn!(error = %e, "offset commit failed; records will be replayed");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(topic: &str, partition: i32, offset: i64) -> HeldOffset {
+        HeldOffset {
+            topic: topic.into(),
+            partition,
+            offset,
+        }
+    }
+
+    fn key(topic: &str, partition: i32) -> (String, i32) {
+        (topic.into(), partition)
+    }
+
+    #[test]
+    fn commits_stop_before_a_held_record_and_move_on_once_it_is_let_go() {
+        let mut offsets = Offsets::default();
+        offsets.processed([("events", 0, 10), ("events", 0, 11), ("events", 1, 5)]);
+        assert_eq!(
+            offsets.due(&[]),
+            vec![(key("events", 0), 12), (key("events", 1), 6)]
+        );
+
+        // Offset 11 of partition 0 is held; a later batch reads on.
+        let mut offsets = Offsets::default();
+        offsets.processed([("events", 0, 10), ("events", 0, 11), ("events", 1, 5)]);
+        let due = offsets.due(&[held("events", 0, 11), held("events", 0, 12)]);
+        assert_eq!(due, vec![(key("events", 0), 11), (key("events", 1), 6)]);
+        offsets.committed(due);
+        offsets.processed([("events", 0, 12), ("lists", 0, 3)]);
+        assert_eq!(
+            offsets.due(&[held("events", 0, 11)]),
+            vec![(key("lists", 0), 4)],
+            "nothing of partition 0 while 11 is held; partition 1 is committed already"
+        );
+
+        // Let go by a batch with no record of that partition.
+        offsets.processed([("lists", 0, 4)]);
+        assert_eq!(
+            offsets.due(&[]),
+            vec![(key("events", 0), 13), (key("lists", 0), 5)]
+        );
+    }
+
+    #[test]
+    fn a_record_held_from_before_an_assignment_does_not_move_the_commit_back() {
+        let mut offsets = Offsets::default();
+        offsets.processed([("events", 0, 3)]);
+        offsets.committed(offsets.due(&[]));
+        // Taken away and given back: another consumer committed up to 40 meanwhile.
+        offsets.keep_only(&[]);
+        offsets.processed([("events", 0, 40), ("events", 0, 41)]);
+        assert_eq!(offsets.due(&[held("events", 0, 3)]), vec![]);
+        assert_eq!(
+            offsets.due(&[held("events", 0, 41)]),
+            vec![(key("events", 0), 41)]
+        );
+        assert_eq!(offsets.due(&[]), vec![(key("events", 0), 42)]);
     }
 }
