@@ -369,14 +369,17 @@ async fn main() -> anyhow::Result<()> {
             let catalog = Catalog::load(&cli.catalog)?;
             let summary = relay::run(&settings.kafka, &cli.api, &catalog, events, users).await?;
             println!(
-                "bare relay (3 hops): {:.0} events/s ({} events in {:.2} s)\npipeline (3 services): {:.0} events/s ({:.2} s, {} users' lists checked in {} GETs)\nratio pipeline / relay: {:.3}",
+                "bare relay (3 hops): {:.0} events/s ({} events in {:.2} s)\nlists (events -> update-embeddings -> gen-recommendations -> GET): {:.0} events/s ({:.2} s, {} users' lists checked in {} GETs); ratio {:.3}\npipeline (3 services, save-worker has stored everything): {:.0} events/s ({:.2} s)\nratio pipeline / relay: {:.3}",
                 summary.relay_events_per_sec,
                 summary.events,
                 summary.relay_seconds,
-                summary.pipeline_events_per_sec,
-                summary.pipeline_seconds,
+                summary.lists_events_per_sec,
+                summary.lists_seconds,
                 summary.users,
                 summary.pipeline_gets,
+                summary.lists_ratio,
+                summary.pipeline_events_per_sec,
+                summary.pipeline_seconds,
                 summary.ratio
             );
             if let Some(path) = json {

@@ -5,14 +5,17 @@
 //! end as fast as a producer can write them, and the rate at which they come out of
 //! the third hop is what the broker and the framework allow. The pipeline: the same
 //! number of events, produced the same way to `events`, until every user's list (read
-//! through `GET`) reflects their last event. The ratio is pipeline ÷ relay.
+//! through `GET`) reflects their last event, and then until save-worker has stored
+//! everything (its group's commits reach the end of each topic it reads). The ratio is
+//! pipeline ÷ relay, the pipeline's time taken at the second point: through all three
+//! services.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
+use rdkafka::{Message, Offset, TopicPartitionList};
 use recpipe_shared::catalog::Catalog;
 use recpipe_shared::events::Event;
 use recpipe_shared::kafka::framework;
@@ -30,11 +33,88 @@ pub struct RelaySummary {
     pub users: usize,
     pub relay_seconds: f64,
     pub relay_events_per_sec: f64,
+    /// Until every user's list reflects their last event (events → update-embeddings →
+    /// gen-recommendations → the API's view).
+    pub lists_seconds: f64,
+    pub lists_events_per_sec: f64,
+    /// Until save-worker has also stored every event, state, list and impression: the
+    /// pipeline's time.
     pub pipeline_seconds: f64,
     pub pipeline_events_per_sec: f64,
     /// GETs the check made (each one an impression the pipeline stores).
     pub pipeline_gets: u64,
+    /// pipeline_events_per_sec ÷ relay_events_per_sec.
     pub ratio: f64,
+    /// lists_events_per_sec ÷ relay_events_per_sec (the figure reported before
+    /// 2026-12-03's ninth session, which did not wait for save-worker).
+    pub lists_ratio: f64,
+}
+
+/// save-worker's consumer group (`<group_prefix>-save-worker`).
+const SAVE_WORKER: &str = "save-worker";
+
+/// Whether save-worker's group has committed every partition of its topics up to the
+/// end, as the broker reports it now. Blocking.
+fn stored_everything(consumer: &BaseConsumer, topics: &[&str]) -> anyhow::Result<bool> {
+    let timeout = Duration::from_secs(5);
+    let mut ends = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let (_, high) = consumer.fetch_watermarks(topic, partition.id(), timeout)?;
+            ends.add_partition_offset(topic, partition.id(), Offset::Offset(high))?;
+        }
+    }
+    let committed = consumer.committed_offsets(ends.clone(), timeout)?;
+    Ok(ends.elements().iter().all(|end| {
+        let Offset::Offset(high) = end.offset() else {
+            return true;
+        };
+        match committed
+            .find_partition(end.topic(), end.partition())
+            .map(|c| c.offset())
+        {
+            Some(Offset::Offset(at)) => at >= high,
+            // Nothing committed: done only if there is nothing to read.
+            _ => high == 0,
+        }
+    }))
+}
+
+/// Waits until save-worker has stored everything (see [`stored_everything`]), polling
+/// every 20 ms; fails after `stall_limit`.
+async fn wait_stored(kafka: &KafkaSettings, stall_limit: Duration) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = recpipe_shared::kafka::client_config(kafka)
+        .set("group.id", format!("{}-{SAVE_WORKER}", kafka.group_prefix))
+        .create()?;
+    let consumer = std::sync::Arc::new(consumer);
+    let t = &kafka.topics;
+    let topics: Vec<String> = vec![
+        t.events.clone(),
+        t.user_vectors.clone(),
+        t.recommendations.clone(),
+        t.impressions.clone(),
+    ];
+    let started = Instant::now();
+    loop {
+        let (consumer, topics) = (consumer.clone(), topics.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+            stored_everything(&consumer, &refs)
+        })
+        .await??;
+        if done {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < stall_limit,
+            "save-worker did not store everything within {} s of the lists (its group \
+             {}-{SAVE_WORKER} has not committed to the end of its topics): see its log",
+            stall_limit.as_secs(),
+            kafka.group_prefix
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn events(catalog: &Catalog, n: usize, users: usize, tag: &str) -> Vec<Event> {
@@ -196,8 +276,11 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+    let lists_seconds = started.elapsed().as_secs_f64();
+    wait_stored(kafka, stall_limit).await?;
     let pipeline_seconds = started.elapsed().as_secs_f64();
     let relay_events_per_sec = n as f64 / relay_seconds;
+    let lists_events_per_sec = n as f64 / lists_seconds;
     let pipeline_events_per_sec = n as f64 / pipeline_seconds;
     Ok(RelaySummary {
         machine: crate::report::machine_description(),
@@ -205,9 +288,12 @@ pub async fn run(
         users: by_last_event.len(),
         relay_seconds,
         relay_events_per_sec,
+        lists_seconds,
+        lists_events_per_sec,
         pipeline_seconds,
         pipeline_events_per_sec,
         pipeline_gets: gets,
         ratio: pipeline_events_per_sec / relay_events_per_sec,
+        lists_ratio: lists_events_per_sec / relay_events_per_sec,
     })
 }
