@@ -53,9 +53,9 @@ pub struct RelaySummary {
 /// save-worker's consumer group (`<group_prefix>-save-worker`).
 const SAVE_WORKER: &str = "save-worker";
 
-/// Whether save-worker's group has committed every partition of its topics up to the
-/// end, as the broker reports it now. Blocking.
-fn stored_everything(consumer: &BaseConsumer, topics: &[&str]) -> anyhow::Result<bool> {
+/// The partitions of these topics that save-worker's group has not committed up to the
+/// end, as the broker reports it now: "topic/partition at committed of end". Blocking.
+fn not_stored(consumer: &BaseConsumer, topics: &[&str]) -> anyhow::Result<Vec<String>> {
     let timeout = Duration::from_secs(5);
     let mut ends = TopicPartitionList::new();
     for topic in topics {
@@ -66,23 +66,28 @@ fn stored_everything(consumer: &BaseConsumer, topics: &[&str]) -> anyhow::Result
         }
     }
     let committed = consumer.committed_offsets(ends.clone(), timeout)?;
-    Ok(ends.elements().iter().all(|end| {
-        let Offset::Offset(high) = end.offset() else {
-            return true;
-        };
-        match committed
-            .find_partition(end.topic(), end.partition())
-            .map(|c| c.offset())
-        {
-            Some(Offset::Offset(at)) => at >= high,
-            // Nothing committed: done only if there is nothing to read.
-            _ => high == 0,
-        }
-    }))
+    Ok(ends
+        .elements()
+        .iter()
+        .filter_map(|end| {
+            let Offset::Offset(high) = end.offset() else {
+                return None;
+            };
+            // Nothing committed counts as 0: done only if there is nothing to read.
+            let at = match committed
+                .find_partition(end.topic(), end.partition())
+                .map(|c| c.offset())
+            {
+                Some(Offset::Offset(at)) => at,
+                _ => 0,
+            };
+            (at < high).then(|| format!("{}/{} at {at} of {high}", end.topic(), end.partition()))
+        })
+        .collect())
 }
 
-/// Waits until save-worker has stored everything (see [`stored_everything`]), polling
-/// every 20 ms; fails after `stall_limit`.
+/// Waits until save-worker has stored everything (see [`not_stored`]), polling every
+/// 20 ms; fails after `stall_limit`.
 async fn wait_stored(kafka: &KafkaSettings, stall_limit: Duration) -> anyhow::Result<()> {
     let consumer: BaseConsumer = recpipe_shared::kafka::client_config(kafka)
         .set("group.id", format!("{}-{SAVE_WORKER}", kafka.group_prefix))
@@ -98,20 +103,21 @@ async fn wait_stored(kafka: &KafkaSettings, stall_limit: Duration) -> anyhow::Re
     let started = Instant::now();
     loop {
         let (consumer, topics) = (consumer.clone(), topics.clone());
-        let done = tokio::task::spawn_blocking(move || {
+        let behind = tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-            stored_everything(&consumer, &refs)
+            not_stored(&consumer, &refs)
         })
         .await??;
-        if done {
+        if behind.is_empty() {
             return Ok(());
         }
         anyhow::ensure!(
             started.elapsed() < stall_limit,
             "save-worker did not store everything within {} s of the lists (its group \
-             {}-{SAVE_WORKER} has not committed to the end of its topics): see its log",
+             {}-{SAVE_WORKER} has not committed to the end of {}): see its log",
             stall_limit.as_secs(),
-            kafka.group_prefix
+            kafka.group_prefix,
+            behind.join(", ")
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

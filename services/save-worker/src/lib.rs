@@ -353,6 +353,34 @@ impl Processor for SaveWorker {
         Ok(())
     }
 
+    /// Gives up on actions whose wait is over when no batch comes to do it, so that
+    /// their offsets are let go of (and their counts made) in a quiet spell too.
+    async fn idle(&mut self) -> Result<(), RetryableError> {
+        if !self
+            .awaiting
+            .iter()
+            .any(|w| w.since.elapsed() >= self.attribution_wait)
+        {
+            return Ok(());
+        }
+        let (attributed, awaiting) = self
+            .attribute(&[], &[], &[])
+            .await
+            .map_err(|e| RetryableError(e.to_string()))?;
+        if !attributed.is_empty() {
+            let writes = WriteBatch {
+                experiment: attributed,
+                ..WriteBatch::default()
+            };
+            self.store.write(writes).await.map_err(|e| {
+                metrics::counter!("recpipe_store_errors_total").increment(1);
+                RetryableError(e.to_string())
+            })?;
+        }
+        self.awaiting = awaiting;
+        Ok(())
+    }
+
     /// The first awaiting action of each events partition.
     fn held_offsets(&self) -> Vec<HeldOffset> {
         let mut first: HashMap<i32, i64> = HashMap::new();
@@ -1021,5 +1049,40 @@ mod tests {
             vec![("v7".to_string(), 1, 0)]
         );
         assert!(worker.awaiting.is_empty(), "the unknown list is given up");
+    }
+
+    #[tokio::test]
+    async fn an_action_whose_wait_is_over_is_given_up_when_idle_too() {
+        let (_dir, store) = fresh_store().await;
+        let topics = Topics::default();
+        let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
+        let mut worker = SaveWorker::new(store.clone(), topics.clone());
+        let click = action("c1", EventType::Click, "p-1", "L", ts);
+        let batch = vec![decoded(&worker, &topics.events, 7, &click)];
+        worker.process(batch).await.unwrap();
+        worker.idle().await.unwrap();
+        assert_eq!(
+            worker.awaiting.len(),
+            1,
+            "still waiting: its wait is not over"
+        );
+        assert_eq!(worker.held_offsets().len(), 1);
+
+        // Another worker stores the list; no batch comes, the wait ends.
+        store
+            .write(WriteBatch {
+                recommendations: vec![shown_list("u", "L", &["p-1"])],
+                ..WriteBatch::default()
+            })
+            .await
+            .unwrap();
+        worker.attribution_wait = Duration::ZERO;
+        worker.idle().await.unwrap();
+        assert_eq!(
+            actions_counted(&*store, day).await,
+            vec![("v7".to_string(), 1, 0)]
+        );
+        assert!(worker.awaiting.is_empty());
+        assert_eq!(worker.held_offsets(), vec![], "its offset is let go of");
     }
 }

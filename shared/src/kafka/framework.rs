@@ -116,6 +116,14 @@ pub trait Processor: Send {
         Vec::new()
     }
 
+    /// Called when no record has come for a while (about 200 ms): work that waits on
+    /// time rather than on records, such as giving up on something awaited. Offsets it
+    /// lets go of (see [`Processor::held_offsets`]) are committed then. A failure is
+    /// logged and the work tried again when next idle.
+    async fn idle(&mut self) -> Result<(), RetryableError> {
+        Ok(())
+    }
+
     /// Records of past batches this processor has not finished with (it keeps them in
     /// memory, waiting on something): for each partition, the offset of the first one.
     /// Called after each batch; that partition's commit stays before it, so a crash or
@@ -317,6 +325,13 @@ pub async fn run_with_health<P: Processor>(
             _ = shutdown.cancelled() => break,
             received = consumer.recv() => received,
             _ = tokio::time::sleep(idle) => {
+                if let Err(e) = processor.idle().await {
+                    tracing::warn!(error = %e, "idle work failed; it is tried again when next idle");
+                }
+                let due = offsets.due(&processor.held_offsets());
+                if commit(&consumer, &due) {
+                    offsets.committed(due);
+                }
                 let outputs: Vec<Outgoing> = processor.tick().into_iter().map(Outgoing::from).collect();
                 match deliver(&producer, &outputs, settings).await {
                     Ok(n) => stats.produced += n,
