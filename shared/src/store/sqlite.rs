@@ -12,10 +12,11 @@ use super::{ArmCounts, ExperimentKind, ImpressionTally, Store, StoreError, Write
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 
 /// Migrations in order; the database's `user_version` counts those applied.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     include_str!("../../../schemas/sqlite/V1__init.sql"),
     include_str!("../../../schemas/sqlite/V2__experiments.sql"),
     include_str!("../../../schemas/sqlite/V3__impression_tallies.sql"),
+    include_str!("../../../schemas/sqlite/V4__recommendations_rowid.sql"),
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Read connections; GETs take whichever is free.
@@ -395,6 +396,68 @@ mod tests {
                 .unwrap(),
             vec![e]
         );
+    }
+
+    #[tokio::test]
+    async fn a_version_3_database_keeps_its_lists_when_they_move_to_a_rowid_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let old = crate::testkit::list("u", 1, &["p-1", "p-2"]);
+        {
+            let c = Connection::open(&path).unwrap();
+            for migration in &MIGRATIONS[..3] {
+                c.execute_batch(migration).unwrap();
+            }
+            c.pragma_update(None, "user_version", 3).unwrap();
+            c.execute(
+                "INSERT INTO recommendations (user_id, recommendation_id, user_version, generated_at, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![old.user_id, old.recommendation_id, 1, old.generated_at, encode(&old).unwrap()],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let table: String = store
+            .writer
+            .lock()
+            .unwrap()
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = 'recommendations'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(!table.contains("WITHOUT ROWID"), "{table}");
+        assert_eq!(
+            store
+                .recommendation("u", &old.recommendation_id)
+                .await
+                .unwrap(),
+            Some(old.clone())
+        );
+        // A newer list is the latest; the old one written again (a replay) stays one row.
+        let new = crate::testkit::list("u", 2, &["p-3"]);
+        store
+            .write(WriteBatch {
+                recommendations: vec![old.clone(), new.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.latest_recommendations("u").await.unwrap(), Some(new));
+        let rows: i64 = store
+            .writer
+            .lock()
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM recommendations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 2);
+        drop(store);
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[tokio::test]
