@@ -73,6 +73,9 @@ pub struct KafkaSettings {
     pub topics: Topics,
     /// Most records handled as one batch (one commit per batch).
     pub batch_max: usize,
+    /// A batch also stops growing once its records' bytes reach this, so that a large
+    /// `batch_max` (save-worker's `store.batch_max`) bounds memory by bytes too.
+    pub batch_max_bytes: usize,
     /// How long a produced record may wait for delivery before the batch fails.
     pub delivery_timeout_ms: u64,
     /// Extra librdkafka properties for every client (e.g. `security.protocol`, `sasl.*`).
@@ -101,6 +104,7 @@ impl Default for KafkaSettings {
             partitions: 1,
             topics: Topics::default(),
             batch_max: 2000,
+            batch_max_bytes: 16 * 1024 * 1024,
             delivery_timeout_ms: 30_000,
             client: BTreeMap::new(),
             max_record_bytes: 64 * 1024,
@@ -214,6 +218,11 @@ pub struct StoreSettings {
     /// `scylla://host1:9042,host2:9042/<keyspace>` (ScyllaDB or Cassandra).
     pub url: String,
     pub scylla: ScyllaSettings,
+    /// Most records save-worker reads as one batch, written in one store transaction
+    /// (in place of `kafka.batch_max`; `kafka.batch_max_bytes` still applies). It holds
+    /// no state per user, and a bigger transaction writes each b-tree page once for more
+    /// rows: this only matters when save-worker has a backlog.
+    pub batch_max: usize,
 }
 
 impl Default for StoreSettings {
@@ -221,6 +230,7 @@ impl Default for StoreSettings {
         Self {
             url: "sqlite://.run/recpipe.db".into(),
             scylla: ScyllaSettings::default(),
+            batch_max: 10_000,
         }
     }
 }

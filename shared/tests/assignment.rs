@@ -205,3 +205,28 @@ async fn a_batchs_outputs_are_not_held_for_the_linger() {
     stop.cancel();
     run.await.unwrap().unwrap();
 }
+
+/// A batch stops growing at `batch_max_bytes` as well as at `batch_max`, and a record
+/// bigger than that still goes, alone.
+#[tokio::test]
+async fn a_batch_stops_at_its_byte_limit() {
+    let (broker, mut settings) = broker_with_topic_in().await;
+    // One key, one partition: all ten are there for the first fetch.
+    for _ in 0..10 {
+        produce(&broker.brokers(), "in", "k", &[b'x'; 400]).await;
+    }
+    produce(&broker.brokers(), "in", "k", &[b'x'; 3000]).await;
+    settings.batch_max = 1000;
+    settings.batch_max_bytes = 1000;
+    let (mut calls, stop, service) = run_recorder(&settings);
+    let mut sizes = Vec::new();
+    while sizes.iter().sum::<usize>() < 11 {
+        if let Call::Process(n) = next(&mut calls).await {
+            sizes.push(n);
+        }
+    }
+    stop.cancel();
+    service.await.unwrap().unwrap();
+    // 401 bytes each with the key: the third reaches 1,000.
+    assert!(sizes.iter().all(|&n| n <= 3), "batch sizes {sizes:?}");
+}

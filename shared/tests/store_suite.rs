@@ -28,6 +28,7 @@ async fn scylla_store_passes_the_suite() {
             consistency: "one".into(),
             ..Default::default()
         },
+        ..Default::default()
     };
     let s = store::open_with(&url, &settings).await.unwrap();
     store::suite::run_all(s.as_ref()).await;

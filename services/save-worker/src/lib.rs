@@ -635,9 +635,11 @@ fn count_attribution(e: &Event, result: &Attribution) {
 }
 
 /// Runs the service until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
+pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
     let store = store::open_with(&settings.store.url, &settings.store).await?;
     tracing::info!(url = %settings.store.url, "store opened");
+    // One batch is one store transaction (see `store.batch_max`).
+    settings.kafka.batch_max = settings.store.batch_max;
     let processor = SaveWorker::new(store, settings.kafka.topics.clone());
     recpipe_shared::admin::run_service(&settings, processor, shutdown).await
 }

@@ -351,10 +351,15 @@ pub async fn run_with_health<P: Processor>(
                 continue;
             }
         }
-        // Take what is already buffered, without waiting, up to the batch limit.
-        while batch.len() < settings.batch_max {
+        // Take what is already buffered, without waiting, up to the batch limits.
+        let mut bytes = batch.iter().map(record_bytes).sum::<usize>();
+        while batch.len() < settings.batch_max && bytes < settings.batch_max_bytes {
             match consumer.recv().now_or_never() {
-                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Ok(m)) => {
+                    let m = m.detach();
+                    bytes += record_bytes(&m);
+                    batch.push(m);
+                }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => break,
             }
@@ -780,6 +785,11 @@ async fn deliver(
         return Err(FrameworkError::Delivery { failed, first });
     }
     Ok(count)
+}
+
+/// A record's size as a batch counts it: its key and value.
+fn record_bytes(m: &OwnedMessage) -> usize {
+    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len)
 }
 
 /// What has been processed and committed of each assigned partition, so commits can
