@@ -969,6 +969,24 @@ mod tests {
         e
     }
 
+    /// A worker on a fresh store, with the store and the topics it reads.
+    async fn fresh_worker() -> (tempfile::TempDir, Arc<dyn Store>, Topics, SaveWorker) {
+        let (dir, store) = fresh_store().await;
+        let topics = Topics::default();
+        let worker = SaveWorker::new(store.clone(), topics.clone());
+        (dir, store, topics, worker)
+    }
+
+    async fn stored_by_another_worker(store: &dyn Store, list: RecommendationRecord) {
+        store
+            .write(WriteBatch {
+                recommendations: vec![list],
+                ..WriteBatch::default()
+            })
+            .await
+            .unwrap();
+    }
+
     async fn actions_counted(store: &dyn Store, day: i64) -> Vec<(String, u64, u64)> {
         let counts = store.experiment_counts(day, day).await.unwrap();
         counts
@@ -979,10 +997,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_action_read_before_its_list_is_counted_when_the_list_comes() {
-        let (_dir, store) = fresh_store().await;
-        let topics = Topics::default();
+        let (_dir, store, topics, mut worker) = fresh_worker().await;
         let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
-        let mut worker = SaveWorker::new(store.clone(), topics.clone());
 
         // The click and purchase come before the list they name (and twice: a retry).
         let click = action("c1", EventType::Click, "p-1", "L", ts);
@@ -1020,10 +1036,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_action_waits_for_its_list_only_so_long_and_then_asks_the_store_again() {
-        let (_dir, store) = fresh_store().await;
-        let topics = Topics::default();
+        let (_dir, store, topics, mut worker) = fresh_worker().await;
         let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
-        let mut worker = SaveWorker::new(store.clone(), topics.clone());
         worker.attribution_wait = Duration::ZERO;
 
         let stored_later = action("c1", EventType::Click, "p-1", "L", ts);
@@ -1036,13 +1050,7 @@ mod tests {
         assert_eq!(worker.awaiting.len(), 2);
 
         // Another worker stores the list; this one's next batch brings other things.
-        store
-            .write(WriteBatch {
-                recommendations: vec![shown_list("u", "L", &["p-1"])],
-                ..WriteBatch::default()
-            })
-            .await
-            .unwrap();
+        stored_by_another_worker(&*store, shown_list("u", "L", &["p-1"])).await;
         let unrelated = recpipe_shared::testkit::event("v1", "u", EventType::View, "p-5", ts);
         let batch = vec![decoded(&worker, &topics.events, 2, &unrelated)];
         worker.process(batch).await.unwrap();
@@ -1055,10 +1063,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_action_whose_wait_is_over_is_given_up_when_idle_too() {
-        let (_dir, store) = fresh_store().await;
-        let topics = Topics::default();
+        let (_dir, store, topics, mut worker) = fresh_worker().await;
         let (ts, day) = (1_700_000_000_000, day_of(1_700_000_000_000));
-        let mut worker = SaveWorker::new(store.clone(), topics.clone());
         let click = action("c1", EventType::Click, "p-1", "L", ts);
         let batch = vec![decoded(&worker, &topics.events, 7, &click)];
         worker.process(batch).await.unwrap();
@@ -1071,13 +1077,7 @@ mod tests {
         assert_eq!(worker.held_offsets().len(), 1);
 
         // Another worker stores the list; no batch comes, the wait ends.
-        store
-            .write(WriteBatch {
-                recommendations: vec![shown_list("u", "L", &["p-1"])],
-                ..WriteBatch::default()
-            })
-            .await
-            .unwrap();
+        stored_by_another_worker(&*store, shown_list("u", "L", &["p-1"])).await;
         worker.attribution_wait = Duration::ZERO;
         worker.idle().await.unwrap();
         assert_eq!(
