@@ -53,17 +53,29 @@ pub struct RelaySummary {
 /// save-worker's consumer group (`<group_prefix>-save-worker`).
 const SAVE_WORKER: &str = "save-worker";
 
-/// The partitions of these topics that save-worker's group has not committed up to the
-/// end, as the broker reports it now: "topic/partition at committed of end". Blocking.
-fn not_stored(consumer: &BaseConsumer, topics: &[&str]) -> anyhow::Result<Vec<String>> {
+/// Each partition of these topics. Blocking.
+fn partitions_of(consumer: &BaseConsumer, topics: &[String]) -> anyhow::Result<Vec<(String, i32)>> {
+    let mut partitions = Vec::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            partitions.push((topic.clone(), partition.id()));
+        }
+    }
+    Ok(partitions)
+}
+
+/// The partitions that save-worker's group has not committed up to the end, as the
+/// broker reports it now: "topic/partition at committed of end". Blocking.
+fn not_stored(
+    consumer: &BaseConsumer,
+    partitions: &[(String, i32)],
+) -> anyhow::Result<Vec<String>> {
     let timeout = Duration::from_secs(5);
     let mut ends = TopicPartitionList::new();
-    for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            let (_, high) = consumer.fetch_watermarks(topic, partition.id(), timeout)?;
-            ends.add_partition_offset(topic, partition.id(), Offset::Offset(high))?;
-        }
+    for (topic, partition) in partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, *partition, timeout)?;
+        ends.add_partition_offset(topic, *partition, Offset::Offset(high))?;
     }
     let committed = consumer.committed_offsets(ends.clone(), timeout)?;
     Ok(ends
@@ -92,35 +104,35 @@ async fn wait_stored(kafka: &KafkaSettings, stall_limit: Duration) -> anyhow::Re
     let consumer: BaseConsumer = recpipe_shared::kafka::client_config(kafka)
         .set("group.id", format!("{}-{SAVE_WORKER}", kafka.group_prefix))
         .create()?;
-    let consumer = std::sync::Arc::new(consumer);
     let t = &kafka.topics;
-    let topics: Vec<String> = vec![
-        t.events.clone(),
-        t.user_vectors.clone(),
-        t.recommendations.clone(),
-        t.impressions.clone(),
-    ];
-    let started = Instant::now();
-    loop {
-        let (consumer, topics) = (consumer.clone(), topics.clone());
-        let behind = tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-            not_stored(&consumer, &refs)
-        })
-        .await??;
-        if behind.is_empty() {
-            return Ok(());
+    let topics = [
+        &t.events,
+        &t.user_vectors,
+        &t.recommendations,
+        &t.impressions,
+    ]
+    .map(String::clone);
+    let group = format!("{}-{SAVE_WORKER}", kafka.group_prefix);
+    // Blocking client calls and short sleeps: one blocking task for the whole wait.
+    tokio::task::spawn_blocking(move || {
+        let partitions = partitions_of(&consumer, &topics)?;
+        let started = Instant::now();
+        loop {
+            let behind = not_stored(&consumer, &partitions)?;
+            if behind.is_empty() {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < stall_limit,
+                "save-worker did not store everything within {} s of the lists (its group \
+                 {group} has not committed to the end of {}): see its log",
+                stall_limit.as_secs(),
+                behind.join(", ")
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        anyhow::ensure!(
-            started.elapsed() < stall_limit,
-            "save-worker did not store everything within {} s of the lists (its group \
-             {}-{SAVE_WORKER} has not committed to the end of {}): see its log",
-            stall_limit.as_secs(),
-            kafka.group_prefix,
-            behind.join(", ")
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await?
 }
 
 fn events(catalog: &Catalog, n: usize, users: usize, tag: &str) -> Vec<Event> {
