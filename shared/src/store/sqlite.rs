@@ -12,11 +12,12 @@ use super::{ArmCounts, ExperimentKind, ImpressionTally, Store, StoreError, Write
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 
 /// Migrations in order; the database's `user_version` counts those applied.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     include_str!("../../../schemas/sqlite/V1__init.sql"),
     include_str!("../../../schemas/sqlite/V2__experiments.sql"),
     include_str!("../../../schemas/sqlite/V3__impression_tallies.sql"),
     include_str!("../../../schemas/sqlite/V4__recommendations_rowid.sql"),
+    include_str!("../../../schemas/sqlite/V5__events_by_time.sql"),
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Read connections; GETs take whichever is free.
@@ -138,10 +139,10 @@ impl Store for SqliteStore {
             let tx = c.transaction().map_err(query_err)?;
             {
                 let mut insert_event = tx
-                    .prepare_cached("INSERT OR IGNORE INTO events (user_id, event_id, ts, body) VALUES (?1, ?2, ?3, ?4)")
+                    .prepare_cached("INSERT OR IGNORE INTO events (user_id, ts, event_id, body) VALUES (?1, ?2, ?3, ?4)")
                     .map_err(query_err)?;
                 for e in &batch.events {
-                    insert_event.execute(params![e.user_id, e.event_id, e.ts, encode(e)?]).map_err(query_err)?;
+                    insert_event.execute(params![e.user_id, e.ts, e.event_id, encode(e)?]).map_err(query_err)?;
                 }
                 let mut upsert_state = tx
                     .prepare_cached(
@@ -452,6 +453,74 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM recommendations", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 2);
+        drop(store);
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_version_4_database_keeps_its_events_when_they_move_to_a_rowid_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let event = |id: &str, ts: i64| {
+            Event::from_json(
+                format!(r#"{{"event_id":"{id}","user_id":"u","type":"view","product_id":"p","ts":{ts}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let (older, newer) = (event("e1", 10), event("e2", 20));
+        {
+            let c = Connection::open(&path).unwrap();
+            for migration in &MIGRATIONS[..4] {
+                c.execute_batch(migration).unwrap();
+            }
+            c.pragma_update(None, "user_version", 4).unwrap();
+            for e in [&older, &newer] {
+                c.execute(
+                    "INSERT INTO events (user_id, event_id, ts, body) VALUES (?1, ?2, ?3, ?4)",
+                    params![e.user_id, e.event_id, e.ts, encode(e).unwrap()],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let schema: Vec<String> = store
+            .writer
+            .lock()
+            .unwrap()
+            .prepare("SELECT sql FROM sqlite_schema WHERE tbl_name = 'events' AND sql IS NOT NULL")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            schema.len(),
+            1,
+            "the old (user, ts) index is gone: {schema:?}"
+        );
+        assert!(!schema[0].contains("WITHOUT ROWID"), "{schema:?}");
+        assert_eq!(
+            store.user_events("u", 10).await.unwrap(),
+            vec![newer.clone(), older.clone()]
+        );
+        // A replay of a moved event stays one row; a new one comes first.
+        let newest = event("e3", 30);
+        store
+            .write(WriteBatch {
+                events: vec![older.clone(), newest.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            store.user_events("u", 10).await.unwrap(),
+            vec![newest, newer, older]
+        );
         drop(store);
         let version: i64 = Connection::open(&path)
             .unwrap()
