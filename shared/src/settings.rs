@@ -90,7 +90,9 @@ pub struct KafkaSettings {
     /// The same, for consumers nobody waits on (save-worker: GET answers come from the
     /// API's own view of the lists, not from the store). On tansu every consumer polls
     /// once per wait whether or not there is data, so a longer wait here spares the
-    /// broker most of that consumer's idle fetches.
+    /// broker most of that consumer's idle fetches. Not much longer: tansu holds a fetch
+    /// this long even when it has data, and answers at most 5 MB, which bounds how fast
+    /// a backlog is read.
     pub background_fetch_wait_max_ms: u64,
     /// How long a producer waits to fill a batch (0: send at once, lowest latency).
     pub linger_ms: u64,
@@ -109,7 +111,7 @@ impl Default for KafkaSettings {
             client: BTreeMap::new(),
             max_record_bytes: 64 * 1024,
             fetch_wait_max_ms: 1,
-            background_fetch_wait_max_ms: 100,
+            background_fetch_wait_max_ms: 10,
             linger_ms: 0,
         }
     }
