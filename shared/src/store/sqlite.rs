@@ -24,7 +24,10 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const READERS: usize = 4;
 /// Page cache of each connection, in KiB.
 const CACHE_KIB: usize = 64 * 1024;
-/// WAL pages (4 KiB each) after which a commit checkpoints them into the database.
+/// Page size of a new database file, in bytes.
+const PAGE_SIZE: usize = 8 * 1024;
+/// WAL pages after which a commit checkpoints them into the database (128 MiB of WAL in
+/// a new file, 64 MiB in one made with 4 KiB pages).
 const CHECKPOINT_PAGES: usize = 16 * 1024;
 
 pub struct SqliteStore {
@@ -51,6 +54,13 @@ impl SqliteStore {
         let connect = || -> Result<Connection, StoreError> {
             let c = Connection::open(path).map_err(|e| open_err(&e))?;
             c.busy_timeout(std::time::Duration::from_secs(10))
+                .map_err(|e| open_err(&e))?;
+            // Applies to a new file only (an existing one keeps its page size). At 4 KiB a
+            // list (about 2 KB of JSON) left most of a page unused, and draining 200,000
+            // events took save-worker more pages, b-tree splits and WAL frames: 6.2-6.4 s
+            // against 5.3-5.5 s at 8 KiB (16 KiB: 5.4 s), with no more CPU at a steady
+            // 4,806 events/s.
+            c.pragma_update(None, "page_size", PAGE_SIZE as i64)
                 .map_err(|e| open_err(&e))?;
             // WAL lets readers in other processes run alongside the writer; NORMAL sync
             // survives a process crash (not an OS crash) and keeps commits cheap.
@@ -388,6 +398,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(reader.user_events("u", 5).await.unwrap(), vec![e.clone()]);
+        let page_size: i64 = reader.readers[0]
+            .lock()
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(page_size, PAGE_SIZE as i64, "a new file");
         drop((writer, reader));
         assert_eq!(
             SqliteStore::open(&path)
@@ -459,6 +475,12 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        // Made with SQLite's default page size, it keeps it.
+        let page_size: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(page_size, 4096);
     }
 
     #[tokio::test]
