@@ -371,6 +371,24 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    /// A database file as a binary of schema `version` left it.
+    fn file_at_version(path: &Path, version: usize) -> Connection {
+        let c = Connection::open(path).unwrap();
+        for migration in &MIGRATIONS[..version] {
+            c.execute_batch(migration).unwrap();
+        }
+        c.pragma_update(None, "user_version", version as i64)
+            .unwrap();
+        c
+    }
+
+    fn pragma(path: &Path, name: &str) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn sqlite_passes_the_store_suite() {
         let dir = tempfile::tempdir().unwrap();
@@ -421,11 +439,7 @@ mod tests {
         let path = dir.path().join("s.db");
         let old = crate::testkit::list("u", 1, &["p-1", "p-2"]);
         {
-            let c = Connection::open(&path).unwrap();
-            for migration in &MIGRATIONS[..3] {
-                c.execute_batch(migration).unwrap();
-            }
-            c.pragma_update(None, "user_version", 3).unwrap();
+            let c = file_at_version(&path, 3);
             c.execute(
                 "INSERT INTO recommendations (user_id, recommendation_id, user_version, generated_at, body)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -470,17 +484,9 @@ mod tests {
             .unwrap();
         assert_eq!(rows, 2);
         drop(store);
-        let version: i64 = Connection::open(&path)
-            .unwrap()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
         // Made with SQLite's default page size, it keeps it.
-        let page_size: i64 = Connection::open(&path)
-            .unwrap()
-            .query_row("PRAGMA page_size", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(page_size, 4096);
+        assert_eq!(pragma(&path, "page_size"), 4096);
     }
 
     #[tokio::test]
@@ -496,11 +502,7 @@ mod tests {
         };
         let (older, newer) = (event("e1", 10), event("e2", 20));
         {
-            let c = Connection::open(&path).unwrap();
-            for migration in &MIGRATIONS[..4] {
-                c.execute_batch(migration).unwrap();
-            }
-            c.pragma_update(None, "user_version", 4).unwrap();
+            let c = file_at_version(&path, 4);
             for e in [&older, &newer] {
                 c.execute(
                     "INSERT INTO events (user_id, event_id, ts, body) VALUES (?1, ?2, ?3, ?4)",
@@ -544,11 +546,7 @@ mod tests {
             vec![newest, newer, older]
         );
         drop(store);
-        let version: i64 = Connection::open(&path)
-            .unwrap()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
     }
 
     #[tokio::test]
