@@ -56,10 +56,10 @@ impl SqliteStore {
             c.busy_timeout(std::time::Duration::from_secs(10))
                 .map_err(|e| open_err(&e))?;
             // Applies to a new file only (an existing one keeps its page size). At 4 KiB a
-            // list (about 2 KB of JSON) left most of a page unused, and draining 200,000
-            // events took save-worker more pages, b-tree splits and WAL frames: 6.2-6.4 s
-            // against 5.3-5.5 s at 8 KiB (16 KiB: 5.4 s), with no more CPU at a steady
-            // 4,806 events/s.
+            // list (about 2 KB of JSON) left much of a page unused, and storing a backlog
+            // of 200,000 events took save-worker more pages, b-tree splits and WAL frames:
+            // 6.2-6.5 s against 5.7-5.9 s at 8 KiB (16 KiB measured as 8), and no more CPU
+            // at a steady 4,806 events/s (BENCHMARKS.md, tenth session).
             c.pragma_update(None, "page_size", PAGE_SIZE as i64)
                 .map_err(|e| open_err(&e))?;
             // WAL lets readers in other processes run alongside the writer; NORMAL sync
