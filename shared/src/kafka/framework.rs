@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -119,7 +119,8 @@ pub trait Processor: Send {
     /// Called when no record has come for a while (about 200 ms): work that waits on
     /// time rather than on records, such as giving up on something awaited. Offsets it
     /// lets go of (see [`Processor::held_offsets`]) are committed then. A failure is
-    /// logged and the work tried again when next idle.
+    /// logged and the work tried again when idle after a backoff (100 ms, doubling to
+    /// 5 s), so a store that is down is not asked five times a second.
     async fn idle(&mut self) -> Result<(), RetryableError> {
         Ok(())
     }
@@ -307,6 +308,7 @@ pub async fn run_with_health<P: Processor>(
     let mut prepared: HashSet<(String, i32)> = HashSet::new();
     let mut offsets = Offsets::default();
     let idle = Duration::from_millis(200);
+    let mut idle_retry = IdleRetry::default();
 
     loop {
         // A new assignment is prepared as soon as it is known, before its records come:
@@ -325,8 +327,14 @@ pub async fn run_with_health<P: Processor>(
             _ = shutdown.cancelled() => break,
             received = consumer.recv() => received,
             _ = tokio::time::sleep(idle) => {
-                if let Err(e) = processor.idle().await {
-                    tracing::warn!(error = %e, "idle work failed; it is tried again when next idle");
+                if idle_retry.due(Instant::now()) {
+                    match processor.idle().await {
+                        Ok(()) => idle_retry.succeeded(),
+                        Err(e) => {
+                            let delay = idle_retry.failed(Instant::now());
+                            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "idle work failed; retrying when idle");
+                        }
+                    }
                 }
                 let due = offsets.due(&processor.held_offsets());
                 if commit(&consumer, &due) {
@@ -527,13 +535,47 @@ impl Backoff {
         what: &str,
         error: &RetryableError,
     ) -> bool {
-        tracing::warn!(%error, retry_in_ms = self.delay.as_millis() as u64, "{what} failed; retrying");
-        let go_on = tokio::select! {
+        let delay = self.next_delay();
+        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+        tokio::select! {
             _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(self.delay) => true,
-        };
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// The wait before the next retry; each is twice the one before, up to 5 s.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.delay;
         self.delay = (self.delay * 2).min(Duration::from_secs(5));
-        go_on
+        delay
+    }
+}
+
+/// When to try [`Processor::idle`] again after it failed. Records keep being read
+/// meanwhile, so it is a time to wait for rather than a sleep: a store that is down
+/// would otherwise fail it (and log it) at every idle tick.
+#[derive(Default)]
+struct IdleRetry {
+    after_failure: Option<(Instant, Backoff)>,
+}
+
+impl IdleRetry {
+    fn due(&self, now: Instant) -> bool {
+        self.after_failure.as_ref().is_none_or(|(at, _)| now >= *at)
+    }
+
+    /// Records a failure at `now`; returns how long until the next try.
+    fn failed(&mut self, now: Instant) -> Duration {
+        let (at, backoff) = self
+            .after_failure
+            .get_or_insert_with(|| (now, Backoff::new()));
+        let delay = backoff.next_delay();
+        *at = now + delay;
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        self.after_failure = None;
     }
 }
 
@@ -870,6 +912,32 @@ fn commit<C: Consumer<RebalanceContext>>(consumer: &C, due: &[((String, i32), i6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_idle_work_is_tried_again_ever_later_and_at_every_tick_once_it_succeeds() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let mut retry = IdleRetry::default();
+        assert!(retry.due(start));
+        // Failing at each try: 100 ms, then 200, 400, ... up to 5 s.
+        let mut now = start;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            assert!(retry.due(now));
+            let delay = retry.failed(now);
+            assert!(!retry.due(now + delay - ms(1)), "not before {delay:?}");
+            delays.push(delay.as_millis());
+            now += delay;
+        }
+        assert_eq!(delays, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        retry.succeeded();
+        assert!(retry.due(now), "at every tick again");
+        assert_eq!(
+            retry.failed(now),
+            ms(100),
+            "a new failure starts the backoff anew"
+        );
+    }
 
     fn held(topic: &str, partition: i32, offset: i64) -> HeldOffset {
         HeldOffset {
