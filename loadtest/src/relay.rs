@@ -101,8 +101,9 @@ fn not_stored(
 /// Waits until save-worker has stored everything (see [`not_stored`]), polling every
 /// 20 ms; fails after `stall_limit`.
 async fn wait_stored(kafka: &KafkaSettings, stall_limit: Duration) -> anyhow::Result<()> {
+    let group = format!("{}-{SAVE_WORKER}", kafka.group_prefix);
     let consumer: BaseConsumer = recpipe_shared::kafka::client_config(kafka)
-        .set("group.id", format!("{}-{SAVE_WORKER}", kafka.group_prefix))
+        .set("group.id", &group)
         .create()?;
     let t = &kafka.topics;
     let topics = [
@@ -112,7 +113,6 @@ async fn wait_stored(kafka: &KafkaSettings, stall_limit: Duration) -> anyhow::Re
         &t.impressions,
     ]
     .map(String::clone);
-    let group = format!("{}-{SAVE_WORKER}", kafka.group_prefix);
     // Blocking client calls and short sleeps: one blocking task for the whole wait.
     tokio::task::spawn_blocking(move || {
         let partitions = partitions_of(&consumer, &topics)?;

@@ -86,6 +86,10 @@ impl SqliteStore {
                 "the database has schema version {version}, newer than this binary's {SCHEMA_VERSION}: upgrade recpipe"
             )));
         }
+        if version < SCHEMA_VERSION {
+            // V4 and V5 copy a whole table, which takes a while in a large file.
+            tracing::info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "migrating the database schema");
+        }
         for (applied, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             writer.execute_batch(migration).map_err(|e| open_err(&e))?;
             writer
