@@ -4,7 +4,7 @@
 -- file, and every commit rewrote those pages through the WAL. Rows are now appended in
 -- the order they come, and the key is a unique index of small entries. Reads are the
 -- same queries.
-BEGIN;
+-- The store applies each migration in one transaction with the version it sets.
 CREATE TABLE recommendations_v4 (
     user_id           TEXT    NOT NULL,
     recommendation_id TEXT    NOT NULL,
@@ -18,5 +18,3 @@ INSERT INTO recommendations_v4 (user_id, recommendation_id, user_version, genera
 DROP TABLE recommendations;
 ALTER TABLE recommendations_v4 RENAME TO recommendations;
 CREATE INDEX recommendations_latest ON recommendations (user_id, user_version, generated_at);
-PRAGMA user_version = 4;
-COMMIT;

@@ -5,7 +5,7 @@
 -- again through the WAL. Rows are now appended as they come, and one index of small
 -- entries both keeps a replayed event (the same record, so the same ts) to one row and
 -- answers "a user's events, newest first".
-BEGIN;
+-- The store applies each migration in one transaction with the version it sets.
 CREATE TABLE events_v5 (
     user_id   TEXT    NOT NULL,
     ts        INTEGER NOT NULL,
@@ -17,5 +17,3 @@ INSERT OR IGNORE INTO events_v5 (user_id, ts, event_id, body)
     SELECT user_id, ts, event_id, body FROM events ORDER BY user_id, ts, event_id;
 DROP TABLE events;
 ALTER TABLE events_v5 RENAME TO events;
-PRAGMA user_version = 5;
-COMMIT;

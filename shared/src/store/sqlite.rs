@@ -86,15 +86,8 @@ impl SqliteStore {
                 "the database has schema version {version}, newer than this binary's {SCHEMA_VERSION}: upgrade recpipe"
             )));
         }
-        if version < SCHEMA_VERSION {
-            // V4 and V5 copy a whole table, which takes a while in a large file.
-            tracing::info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "migrating the database schema");
-        }
         for (applied, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            writer.execute_batch(migration).map_err(|e| open_err(&e))?;
-            writer
-                .pragma_update(None, "user_version", applied as i64 + 1)
-                .map_err(|e| open_err(&e))?;
+            migrate(&writer, applied as i64, migration).map_err(|e| open_err(&e))?;
         }
         let readers = (0..READERS)
             .map(|_| connect().map(Mutex::new))
@@ -130,6 +123,31 @@ impl SqliteStore {
         })
         .await
         .map_err(query_err)?
+    }
+}
+
+/// Applies the migration from schema version `from` and sets the next, in one
+/// transaction taken with the write lock: services opening a new file at the same moment
+/// each find it at version `from`, and only the first applies it (the others find the
+/// version moved on once they get the lock). A failure leaves the file as it was.
+fn migrate(c: &Connection, from: i64, migration: &str) -> rusqlite::Result<()> {
+    c.execute_batch("BEGIN IMMEDIATE")?;
+    let applied = (|| {
+        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version == from {
+            // V4 and V5 copy a whole table, which takes a while in a large file.
+            tracing::info!(from, to = from + 1, "migrating the database schema");
+            c.execute_batch(migration)?;
+            c.pragma_update(None, "user_version", from + 1)?;
+        }
+        Ok(())
+    })();
+    match applied {
+        Ok(()) => c.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = c.execute_batch("ROLLBACK");
+            Err(e)
+        }
     }
 }
 
@@ -551,6 +569,30 @@ mod tests {
         );
         drop(store);
         assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_migration_applies_only_at_its_version_and_wholly_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let c = file_at_version(&path, 2);
+        // Another process got there first: the file is past this migration.
+        migrate(&c, 1, "SELECT no_such_function()").unwrap();
+        assert_eq!(pragma(&path, "user_version"), 2);
+        // A migration that fails half-way leaves nothing of itself.
+        let err = migrate(&c, 2, "CREATE TABLE half (x); SELECT no_such_function()");
+        assert!(err.is_err());
+        assert_eq!(pragma(&path, "user_version"), 2);
+        let tables: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'half'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 0);
+        migrate(&c, 2, MIGRATIONS[2]).unwrap();
+        assert_eq!(pragma(&path, "user_version"), 3);
     }
 
     #[tokio::test]
