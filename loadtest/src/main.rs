@@ -337,8 +337,8 @@ async fn main() -> anyhow::Result<()> {
                 hot_users.unwrap_or(recpipe_shared::settings::StateSettings::default().hot_users);
             let m = memory::run(catalog, users, events_per_user, hot_users, event_ids)?;
             println!(
-                "{} users × {} events ({:?} ids), dim {}, at most {} in memory: {:.0} bytes of state per user in memory, {} bytes of raw vector: ratio {:.2}; state file {:.0} bytes per user; {:.1} µs per event (as JSON on the changelog: {:.0} bytes)",
-                m.users, m.events_per_user, m.event_ids, m.dim, m.hot_users, m.bytes_per_user, m.raw_vector_bytes, m.ratio, m.file_bytes_per_user, m.micros_per_event, m.json_bytes_per_user
+                "{} users × {} events ({:?} ids), dim {}, at most {} in memory: {:.0} bytes of state per user in memory ({:.0} of them encoded states), {} bytes of raw vector: ratio {:.2}; state file {:.0} bytes per user; {:.1} µs per event (as JSON on the changelog: {:.0} bytes)",
+                m.users, m.events_per_user, m.event_ids, m.dim, m.hot_users, m.bytes_per_user, m.encoded_bytes_per_user, m.raw_vector_bytes, m.ratio, m.file_bytes_per_user, m.micros_per_event, m.json_bytes_per_user
             );
             println!("{}", serde_json::to_string(&m)?);
             Ok(())

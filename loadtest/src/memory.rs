@@ -43,6 +43,9 @@ pub struct MemorySummary {
     pub file_bytes_per_user: f64,
     /// Users in memory at the end.
     pub users_in_memory: usize,
+    /// The encoded states in memory at the end, per user: what `bytes_per_user` holds
+    /// besides them is the map, the allocator's rounding and the process's fixed costs.
+    pub encoded_bytes_per_user: f64,
     /// The same state as JSON on the changelog topic, for comparison.
     pub json_bytes_per_user: f64,
     /// Wall time per event applied (load, apply, encode for the changelog, spill).
@@ -143,6 +146,7 @@ pub fn run(
         ratio: bytes_per_user / raw as f64,
         file_bytes_per_user: file_bytes as f64 / users as f64,
         users_in_memory: states.hot_len(),
+        encoded_bytes_per_user: states.hot_bytes() as f64 / users as f64,
         json_bytes_per_user: json as f64 / users as f64,
         micros_per_event: elapsed.as_secs_f64() * 1e6 / total as f64,
     };

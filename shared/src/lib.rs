@@ -15,6 +15,11 @@ pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+/// The services' allocator, so that unit tests see the blocks they would get.
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The crate-level error for callers that do not care which part failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
