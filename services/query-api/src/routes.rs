@@ -253,7 +253,7 @@ async fn recommendations(
             started,
             elapsed,
             false,
-            answer.response.fallback.is_none(),
+            answer.fallback.is_none(),
             *freshness,
         ),
         Err(e) if e.status.is_server_error() => {
@@ -360,7 +360,7 @@ async fn latest_list(state: &AppState, user_id: &str) -> Result<Option<Arc<ViewE
 /// `impressions` with others: never waits, as a lost impression only lowers a count and
 /// GET latency must not depend on Kafka.
 fn record_impression(state: &AppState, user_id: &str, answer: &Rendered, ts: i64) {
-    if answer.response.fallback == Some(Fallback::Catalog) {
+    if answer.fallback == Some(Fallback::Catalog) {
         return; // nothing a click could be attributed to
     }
     let impression_id = uuid::Uuid::new_v4();

@@ -46,7 +46,11 @@ pub struct Rendered {
     /// must not be kept alive by cached answers; the weak reference still holds the
     /// allocation, so no later model can reuse its address and pass for it).
     model: Weak<ServedModel>,
-    pub response: crate::routes::RecommendationsResponse,
+    /// Whom the answer was made for: the body's first field.
+    made_for: String,
+    pub fallback: Option<recpipe_shared::events::Fallback>,
+    /// Only the encoded answer is kept, not the response it was encoded from: that
+    /// response, its items' strings each an allocation, was half of a kept answer's 5 KB.
     pub body: Bytes,
     /// `recpipe_recommendations_served_total` for this answer's kind and model version,
     /// registered once here rather than looked up by its labels on every GET.
@@ -60,10 +64,10 @@ impl Rendered {
     /// the popularity list) this one with `user_id` in place of the id it was made for.
     /// The id is the body's first field, so the rest is copied untouched.
     pub fn body_for(&self, user_id: &str) -> Bytes {
-        if self.response.user_id == user_id {
+        if self.made_for == user_id {
             return self.body.clone();
         }
-        let made_for = serde_json::to_string(&self.response.user_id).expect("a string");
+        let made_for = serde_json::to_string(&self.made_for).expect("a string");
         let rest = &self.body[USER_ID_FIELD.len() + made_for.len()..];
         let id = serde_json::to_string(user_id).expect("a string");
         let mut body = Vec::with_capacity(USER_ID_FIELD.len() + id.len() + rest.len());
@@ -88,7 +92,8 @@ impl Rendered {
         Rendered {
             k,
             model: Arc::downgrade(model),
-            response,
+            made_for: response.user_id,
+            fallback: response.fallback,
             body: Bytes::from(body),
             served,
             impression,
@@ -533,11 +538,12 @@ mod tests {
         let entry = list("__popular__", 0, 7);
         let mut made = response(&entry);
         made.user_id = "first-asker".into();
+        let made_json = serde_json::to_value(&made).unwrap();
         let rendered = Rendered::new(made, 10, &model);
         for asker in ["first-asker", "someone \"else\" ü", ""] {
             let body: serde_json::Value =
                 serde_json::from_slice(&rendered.body_for(asker)).unwrap();
-            let mut expected = serde_json::to_value(&rendered.response).unwrap();
+            let mut expected = made_json.clone();
             expected["user_id"] = asker.into();
             assert_eq!(body, expected, "{asker}");
         }
