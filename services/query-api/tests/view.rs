@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{get, list, publish, start_api};
 use recpipe_shared::events::POPULAR_USER_ID;
-use recpipe_shared::store::{self, WriteBatch};
+use recpipe_shared::store::{self, StoredList, WriteBatch};
 use recpipe_shared::testkit::{eventually, TestEnv};
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +34,7 @@ async fn get_serves_the_newest_list_from_the_topic_or_the_store() {
     // ...and one only the store has (as after the topic's retention dropped it).
     store
         .write(WriteBatch {
-            recommendations: vec![list("store-only", 5, &["p-00005"])],
+            recommendations: vec![StoredList::of(&list("store-only", 5, &["p-00005"]))],
             ..Default::default()
         })
         .await

@@ -1,12 +1,16 @@
 //! What save-worker does with one `user-vectors` record of a full history (50 products,
-//! 50 event ids), against what it did before in the same run: decode the whole record and
-//! encode it again for the store. Run: `cargo bench -p save-worker --bench user_state`
+//! 50 event ids), and with one `recommendations` record (20 products, each with the
+//! product that explains it, and 50 input event ids), against what it did before in the
+//! same run: decode the whole record and encode it again for the store.
+//! Run: `cargo bench -p save-worker --bench user_state`
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use recpipe_shared::events::{EventType, LastEvent, SourcePosition, UserVectorRecord};
-use recpipe_shared::store::StoredUserState;
+use recpipe_shared::events::{
+    EventType, LastEvent, RecommendationRecord, ScoredProduct, SourcePosition, UserVectorRecord,
+};
+use recpipe_shared::store::{StoredList, StoredUserState};
 
 fn full_history() -> Vec<u8> {
     let record = UserVectorRecord {
@@ -51,5 +55,48 @@ fn user_state(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, user_state);
+fn full_list() -> Vec<u8> {
+    let record = RecommendationRecord {
+        recommendation_id: "6f1c2a9e-3b7d-5e10-9c4f-8a2b6d0e1f37".into(),
+        user_id: "user-0001234".into(),
+        model_version: "synthetic-v1".into(),
+        fallback: None,
+        items: (0..20)
+            .map(|i| ScoredProduct {
+                product_id: format!("p-{:05}", i * 53 % 2000),
+                score: 0.9 - i as f32 * 0.01,
+                because: Some(format!("p-{:05}", i * 37 % 2000)),
+            })
+            .collect(),
+        user_version: 60,
+        source_event_id: Some("user-0001234-e0059".into()),
+        source_event_ts: Some(1_764_000_000_000),
+        generated_at: 1_764_000_000_120,
+        source: Some(SourcePosition {
+            partition: 3,
+            offset: 123_456,
+        }),
+        input_event_ids: (0..50)
+            .map(|i| format!("user-0001234-e{:04}", 59 - i))
+            .collect(),
+    };
+    serde_json::to_vec(&record).unwrap()
+}
+
+fn list(c: &mut Criterion) {
+    let payload = full_list();
+    let mut group = c.benchmark_group("list_record_to_store_row");
+    group.bench_function("decode_whole_and_encode_again", |b| {
+        b.iter(|| {
+            let record: RecommendationRecord = serde_json::from_slice(black_box(&payload)).unwrap();
+            black_box(StoredList::of(&record))
+        })
+    });
+    group.bench_function("check_shape_and_pass_through", |b| {
+        b.iter(|| black_box(save_worker::consumed_list(black_box(&payload)).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, user_state, list);
 criterion_main!(benches);

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use recpipe_shared::events::{
-    arm, now_ms, Event, EventType, RecommendationRecord, SourcePosition, POPULAR_USER_ID,
+    arm, now_ms, Event, EventType, Fallback, RecommendationRecord, SourcePosition, POPULAR_USER_ID,
 };
 use recpipe_shared::kafka::framework::{
     Decoded, HeldOffset, Outcome, Processor, RecordMeta, RetryableError, RunStats,
 };
 use recpipe_shared::settings::{Settings, Topics};
 use recpipe_shared::store::{
-    self, day_of, ExperimentEvent, ExperimentKind, ImpressionTally, Store, StoreError,
+    self, day_of, ExperimentEvent, ExperimentKind, ImpressionTally, Store, StoreError, StoredList,
     StoredUserState, WriteBatch,
 };
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,7 @@ pub const SERVICE: &str = "save-worker";
 pub enum Record {
     Event(Event),
     UserState(StoredUserState),
-    Recommendation(RecommendationRecord),
+    Recommendation(ConsumedList),
     /// The impressions of one record: one (schemas/impression.v1), or the API's batch of
     /// a partition's users (schemas/impression-batch.v1).
     Impressions(Vec<ImpressionCount>),
@@ -126,6 +126,67 @@ pub fn stored_user_state(payload: &[u8]) -> Result<StoredUserState, String> {
         user_id: shape.user_id,
         version: shape.version,
         body,
+    })
+}
+
+/// The shape of a [`RecommendationRecord`] (the same fields, required and optional
+/// alike, the same types, no others), read for what the store and the freshness metric
+/// need: the items and event ids are checked, not copied, and the record's JSON is stored
+/// as it came. Attribution, which needs the items, decodes the few lists actions name. A
+/// test keeps the two in step.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // fields read only to check them
+struct ListShape {
+    recommendation_id: String,
+    user_id: String,
+    model_version: AnyString,
+    #[serde(default)]
+    fallback: Option<Fallback>,
+    items: Vec<ItemShape>,
+    user_version: u64,
+    #[serde(default)]
+    source_event_id: Option<AnyString>,
+    #[serde(default)]
+    source_event_ts: Option<i64>,
+    generated_at: i64,
+    #[serde(default)]
+    source: Option<SourcePosition>,
+    #[serde(default)]
+    input_event_ids: Vec<AnyString>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct ItemShape {
+    product_id: AnyString,
+    score: f32,
+    #[serde(default)]
+    because: Option<AnyString>,
+}
+
+/// A `recommendations` record as consumed: what the store keeps, and when its event
+/// happened.
+pub struct ConsumedList {
+    pub stored: StoredList,
+    pub source_event_ts: Option<i64>,
+}
+
+/// A `recommendations` record, its shape checked.
+pub fn consumed_list(payload: &[u8]) -> Result<ConsumedList, String> {
+    let shape: ListShape = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    // Valid JSON is valid UTF-8.
+    let body = String::from_utf8(payload.to_vec()).map_err(|e| e.to_string())?;
+    Ok(ConsumedList {
+        stored: StoredList {
+            user_id: shape.user_id,
+            recommendation_id: shape.recommendation_id,
+            user_version: shape.user_version,
+            generated_at: shape.generated_at,
+            body,
+        },
+        source_event_ts: shape.source_event_ts,
     })
 }
 
@@ -246,7 +307,7 @@ impl Processor for SaveWorker {
                 .map(Record::UserState)
                 .map_err(|e| format!("invalid user vector: {e}"))
         } else if *t == self.topics.recommendations {
-            serde_json::from_slice(payload)
+            consumed_list(payload)
                 .map(Record::Recommendation)
                 .map_err(|e| format!("invalid recommendation: {e}"))
         } else if *t == self.topics.impressions {
@@ -266,6 +327,8 @@ impl Processor for SaveWorker {
         let mut writes = WriteBatch::default();
         let mut impressions = Vec::new();
         let mut event_positions = Vec::new();
+        let mut freshness = Vec::new();
+        let now = now_ms();
         for d in batch {
             match d.input {
                 Record::Event(e) => {
@@ -273,7 +336,12 @@ impl Processor for SaveWorker {
                     event_positions.push((d.meta.partition, d.meta.offset));
                 }
                 Record::UserState(s) => writes.user_states.push(s),
-                Record::Recommendation(r) => writes.recommendations.push(r),
+                Record::Recommendation(r) => {
+                    if let Some(ts) = r.source_event_ts {
+                        freshness.push((now - ts).max(0) as f64 / 1000.0);
+                    }
+                    writes.recommendations.push(r.stored);
+                }
                 Record::Impressions(i) => impressions.push((d.meta, i)),
             }
         }
@@ -291,13 +359,6 @@ impl Processor for SaveWorker {
             .await
             .map_err(|e| RetryableError(e.to_string()))?;
         writes.experiment.extend(attributed);
-        let now = now_ms();
-        let freshness: Vec<f64> = writes
-            .recommendations
-            .iter()
-            .filter_map(|r| r.source_event_ts)
-            .map(|ts| (now - ts).max(0) as f64 / 1000.0)
-            .collect();
         // Counted per arm and kind, so a metric is looked up once per pair, not per row.
         // (A batch names a few arms: a short list beats hashing every row's arm.)
         let mut counted: Vec<(String, &'static str, u64)> = Vec::new();
@@ -476,11 +537,11 @@ impl SaveWorker {
         &self,
         events: &[Event],
         positions: &[(i32, i64)],
-        lists: &[RecommendationRecord],
+        lists: &[StoredList],
     ) -> Result<(Vec<ExperimentEvent>, VecDeque<AwaitingList>), StoreError> {
         use tracing::Instrument;
         // Looked up by id: up to MAX_AWAITING actions against a batch's lists.
-        let lists: HashMap<&str, &RecommendationRecord> =
+        let lists: HashMap<&str, &StoredList> =
             if self.awaiting.is_empty() && !events.iter().any(is_action) {
                 HashMap::new()
             } else {
@@ -498,7 +559,7 @@ impl SaveWorker {
             let over = waiting.since.elapsed() >= self.attribution_wait;
             // In this batch's lists; at the end of the wait, in the store too.
             let found = match find_list(e, &lists) {
-                Some(list) => Some(list.clone()),
+                Some(list) => Some(list.record()?),
                 None if over => self.stored_list(e).instrument(span.clone()).await?,
                 None => None,
             };
@@ -556,13 +617,13 @@ impl SaveWorker {
     async fn attribute_one(
         &self,
         e: &Event,
-        lists: &HashMap<&str, &RecommendationRecord>,
+        lists: &HashMap<&str, &StoredList>,
     ) -> Result<Attribution, StoreError> {
         if !is_action(e) {
             return Ok(Attribution::NotAnAction);
         }
         let list = match find_list(e, lists) {
-            Some(l) => Some(l.clone()),
+            Some(l) => Some(l.record()?),
             None => self.stored_list(e).await?,
         };
         Ok(match list {
@@ -591,10 +652,7 @@ fn is_action(e: &Event) -> bool {
 }
 
 /// The list `e` names, among `lists` (by id); only a list of the event's user.
-fn find_list<'a>(
-    e: &Event,
-    lists: &HashMap<&str, &'a RecommendationRecord>,
-) -> Option<&'a RecommendationRecord> {
+fn find_list<'a>(e: &Event, lists: &HashMap<&str, &'a StoredList>) -> Option<&'a StoredList> {
     let list = *lists.get(e.recommendation_id.as_deref()?)?;
     (list.user_id == e.user_id).then_some(list)
 }
@@ -753,6 +811,68 @@ mod tests {
                 "the record decodes: {v}"
             );
             assert!(stored_user_state(&json).is_err(), "accepted: {v}");
+        }
+    }
+
+    #[test]
+    fn a_list_is_stored_as_it_came_and_only_a_valid_one_is_accepted() {
+        let mut full = recpipe_shared::testkit::list("a", 3, &["p-1", "quote\"d \\ é"]);
+        full.fallback = Some(Fallback::Popularity);
+        full.items[0].because = Some("p-9".into());
+        full.source = Some(SourcePosition {
+            partition: 1,
+            offset: 2,
+        });
+        full.input_event_ids = vec!["a-e3".into(), "a-e2".into()];
+        let mut bare = recpipe_shared::testkit::list("b", 0, &[]);
+        (bare.source_event_id, bare.source_event_ts) = (None, None);
+        for record in [bare, full] {
+            let json = serde_json::to_vec(&record).unwrap();
+            let consumed = consumed_list(&json).unwrap();
+            assert_eq!(consumed.stored, StoredList::of(&record));
+            assert_eq!(consumed.source_event_ts, record.source_event_ts);
+            // The body is the record itself.
+            assert_eq!(consumed.stored.record().unwrap(), record);
+        }
+        // What the full decode refuses, the check refuses too.
+        let good = serde_json::to_value(recpipe_shared::testkit::list("a", 1, &["p-1"])).unwrap();
+        let mut bad = Vec::new();
+        for field in [
+            "recommendation_id",
+            "user_id",
+            "model_version",
+            "items",
+            "user_version",
+            "generated_at",
+        ] {
+            let mut v = good.clone();
+            v.as_object_mut().unwrap().remove(field);
+            bad.push(v);
+        }
+        let changes: [(&str, serde_json::Value); 9] = [
+            ("/unknown", 1.into()),
+            ("/fallback", "teleport".into()),
+            ("/user_version", (-1).into()),
+            ("/source_event_ts", "soon".into()),
+            ("/input_event_ids", serde_json::json!([1])),
+            ("/source", serde_json::json!({"partition": 1})),
+            ("/items/0/score", "high".into()),
+            ("/items/0/extra", 1.into()),
+            ("/items/0/product_id", serde_json::Value::Null),
+        ];
+        for (path, value) in changes {
+            let mut v = good.clone();
+            let (parent, key) = path.rsplit_once('/').unwrap();
+            v.pointer_mut(parent).unwrap()[key] = value;
+            bad.push(v);
+        }
+        for v in bad {
+            let json = serde_json::to_vec(&v).unwrap();
+            assert!(
+                serde_json::from_slice::<RecommendationRecord>(&json).is_err(),
+                "the record decodes: {v}"
+            );
+            assert!(consumed_list(&json).is_err(), "accepted: {v}");
         }
     }
 
@@ -980,7 +1100,7 @@ mod tests {
     async fn stored_by_another_worker(store: &dyn Store, list: RecommendationRecord) {
         store
             .write(WriteBatch {
-                recommendations: vec![list],
+                recommendations: vec![StoredList::of(&list)],
                 ..WriteBatch::default()
             })
             .await

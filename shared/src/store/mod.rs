@@ -140,7 +140,7 @@ pub struct ImpressionTally {
 pub struct WriteBatch {
     pub events: Vec<Event>,
     pub user_states: Vec<StoredUserState>,
-    pub recommendations: Vec<RecommendationRecord>,
+    pub recommendations: Vec<StoredList>,
     pub experiment: Vec<ExperimentEvent>,
     pub impression_tallies: Vec<ImpressionTally>,
 }
@@ -178,6 +178,36 @@ impl StoredUserState {
             version: state.version,
             body: serde_json::to_string(state).expect("a user state serialises"),
         }
+    }
+}
+
+/// A recommendation list as the store keeps it: its key and the record's JSON. save-worker
+/// passes the JSON through as it was consumed (it checks the record's shape), as it does
+/// user states: decoding each list whole and encoding it again was most of its JSON work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredList {
+    pub user_id: String,
+    pub recommendation_id: String,
+    pub user_version: u64,
+    pub generated_at: i64,
+    /// A `RecommendationRecord` as JSON (schemas/recommendation.v1.schema.json).
+    pub body: String,
+}
+
+impl StoredList {
+    pub fn of(list: &RecommendationRecord) -> StoredList {
+        StoredList {
+            user_id: list.user_id.clone(),
+            recommendation_id: list.recommendation_id.clone(),
+            user_version: list.user_version,
+            generated_at: list.generated_at,
+            body: serde_json::to_string(list).expect("a list serialises"),
+        }
+    }
+
+    /// The list itself.
+    pub fn record(&self) -> Result<RecommendationRecord, StoreError> {
+        serde_json::from_str(&self.body).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 }
 
@@ -381,14 +411,14 @@ pub mod suite {
         let (l1, l2) = (list("a", 1, 100), list("a", 2, 50));
         store
             .write(WriteBatch {
-                recommendations: vec![l2.clone(), l1.clone()],
+                recommendations: vec![StoredList::of(&l2), StoredList::of(&l1)],
                 ..Default::default()
             })
             .await
             .unwrap();
         store
             .write(WriteBatch {
-                recommendations: vec![l1.clone()],
+                recommendations: vec![StoredList::of(&l1)],
                 ..Default::default()
             })
             .await
@@ -405,7 +435,7 @@ pub mod suite {
         p2.generated_at = 20;
         store
             .write(WriteBatch {
-                recommendations: vec![p2.clone(), p1],
+                recommendations: vec![StoredList::of(&p2), StoredList::of(&p1)],
                 ..Default::default()
             })
             .await

@@ -299,15 +299,15 @@ impl Store for ScyllaStore {
             .recommendations
             .iter()
             .map(|r| {
-                Ok((
+                (
                     r.user_id.as_str(),
                     r.user_version as i64,
                     r.generated_at,
                     r.recommendation_id.as_str(),
-                    encode(r)?,
-                ))
+                    r.body.as_str(),
+                )
             })
-            .collect::<Result<_, StoreError>>()?;
+            .collect();
         // The version is also the write timestamp: an older state never wins.
         let states: Vec<_> = batch
             .user_states

@@ -194,7 +194,7 @@ impl Store for SqliteStore {
                     .map_err(query_err)?;
                 for r in &batch.recommendations {
                     insert_list
-                        .execute(params![r.user_id, r.recommendation_id, r.user_version as i64, r.generated_at, encode(r)?])
+                        .execute(params![r.user_id, r.recommendation_id, r.user_version as i64, r.generated_at, r.body])
                         .map_err(query_err)?;
                 }
                 let mut count = tx
@@ -392,6 +392,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoredList;
 
     /// A database file as a binary of schema `version` left it.
     fn file_at_version(path: &Path, version: usize) -> Connection {
@@ -492,7 +493,7 @@ mod tests {
         let new = crate::testkit::list("u", 2, &["p-3"]);
         store
             .write(WriteBatch {
-                recommendations: vec![old.clone(), new.clone()],
+                recommendations: vec![StoredList::of(&old), StoredList::of(&new)],
                 ..Default::default()
             })
             .await
