@@ -88,6 +88,14 @@ enum CatalogCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Builds a model's HNSW graph and saves it beside the catalog (`hnsw-graph.bin`), so
+    /// that gen-recommendations reads it at start instead of building it (which takes
+    /// seconds to minutes at tens of thousands of products). Settings: model.hnsw.*.
+    Index {
+        /// The model directory (default: catalog.dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Writes a second model over the same products with blurred embeddings (a weaker
     /// model, to try experiments, swaps and rollbacks with).
     Blur {
@@ -156,6 +164,37 @@ async fn main() -> anyhow::Result<()> {
                 settings.kafka.brokers,
                 settings.kafka.topics.all().join(", ")
             );
+        }
+        Command::Catalog {
+            command: CatalogCommand::Index { dir },
+        } => {
+            use recpipe_shared::model::recommender::{
+                build_graph, graph_key, save_graph, HNSW_GRAPH_FILE,
+            };
+            let dir = dir.unwrap_or(settings.catalog.dir);
+            let catalog = recpipe_shared::catalog::Catalog::load(&dir)?;
+            let hnsw = &settings.model.hnsw;
+            anyhow::ensure!(
+                catalog.len() >= hnsw.exact_below,
+                "{} products: below model.hnsw.exact_below ({}), so this model is searched \
+                 exactly and needs no graph",
+                catalog.len(),
+                hnsw.exact_below
+            );
+            eprintln!(
+                "building the HNSW graph of {} products × {} dims (M {}, ef_construction {})...",
+                catalog.len(),
+                catalog.dim(),
+                hnsw.max_connections,
+                hnsw.ef_construction
+            );
+            let started = std::time::Instant::now();
+            let graph = build_graph(&catalog, hnsw);
+            let built = started.elapsed().as_secs_f64();
+            let path = dir.join(HNSW_GRAPH_FILE);
+            save_graph(&graph, &graph_key(&catalog, hnsw), &path)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            println!("built in {built:.1} s, saved to {}", path.display());
         }
         Command::Catalog {
             command:

@@ -108,9 +108,68 @@ struct Request<'a> {
 /// The graph's upper layers (few nodes each): a node's neighbours by node id.
 type UpperLayer = HashMap<u32, Box<[u32]>>;
 
+/// What a graph file was built from: it is used only for the same embeddings and build
+/// settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GraphKey {
+    /// [`crate::catalog::Catalog::embeddings_id`]: the products and their vectors.
+    pub embeddings_id: String,
+    pub max_connections: usize,
+    pub ef_construction: usize,
+}
+
+/// Why a graph file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphFileError {
+    #[error("not a graph file")]
+    NotAGraph,
+    #[error("written in format {0}, this build reads format {GRAPH_FORMAT}")]
+    OtherFormat(u32),
+    #[error("built for {file:?}, not {wanted:?}")]
+    OtherModel { file: GraphKey, wanted: GraphKey },
+    #[error("damaged: {0}")]
+    Damaged(String),
+}
+
+/// A graph file's first bytes.
+const GRAPH_MAGIC: &[u8; 8] = b"RPHNSW\r\n";
+/// Bumped when the layout below changes: a file of another format is rebuilt.
+const GRAPH_FORMAT: u32 = 1;
+
+/// A graph file's header (JSON, after the magic and its length). Then, little-endian
+/// `u32`s: layer 0 (`nodes * stride`), each upper layer's entries in node order (node,
+/// neighbour count, neighbours); then an FNV-1a checksum (`u64`) of all that precedes it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GraphHeader {
+    format: u32,
+    key: GraphKey,
+    nodes: usize,
+    dim: usize,
+    stride: usize,
+    entry: u32,
+    /// Entries of each upper layer, lowest first.
+    upper: Vec<usize>,
+}
+
+/// Reads little-endian words off the front of a byte slice.
+struct Words<'a>(&'a [u8]);
+
+impl<'a> Words<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    }
+}
+
 /// A built HNSW graph over `nodes` vectors of `dim` floats, searched by cosine distance
 /// (`1 - dot`, vectors of unit length) against a row-major matrix the caller passes.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct FlatHnsw {
     dim: usize,
     nodes: usize,
@@ -183,6 +242,136 @@ impl FlatHnsw {
             stride,
             upper,
         }
+    }
+
+    /// Writes the graph as a file [`FlatHnsw::read`] takes back, for the catalog and
+    /// settings `key` names.
+    pub fn write(&self, key: &GraphKey, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        // In node order, so the same graph always gives the same bytes.
+        let upper: Vec<Vec<(u32, &[u32])>> = self
+            .upper
+            .iter()
+            .map(|layer| {
+                let mut entries: Vec<_> = layer.iter().map(|(n, l)| (*n, &l[..])).collect();
+                entries.sort_unstable_by_key(|(node, _)| *node);
+                entries
+            })
+            .collect();
+        let header = GraphHeader {
+            format: GRAPH_FORMAT,
+            key: key.clone(),
+            nodes: self.nodes,
+            dim: self.dim,
+            stride: self.stride,
+            entry: self.entry,
+            upper: upper.iter().map(Vec::len).collect(),
+        };
+        let header = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        let mut bytes = Vec::with_capacity(16 + header.len() + 4 * self.base.len());
+        bytes.extend_from_slice(GRAPH_MAGIC);
+        bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&header);
+        for v in &self.base {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        for layer in upper {
+            for (node, neighbours) in layer {
+                bytes.extend_from_slice(&node.to_le_bytes());
+                bytes.extend_from_slice(&(neighbours.len() as u32).to_le_bytes());
+                for n in neighbours.iter() {
+                    bytes.extend_from_slice(&n.to_le_bytes());
+                }
+            }
+        }
+        let mut sum = crate::stable_hash::Fnv64::new();
+        sum.write(&bytes);
+        bytes.extend_from_slice(&sum.finish().to_le_bytes());
+        out.write_all(&bytes)
+    }
+
+    /// A graph [`FlatHnsw::write`] wrote for `key`; an error says why it cannot be used
+    /// (another catalog or settings, another format, damaged).
+    pub fn read(key: &GraphKey, bytes: &[u8]) -> Result<FlatHnsw, GraphFileError> {
+        let damaged = |what: &str| GraphFileError::Damaged(what.to_string());
+        let body = bytes
+            .strip_prefix(GRAPH_MAGIC.as_slice())
+            .ok_or(GraphFileError::NotAGraph)?;
+        let (body, sum) = body
+            .split_at_checked(body.len().saturating_sub(8))
+            .ok_or_else(|| damaged("too short"))?;
+        let mut expected = crate::stable_hash::Fnv64::new();
+        expected.write(&bytes[..bytes.len() - 8]);
+        if sum.len() != 8 || u64::from_le_bytes(sum.try_into().unwrap()) != expected.finish() {
+            return Err(damaged("checksum mismatch"));
+        }
+        let mut words = Words(body);
+        let header_len = words.u32().ok_or_else(|| damaged("no header"))? as usize;
+        let header = words
+            .take(header_len)
+            .ok_or_else(|| damaged("header cut short"))?;
+        let header: GraphHeader =
+            serde_json::from_slice(header).map_err(|e| damaged(&format!("header: {e}")))?;
+        if header.format != GRAPH_FORMAT {
+            return Err(GraphFileError::OtherFormat(header.format));
+        }
+        if header.key != *key {
+            return Err(GraphFileError::OtherModel {
+                file: header.key,
+                wanted: key.clone(),
+            });
+        }
+        let (nodes, stride) = (header.nodes, header.stride);
+        let in_range = |n: u32| (n as usize) < nodes;
+        if stride == 0 || (nodes > 0 && !in_range(header.entry)) {
+            return Err(damaged("entry point or stride out of range"));
+        }
+        let base_len = nodes.checked_mul(stride).ok_or_else(|| damaged("size"))?;
+        let mut base = Vec::with_capacity(base_len);
+        for _ in 0..base_len {
+            base.push(words.u32().ok_or_else(|| damaged("layer 0 cut short"))?);
+        }
+        for slot in base.chunks(stride) {
+            let count = slot[0] as usize;
+            if count >= stride || !slot[1..=count].iter().all(|&n| in_range(n)) {
+                return Err(damaged("layer 0 neighbour out of range"));
+            }
+        }
+        let mut upper = Vec::with_capacity(header.upper.len());
+        for &entries in &header.upper {
+            let mut layer = UpperLayer::with_capacity(entries.min(nodes));
+            for _ in 0..entries {
+                let node = words
+                    .u32()
+                    .ok_or_else(|| damaged("upper layer cut short"))?;
+                let len = words
+                    .u32()
+                    .ok_or_else(|| damaged("upper layer cut short"))?
+                    as usize;
+                let mut neighbours = Vec::with_capacity(len.min(stride));
+                for _ in 0..len {
+                    let n = words
+                        .u32()
+                        .ok_or_else(|| damaged("upper layer cut short"))?;
+                    neighbours.push(n);
+                }
+                if !in_range(node) || !neighbours.iter().all(|&n| in_range(n)) {
+                    return Err(damaged("upper layer node out of range"));
+                }
+                layer.insert(node, neighbours.into_boxed_slice());
+            }
+            upper.push(layer);
+        }
+        if !words.0.is_empty() {
+            return Err(damaged("bytes after the graph"));
+        }
+        Ok(FlatHnsw {
+            dim: header.dim,
+            nodes,
+            entry: header.entry,
+            base,
+            stride,
+            upper,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -549,6 +738,85 @@ mod tests {
             flat.upper.len(),
             hnsw.get_point_indexation().get_max_level_observed() as usize
         );
+    }
+
+    fn key(embeddings_id: &str) -> GraphKey {
+        GraphKey {
+            embeddings_id: embeddings_id.into(),
+            max_connections: 16,
+            ef_construction: 100,
+        }
+    }
+
+    #[test]
+    fn a_graph_read_back_from_its_file_is_the_graph_written() {
+        let (catalog, _, flat) = built(1_500);
+        let mut bytes = Vec::new();
+        flat.write(&key("e1"), &mut bytes).unwrap();
+        let read = FlatHnsw::read(&key("e1"), &bytes).unwrap();
+        assert_eq!(read, flat);
+        assert!(!read.upper.is_empty());
+        let vectors = catalog.embeddings_slice();
+        for i in (0..catalog.len()).step_by(97) {
+            let q = query(&catalog, i);
+            assert_eq!(
+                read.search(vectors, &q, 10, 32, &|_| true),
+                flat.search(vectors, &q, 10, 32, &|_| true)
+            );
+        }
+        // Written twice, the same bytes (upper layers in node order, not hash order).
+        let mut again = Vec::new();
+        read.write(&key("e1"), &mut again).unwrap();
+        assert_eq!(again, bytes);
+    }
+
+    #[test]
+    fn a_graph_file_of_another_model_or_damaged_is_refused_with_the_reason() {
+        let (_, _, flat) = built(300);
+        let mut bytes = Vec::new();
+        flat.write(&key("e1"), &mut bytes).unwrap();
+        let refused = |bytes: &[u8], k: &GraphKey| FlatHnsw::read(k, bytes).unwrap_err();
+        assert!(matches!(
+            refused(&bytes, &key("e2")),
+            GraphFileError::OtherModel { .. }
+        ));
+        let other_settings = GraphKey {
+            max_connections: 32,
+            ..key("e1")
+        };
+        assert!(matches!(
+            refused(&bytes, &other_settings),
+            GraphFileError::OtherModel { .. }
+        ));
+        assert!(matches!(
+            refused(b"products.jsonl", &key("e1")),
+            GraphFileError::NotAGraph
+        ));
+        // Any byte changed, or the file cut anywhere, is caught.
+        for at in [8, 12, 40, bytes.len() / 2, bytes.len() - 9, bytes.len() - 1] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x10;
+            assert!(
+                matches!(refused(&flipped, &key("e1")), GraphFileError::Damaged(_)),
+                "byte {at} changed"
+            );
+        }
+        for len in [0, 8, 11, 100, bytes.len() - 1] {
+            assert!(
+                FlatHnsw::read(&key("e1"), &bytes[..len]).is_err(),
+                "cut at {len}"
+            );
+        }
+        // A neighbour out of range is refused even with a checksum that matches.
+        let mut wrong = flat;
+        let stride = wrong.stride;
+        wrong.base[stride + 1] = 300;
+        let mut bytes = Vec::new();
+        wrong.write(&key("e1"), &mut bytes).unwrap();
+        assert!(matches!(
+            refused(&bytes, &key("e1")),
+            GraphFileError::Damaged(_)
+        ));
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! history, purchases, unavailable ones) are filtered inside the search.
 
 use std::collections::{BinaryHeap, HashSet};
+use std::path::Path;
 use std::sync::Arc;
 
 use hnsw_rs::prelude::{Distance, Hnsw};
 use ndarray::ArrayView1;
 
-use super::graph::{score_rows, FlatHnsw};
+use super::graph::{score_rows, FlatHnsw, GraphKey};
 
 use crate::catalog::Catalog;
 use crate::events::{ScoredProduct, UserVectorRecord};
@@ -57,6 +58,62 @@ pub fn recall(found: &[Vec<(usize, f32)>], truth: &[HashSet<usize>]) -> f64 {
         .sum();
     let wanted: usize = truth.iter().map(HashSet::len).sum();
     hits as f64 / wanted.max(1) as f64
+}
+
+/// The file beside a catalog that holds its built HNSW graph.
+pub const HNSW_GRAPH_FILE: &str = "hnsw-graph.bin";
+
+/// What a graph built for `catalog` with `settings` is saved under.
+pub fn graph_key(catalog: &Catalog, settings: &HnswSettings) -> GraphKey {
+    GraphKey {
+        embeddings_id: catalog.embeddings_id().to_string(),
+        max_connections: settings.max_connections,
+        ef_construction: settings.ef_construction,
+    }
+}
+
+/// Builds the HNSW graph of `catalog` with `hnsw_rs` and freezes it for serving.
+pub fn build_graph(catalog: &Catalog, settings: &HnswSettings) -> FlatHnsw {
+    let hnsw = Hnsw::<f32, UnitDot>::new(
+        settings.max_connections,
+        catalog.len(),
+        HNSW_LAYERS,
+        settings.ef_construction,
+        UnitDot,
+    );
+    let rows: Vec<Vec<f32>> = catalog
+        .embeddings()
+        .rows()
+        .into_iter()
+        .map(|r| r.to_vec())
+        .collect();
+    let data: Vec<(&[f32], usize)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.as_slice(), i))
+        .collect();
+    // Below this size a serial build is quick and, with hnsw_rs's seeded level
+    // generator, gives the same graph every time; above it, both cores build.
+    if data.len() <= SERIAL_BUILD_UP_TO {
+        for point in &data {
+            hnsw.insert_slice(*point);
+        }
+    } else {
+        hnsw.parallel_insert_slice(&data);
+    }
+    // The builder (and its copy of every vector) is dropped once frozen.
+    FlatHnsw::freeze(&hnsw, catalog.len(), catalog.dim())
+}
+
+/// Writes the graph file for `key` at `path` whole or not at all (a temporary file
+/// renamed over it), so a reader never sees half of one.
+pub fn save_graph(graph: &FlatHnsw, key: &GraphKey, path: &Path) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    graph.write(key, &mut std::io::BufWriter::new(file.as_file_mut()))?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Dot product in independent lanes (vectorisable without `unsafe`).
@@ -108,40 +165,68 @@ impl Recommender {
         let index = if catalog.len() < settings.exact_below {
             Index::Exact
         } else {
-            let hnsw = Hnsw::<f32, UnitDot>::new(
-                settings.max_connections,
-                catalog.len(),
-                HNSW_LAYERS,
-                settings.ef_construction,
-                UnitDot,
-            );
-            let rows: Vec<Vec<f32>> = catalog
-                .embeddings()
-                .rows()
-                .into_iter()
-                .map(|r| r.to_vec())
-                .collect();
-            let data: Vec<(&[f32], usize)> = rows
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.as_slice(), i))
-                .collect();
-            // Below this size a serial build is quick and, with hnsw_rs's seeded level
-            // generator, gives the same graph every time; above it, both cores build.
-            if data.len() <= SERIAL_BUILD_UP_TO {
-                for point in &data {
-                    hnsw.insert_slice(*point);
-                }
-            } else {
-                hnsw.parallel_insert_slice(&data);
-            }
-            // The builder (and its copy of every vector) is dropped once frozen.
-            Index::Hnsw(FlatHnsw::freeze(&hnsw, catalog.len(), catalog.dim()))
+            Index::Hnsw(build_graph(&catalog, settings))
         };
         Recommender {
             available: availability(&catalog),
             catalog,
             index,
+            ef_search: settings.ef_search,
+        }
+    }
+
+    /// As [`Recommender::new`], but the graph comes from the model directory's
+    /// [`HNSW_GRAPH_FILE`] when that was built for this catalog and these settings.
+    /// Otherwise it is built and saved there (best effort: a read-only directory only
+    /// costs the next start the build again), so a restart does not rebuild it. Building
+    /// takes seconds to minutes at tens of thousands of products; reading, milliseconds.
+    pub fn with_graph_file(catalog: Arc<Catalog>, settings: &HnswSettings, dir: &Path) -> Self {
+        if catalog.len() < settings.exact_below {
+            return Recommender::new(catalog, settings);
+        }
+        let key = graph_key(&catalog, settings);
+        let path = dir.join(HNSW_GRAPH_FILE);
+        let read = match std::fs::read(&path) {
+            Ok(bytes) => FlatHnsw::read(&key, &bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|g| {
+                    (g.len() == catalog.len())
+                        .then_some(g)
+                        .ok_or_else(|| "another number of products".to_string())
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(String::new()),
+            Err(e) => Err(e.to_string()),
+        };
+        let graph = match read {
+            Ok(graph) => {
+                tracing::info!(path = %path.display(), "HNSW graph read from its file");
+                graph
+            }
+            Err(why) => {
+                if !why.is_empty() {
+                    tracing::warn!(path = %path.display(), reason = %why, "HNSW graph file not used: building the graph");
+                }
+                let started = std::time::Instant::now();
+                let graph = build_graph(&catalog, settings);
+                let ms = started.elapsed().as_millis() as u64;
+                match save_graph(&graph, &key, &path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), ms, "HNSW graph built and saved")
+                    }
+                    Err(e) => tracing::info!(
+                        path = %path.display(), ms, error = %e,
+                        "HNSW graph built, not saved: every start builds it again (build it \
+                         beside the catalog with `recpipe-admin catalog index --dir {}`)",
+                        dir.display()
+                    ),
+                }
+                graph
+            }
+        };
+        Recommender {
+            available: availability(&catalog),
+            catalog,
+            index: Index::Hnsw(graph),
             ef_search: settings.ef_search,
         }
     }
@@ -328,6 +413,60 @@ mod tests {
             dim: 32,
             ..Default::default()
         }))
+    }
+
+    #[test]
+    fn the_graph_is_built_once_then_read_from_its_file_beside_the_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog(600);
+        let settings = HnswSettings {
+            max_connections: 12,
+            ef_construction: 60,
+            ..graph_always()
+        };
+        let path = dir.path().join(HNSW_GRAPH_FILE);
+        let built = Recommender::with_graph_file(cat.clone(), &settings, dir.path());
+        let Index::Hnsw(graph) = &built.index else {
+            panic!("a graph is searched");
+        };
+        let key = graph_key(&cat, &settings);
+        let saved = FlatHnsw::read(&key, &std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(&saved, graph, "the graph is saved beside the catalog");
+
+        // The next start reads it: a graph only the file holds (built with other
+        // settings, saved under this key) is the one searched.
+        let other = HnswSettings {
+            max_connections: 6,
+            ..settings.clone()
+        };
+        let only_in_file = build_graph(&cat, &other);
+        assert_ne!(&only_in_file, graph);
+        save_graph(&only_in_file, &key, &path).unwrap();
+        let read = Recommender::with_graph_file(cat.clone(), &settings, dir.path());
+        let Index::Hnsw(read_graph) = &read.index else {
+            panic!("a graph is searched");
+        };
+        assert_eq!(read_graph, &only_in_file);
+        let user = cat.embedding(5).to_vec();
+        assert_eq!(read.nearest(&user, 10, &|_| false).len(), 10);
+
+        // A file for other settings (or another catalog, or damaged) is replaced.
+        let rebuilt = Recommender::with_graph_file(cat.clone(), &other, dir.path());
+        assert!(matches!(rebuilt.index, Index::Hnsw(_)));
+        let other_key = graph_key(&cat, &other);
+        assert!(FlatHnsw::read(&other_key, &std::fs::read(&path).unwrap()).is_ok());
+        std::fs::write(&path, b"garbage").unwrap();
+        let _ = Recommender::with_graph_file(cat.clone(), &settings, dir.path());
+        assert_eq!(
+            &FlatHnsw::read(&key, &std::fs::read(&path).unwrap()).unwrap(),
+            graph
+        );
+
+        // A directory it cannot write to costs only the build.
+        let missing = dir.path().join("no-such-dir");
+        let unsaved = Recommender::with_graph_file(cat, &settings, &missing);
+        assert!(matches!(unsaved.index, Index::Hnsw(_)));
+        assert!(!missing.exists());
     }
 
     /// The default settings, with a graph however small the catalog.

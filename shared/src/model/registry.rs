@@ -90,7 +90,9 @@ impl Serving {
                             source,
                         })?);
                     let recommender = match index {
-                        IndexKind::Hnsw => Recommender::new(catalog.clone(), hnsw),
+                        IndexKind::Hnsw => {
+                            Recommender::with_graph_file(catalog.clone(), hnsw, &path)
+                        }
                         IndexKind::None => Recommender::exact(catalog.clone()),
                     };
                     tracing::info!(
