@@ -327,8 +327,7 @@ impl Processor for SaveWorker {
         let mut writes = WriteBatch::default();
         let mut impressions = Vec::new();
         let mut event_positions = Vec::new();
-        let mut freshness = Vec::new();
-        let now = now_ms();
+        let mut list_event_ts = Vec::new();
         for d in batch {
             match d.input {
                 Record::Event(e) => {
@@ -337,9 +336,7 @@ impl Processor for SaveWorker {
                 }
                 Record::UserState(s) => writes.user_states.push(s),
                 Record::Recommendation(r) => {
-                    if let Some(ts) = r.source_event_ts {
-                        freshness.push((now - ts).max(0) as f64 / 1000.0);
-                    }
+                    list_event_ts.extend(r.source_event_ts);
                     writes.recommendations.push(r.stored);
                 }
                 Record::Impressions(i) => impressions.push((d.meta, i)),
@@ -359,6 +356,11 @@ impl Processor for SaveWorker {
             .await
             .map_err(|e| RetryableError(e.to_string()))?;
         writes.experiment.extend(attributed);
+        let now = now_ms();
+        let freshness: Vec<f64> = list_event_ts
+            .iter()
+            .map(|ts| (now - ts).max(0) as f64 / 1000.0)
+            .collect();
         // Counted per arm and kind, so a metric is looked up once per pair, not per row.
         // (A batch names a few arms: a short list beats hashing every row's arm.)
         let mut counted: Vec<(String, &'static str, u64)> = Vec::new();

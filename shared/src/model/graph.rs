@@ -378,6 +378,11 @@ impl FlatHnsw {
         self.nodes
     }
 
+    /// Floats per vector searched.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes == 0
     }

@@ -110,7 +110,8 @@ pub fn build_graph(catalog: &Catalog, settings: &HnswSettings) -> FlatHnsw {
 pub fn save_graph(graph: &FlatHnsw, key: &GraphKey, path: &Path) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    graph.write(key, &mut std::io::BufWriter::new(file.as_file_mut()))?;
+    // One write of the whole file: `write` encodes it in memory first.
+    graph.write(key, file.as_file_mut())?;
     file.as_file().sync_all()?;
     file.persist(path).map_err(|e| e.error)?;
     Ok(())
@@ -190,9 +191,9 @@ impl Recommender {
             Ok(bytes) => FlatHnsw::read(&key, &bytes)
                 .map_err(|e| e.to_string())
                 .and_then(|g| {
-                    (g.len() == catalog.len())
+                    (g.len() == catalog.len() && g.dim() == catalog.dim())
                         .then_some(g)
-                        .ok_or_else(|| "another number of products".to_string())
+                        .ok_or_else(|| "another number of products or dimensions".to_string())
                 }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(String::new()),
             Err(e) => Err(e.to_string()),
