@@ -112,6 +112,13 @@ pub fn save_graph(graph: &FlatHnsw, key: &GraphKey, path: &Path) -> std::io::Res
     let mut file = tempfile::NamedTempFile::new_in(dir)?;
     // One write of the whole file: `write` encodes it in memory first.
     graph.write(key, file.as_file_mut())?;
+    // A temporary file is private to its owner; the graph is read by whoever serves it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
     file.as_file().sync_all()?;
     file.persist(path).map_err(|e| e.error)?;
     Ok(())
@@ -433,6 +440,12 @@ mod tests {
         let key = graph_key(&cat, &settings);
         let saved = FlatHnsw::read(&key, &std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(&saved, graph, "the graph is saved beside the catalog");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644, "readable by the services' user");
+        }
 
         // The next start reads it: a graph only the file holds (built with other
         // settings, saved under this key) is the one searched.
