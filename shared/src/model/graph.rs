@@ -326,6 +326,11 @@ impl FlatHnsw {
             return Err(damaged("entry point or stride out of range"));
         }
         let base_len = nodes.checked_mul(stride).ok_or_else(|| damaged("size"))?;
+        // Checked before allocating: a header must not make the reader ask for more
+        // memory than the file could fill.
+        if base_len.saturating_mul(4) > words.0.len() {
+            return Err(damaged("layer 0 cut short"));
+        }
         let mut base = Vec::with_capacity(base_len);
         for _ in 0..base_len {
             base.push(words.u32().ok_or_else(|| damaged("layer 0 cut short"))?);
