@@ -330,6 +330,12 @@ fn restore_partitions(
         .set("fetch.wait.max.ms", "10")
         .create_with_context(RestoreContext)
         .map_err(|e| err(&e))?;
+    // Assigned before its leader is known, a partition waits out librdkafka's offset
+    // query timer (half a second, for an empty changelog too); known first, it does not
+    // (an empty partition restored in about 70 ms rather than 520).
+    consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| err(&e))?;
     let mut tpl = TopicPartitionList::new();
     for &p in partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)
