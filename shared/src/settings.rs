@@ -334,7 +334,14 @@ impl EventWeights {
 pub struct HnswSettings {
     pub max_connections: usize,
     pub ef_construction: usize,
+    /// Candidates a search examines: recall against time. 0: the smallest that reaches
+    /// `recall_target` on this catalog, found when the model loads (on random embeddings
+    /// 32 where clustered ones need 128; how many a catalog needs depends on the users'
+    /// vectors too, which the calibration can only imitate, so the default stays fixed).
     pub ef_search: usize,
+    /// recall@10 against exact search that an automatic `ef_search` reaches on each kind
+    /// of calibration query.
+    pub recall_target: f64,
     /// Catalogs of fewer products are searched exactly instead: faster, and exact. At
     /// 2,000 × 32 an exact search took 10 µs against HNSW's 28 µs at ef_search 128; at
     /// 5,000 × 32, 23 against 32 µs (`cargo bench -p recpipe-shared --bench ann`).
@@ -347,6 +354,7 @@ impl Default for HnswSettings {
             max_connections: 32,
             ef_construction: 200,
             ef_search: 128,
+            recall_target: 0.95,
             exact_below: 4_000,
         }
     }
@@ -374,6 +382,15 @@ pub struct ModelSettings {
     pub popularity_half_life_hours: f64,
     /// How often gen-recommendations publishes the popularity list.
     pub popularity_publish_ms: u64,
+    /// Threads gen-recommendations makes a batch's lists on (0: one per core). Only a
+    /// batch of many users is split; a batch of a few is made on the consumer's thread.
+    pub search_threads: usize,
+    /// Most user states gen-recommendations reads as one batch (in place of
+    /// `kafka.batch_max`; `kafka.batch_max_bytes` still applies). Only a user's latest
+    /// state in a batch gets a list, so under a backlog a bigger batch skips more states
+    /// that a newer one of the same user replaces anyway. It keeps no state per user, so
+    /// a big batch costs only its records' memory.
+    pub lists_batch_max: usize,
 }
 
 impl Default for ModelSettings {
@@ -389,6 +406,8 @@ impl Default for ModelSettings {
             hnsw: HnswSettings::default(),
             popularity_half_life_hours: 24.0,
             popularity_publish_ms: 2_000,
+            search_threads: 0,
+            lists_batch_max: 20_000,
         }
     }
 }

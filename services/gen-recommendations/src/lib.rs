@@ -36,6 +36,8 @@ pub struct GenRecommendations {
     publish_every: Duration,
     last_publish: Option<Instant>,
     popularity_changed: bool,
+    /// Threads a batch's lists are made on (`model.search_threads`, 0: one per core).
+    search_threads: usize,
 }
 
 impl GenRecommendations {
@@ -50,6 +52,10 @@ impl GenRecommendations {
             publish_every: Duration::from_millis(settings.model.popularity_publish_ms),
             last_publish: None,
             popularity_changed: false,
+            search_threads: match settings.model.search_threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
             models,
         }
     }
@@ -198,16 +204,26 @@ impl Processor for GenRecommendations {
             }
         }
         let now = now_ms();
+        let wanted: Vec<&UserVectorRecord> = batch
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| latest.get(d.input.user_id.as_str()) == Some(i))
+            .map(|(_, d)| &d.input)
+            .collect();
+        let mut lists = map_in_parallel(&wanted, self.search_threads, |user| {
+            let list = self.list_from(serving.for_user(&user.user_id), user);
+            self.output(&list)
+        })
+        .into_iter();
         Ok(batch
             .iter()
             .enumerate()
             .map(|(i, d)| {
                 if latest.get(d.input.user_id.as_str()) == Some(&i) {
-                    let list = self.list_from(serving.for_user(&d.input.user_id), &d.input);
                     // Freshness: event time to list emitted (client clocks permitting).
                     metrics::histogram!("recpipe_freshness_seconds", "stage" => "list_emitted")
                         .record((now - d.input.last_event.ts).max(0) as f64 / 1000.0);
-                    Outcome::Emit(vec![self.output(&list)])
+                    Outcome::Emit(vec![lists.next().expect("a list per latest state")])
                 } else {
                     Outcome::Emit(Vec::new())
                 }
@@ -228,8 +244,43 @@ impl Processor for GenRecommendations {
     }
 }
 
+/// Fewest lists a batch needs before they are made on several threads: below it, starting
+/// the threads costs more than it saves, and a batch of a few lists (ordinary rates) is
+/// made at once on the consumer's thread.
+const PARALLEL_FROM: usize = 32;
+
+/// `f` over `items` on up to `threads` threads, results in the order of `items`. A
+/// backlog's batches carry thousands of users, and their nearest-neighbour searches are
+/// independent reads of the same graph: on one thread they bound the whole pipeline.
+fn map_in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if threads <= 1 || items.len() < PARALLEL_FROM {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let workers: Vec<_> = items
+            .chunks(chunk)
+            .skip(1)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        // The first share on this thread, while the others run.
+        let mut all: Vec<R> = items[..chunk].iter().map(f).collect();
+        for worker in workers {
+            all.extend(worker.join().expect("a list worker panicked"));
+        }
+        all
+    })
+}
+
 /// Runs the service until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
+pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
+    // Under a backlog, bigger batches skip more superseded states (see `lists_batch_max`).
+    settings.kafka.batch_max = settings.model.lists_batch_max;
     let models =
         recpipe_shared::kafka::models::start_registry(&settings, IndexKind::Hnsw, shutdown.clone())
             .await?;
@@ -249,6 +300,121 @@ mod tests {
             event_type,
             product_id: Some(product.into()),
             ts: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn work_mapped_on_several_threads_comes_back_whole_and_in_order() {
+        for n in [0, 1, PARALLEL_FROM - 1, PARALLEL_FROM, 1_001] {
+            let items: Vec<usize> = (0..n).collect();
+            let on_one = map_in_parallel(&items, 1, |i| (i * 3, std::thread::current().id()));
+            for threads in [2, 3, 8] {
+                let on_many =
+                    map_in_parallel(&items, threads, |i| (i * 3, std::thread::current().id()));
+                let values = |v: &[(usize, std::thread::ThreadId)]| {
+                    v.iter().map(|x| x.0).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    values(&on_many),
+                    values(&on_one),
+                    "{n} items, {threads} threads"
+                );
+                let used: HashSet<_> = on_many.iter().map(|x| x.1).collect();
+                // Split only from PARALLEL_FROM items on.
+                let expected = if n >= PARALLEL_FROM {
+                    threads
+                } else {
+                    1.min(n)
+                };
+                assert_eq!(used.len(), expected, "{n} items, {threads} threads");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_many_users_gets_the_same_lists_on_several_threads_as_on_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.catalog.dir = dir.path().join("catalog");
+        settings.model.hnsw.exact_below = 0;
+        recpipe_shared::testkit::write_catalog(&settings.catalog.dir, 2_000, 8);
+        let models = Arc::new(ModelRegistry::from_settings(&settings, IndexKind::Hnsw).unwrap());
+        let catalog = models.current().primary().catalog().clone();
+        // 300 states of 200 users: each user's latest state gets a list, the rest none.
+        let batch = || -> Vec<Decoded<UserVectorRecord>> {
+            (0..300u64)
+                .map(|n| {
+                    let product = |k: u64| format!("p-{:05}", (n * 7 + k) % 2_000);
+                    let input = UserVectorRecord {
+                        user_id: format!("u{}", n % 200),
+                        vector: catalog
+                            .embedding(((n * 7) % 2_000) as usize)
+                            .iter()
+                            .map(|v| v + 0.1)
+                            .collect(),
+                        anchor_ts: 1_700_000_000_000,
+                        version: n,
+                        recent_products: vec![product(0), product(1)],
+                        purchased: Vec::new(),
+                        last_event: seen(&format!("e{n}"), EventType::Click, &product(0)),
+                        source: SourcePosition {
+                            partition: 0,
+                            offset: n as i64,
+                        },
+                        updated_at: 1_700_000_000_000,
+                        embeddings: None,
+                        recent_event_ids: vec![format!("e{n}")],
+                        folded_events: Vec::new(),
+                    };
+                    let meta = RecordMeta {
+                        topic: "user-vectors".into(),
+                        partition: 0,
+                        offset: n as i64,
+                        key: None,
+                    };
+                    Decoded { meta, input }
+                })
+                .collect()
+        };
+        let lists = |threads: usize| {
+            let mut settings = settings.clone();
+            settings.model.search_threads = threads;
+            let mut generator = GenRecommendations::new(models.clone(), &settings);
+            let batch = batch();
+            async move {
+                let outcomes = generator.process(batch).await.unwrap();
+                outcomes
+                    .into_iter()
+                    .map(|o| match o {
+                        Outcome::Emit(out) => out
+                            .into_iter()
+                            .map(|o| {
+                                let mut list: RecommendationRecord =
+                                    serde_json::from_slice(&o.payload).unwrap();
+                                list.generated_at = 0;
+                                (o.key, list)
+                            })
+                            .collect::<Vec<_>>(),
+                        other => panic!("unexpected outcome {other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+            }
+        };
+        let on_one = lists(1).await;
+        let on_two = lists(2).await;
+        assert_eq!(on_one, on_two);
+        let emitted: Vec<_> = on_two.iter().flatten().collect();
+        assert_eq!(emitted.len(), 200, "one list per user");
+        for (i, out) in on_two.iter().enumerate() {
+            // Users u0..u99 appear at 0..99, 200..299: only the later gets a list.
+            let latest = i >= 100;
+            assert_eq!(out.len(), usize::from(latest), "state {i}");
+            if let [(key, list)] = &out[..] {
+                assert_eq!(key, &format!("u{}", i % 200));
+                assert_eq!(list.user_version, i as u64);
+                assert_eq!(list.items.len(), settings.model.list_len);
+                assert!(list.fallback.is_none());
+            }
         }
     }
 

@@ -457,6 +457,13 @@ pub async fn run_with_health<P: Processor>(
         dead_lettered.increment(dead_count);
         produced.increment(delivered);
         batch_seconds.record(batch_started.elapsed().as_secs_f64());
+        // A timeline of a drain, read with `RUST_LOG=recpipe_shared::kafka::framework=debug`.
+        tracing::debug!(
+            records = batch.len(),
+            produced = delivered,
+            ms = batch_started.elapsed().as_millis() as u64,
+            "batch handled"
+        );
     }
     finish(&consumer, &producer, stats)
 }
