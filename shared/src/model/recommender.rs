@@ -60,6 +60,67 @@ pub fn recall(found: &[Vec<(usize, f32)>], truth: &[HashSet<usize>]) -> f64 {
     hits as f64 / wanted.max(1) as f64
 }
 
+/// The `ef_search` values [`Recommender::calibrate_ef`] tries, in order.
+pub const EF_LADDER: [usize; 10] = [16, 24, 32, 48, 64, 96, 128, 192, 256, 512];
+
+/// Queries an `ef_search` is calibrated on, of each kind: enough for recall@10 to within
+/// about ±0.01, few enough that exact search over 100,000 products takes about a second.
+const CALIBRATION_QUERIES: usize = 200;
+
+/// What [`Recommender::calibrate_ef`] found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibration {
+    pub ef_search: usize,
+    /// recall@10 at that `ef_search` against exact search, on the kind of query where it
+    /// is lowest.
+    pub recall: f64,
+}
+
+/// Queries like users' vectors, from a fixed seed, in three kinds that are hard in
+/// different ways: near one product (a new user), halfway between two unlike ones (two
+/// interests), and a weighted mix of three to five (a long history).
+fn calibration_queries(catalog: &Catalog, per_kind: usize) -> [Vec<Vec<f32>>; 3] {
+    use rand::{Rng, SeedableRng};
+    use rand_distr::StandardNormal;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mix = |rng: &mut rand_chacha::ChaCha8Rng, weights: &[f32], noise: f32| {
+        let mut query = vec![0.0f32; catalog.dim()];
+        for &weight in weights {
+            let product = catalog.embedding(rng.random_range(0..catalog.len()));
+            for (q, v) in query.iter_mut().zip(product.iter()) {
+                *q += weight * v;
+            }
+        }
+        for q in query.iter_mut() {
+            *q += noise * rng.sample::<f32, _>(StandardNormal);
+        }
+        query
+    };
+    let near_one = (0..per_kind).map(|_| mix(&mut rng, &[1.0], 0.05)).collect();
+    // Two interests far apart (cosine below 0.3: on clustered embeddings, two clusters)
+    // are the hardest: the neighbours lie around neither product.
+    let mut between_two = Vec::with_capacity(per_kind);
+    while between_two.len() < per_kind {
+        let (a, b) = (
+            catalog.embedding(rng.random_range(0..catalog.len())),
+            catalog.embedding(rng.random_range(0..catalog.len())),
+        );
+        let cosine = a.dot(&b) / (a.dot(&a) * b.dot(&b)).sqrt();
+        if cosine < 0.3 {
+            between_two.push((&a + &b).to_vec());
+        }
+    }
+    let several = (0..per_kind)
+        .map(|_| {
+            let weights: Vec<f32> = (0..rng.random_range(3..=5))
+                .map(|_| rng.random_range(1.0..8.0))
+                .collect();
+            mix(&mut rng, &weights, 0.0)
+        })
+        .collect();
+    [near_one, between_two, several]
+}
+
 /// The file beside a catalog that holds its built HNSW graph.
 pub const HNSW_GRAPH_FILE: &str = "hnsw-graph.bin";
 
@@ -181,6 +242,7 @@ impl Recommender {
             index,
             ef_search: settings.ef_search,
         }
+        .with_ef_for(settings)
     }
 
     /// As [`Recommender::new`], but the graph comes from the model directory's
@@ -237,6 +299,71 @@ impl Recommender {
             index: Index::Hnsw(graph),
             ef_search: settings.ef_search,
         }
+        .with_ef_for(settings)
+    }
+
+    /// `settings.ef_search`, or when that is 0 (auto) the one [`Recommender::calibrate_ef`]
+    /// finds for `settings.recall_target`.
+    fn with_ef_for(mut self, settings: &HnswSettings) -> Self {
+        if settings.ef_search == 0 && !self.is_exact() {
+            let started = std::time::Instant::now();
+            let found = self.calibrate_ef(settings.recall_target);
+            tracing::info!(
+                ef_search = found.ef_search,
+                recall_at_10 = found.recall,
+                target = settings.recall_target,
+                ms = started.elapsed().as_millis() as u64,
+                "ef_search calibrated on this catalog"
+            );
+            if found.recall < settings.recall_target {
+                tracing::warn!(
+                    ef_search = found.ef_search,
+                    recall_at_10 = found.recall,
+                    "no ef_search tried reaches model.hnsw.recall_target: searching with the largest; \
+                     a graph built with more max_connections or ef_construction would do better"
+                );
+            }
+            self.ef_search = found.ef_search;
+        }
+        self
+    }
+
+    /// The smallest `ef_search` of [`EF_LADDER`] whose recall@10 against exact search
+    /// reaches `target` on each kind of query made like users' vectors (see
+    /// `calibration_queries`). How many candidates a search must examine depends on
+    /// the catalog: on clustered embeddings 128 is needed for 0.95, on random ones 32 is
+    /// (and 128 costs four times as much). Deterministic for a catalog.
+    pub fn calibrate_ef(&mut self, target: f64) -> Calibration {
+        let kinds = calibration_queries(&self.catalog, CALIBRATION_QUERIES);
+        let exact = Recommender::exact(self.catalog.clone());
+        let truths: Vec<_> = kinds.iter().map(|q| exact.neighbour_sets(q, 10)).collect();
+        let mut found = Calibration {
+            ef_search: 0,
+            recall: 0.0,
+        };
+        for ef in EF_LADDER {
+            self.ef_search = ef;
+            // The worst kind of query counts: each must reach the target.
+            let worst = kinds
+                .iter()
+                .zip(&truths)
+                .map(|(queries, truth)| {
+                    let results: Vec<Vec<(usize, f32)>> = queries
+                        .iter()
+                        .map(|q| self.nearest(q, 10, &|_| false))
+                        .collect();
+                    recall(&results, truth)
+                })
+                .fold(f64::INFINITY, f64::min);
+            found = Calibration {
+                ef_search: ef,
+                recall: worst,
+            };
+            if worst >= target {
+                break;
+            }
+        }
+        found
     }
 
     /// A recommender that always scores exactly (the reference for recall).
@@ -513,8 +640,73 @@ mod tests {
             total += 10;
         }
         let recall = hits as f64 / total as f64;
-        eprintln!("HNSW recall@10 on two-product queries, 5k catalog: {recall:.3}");
+        eprintln!(
+            "HNSW recall@10 on two-product queries, 5k catalog: {recall:.3} at ef_search {}",
+            hnsw.ef_search
+        );
         assert!(recall >= 0.95, "recall@10 {recall}");
+    }
+
+    #[test]
+    fn an_automatic_ef_search_is_the_smallest_that_reaches_the_recall_target() {
+        let catalog = catalog(5_000);
+        let kinds = calibration_queries(&catalog, CALIBRATION_QUERIES);
+        let exact = Recommender::exact(catalog.clone());
+        let truths: Vec<_> = kinds.iter().map(|q| exact.neighbour_sets(q, 10)).collect();
+        let auto = HnswSettings {
+            ef_search: 0,
+            ..graph_always()
+        };
+        let mut hnsw = Recommender::new(catalog.clone(), &auto);
+        let recall_at = |hnsw: &mut Recommender, ef: usize| {
+            hnsw.set_ef_search(ef);
+            kinds
+                .iter()
+                .zip(&truths)
+                .map(|(queries, truth)| {
+                    let found: Vec<_> = queries
+                        .iter()
+                        .map(|q| hnsw.nearest(q, 10, &|_| false))
+                        .collect();
+                    recall(&found, truth)
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        // 0 is calibrated at load, to what calibrate_ef finds.
+        let loaded_with = hnsw.ef_search;
+        let found = hnsw.calibrate_ef(0.95);
+        assert_eq!(loaded_with, found.ef_search);
+        assert!(found.recall >= 0.95, "{found:?}");
+        assert_eq!(recall_at(&mut hnsw, found.ef_search), found.recall);
+        // Smallest: the rung below misses the target (unless it is the first rung).
+        let rung = EF_LADDER
+            .iter()
+            .position(|&ef| ef == found.ef_search)
+            .unwrap();
+        if rung > 0 {
+            let below = recall_at(&mut hnsw, EF_LADDER[rung - 1]);
+            assert!(
+                below < 0.95,
+                "ef {} already reaches {below}",
+                EF_LADDER[rung - 1]
+            );
+        }
+        // A stricter target never asks for fewer candidates.
+        let stricter = hnsw.calibrate_ef(0.99);
+        assert!(
+            stricter.ef_search >= found.ef_search,
+            "{stricter:?} {found:?}"
+        );
+        assert!(stricter.recall >= 0.99 || stricter.ef_search == *EF_LADDER.last().unwrap());
+        // A number in the settings is used as it is.
+        let fixed = Recommender::new(
+            catalog,
+            &HnswSettings {
+                ef_search: 48,
+                ..graph_always()
+            },
+        );
+        assert_eq!(fixed.ef_search, 48);
     }
 
     #[test]
