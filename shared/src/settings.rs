@@ -336,7 +336,7 @@ pub struct HnswSettings {
     pub ef_construction: usize,
     /// Candidates a search examines: recall against time. 0: the smallest that reaches
     /// `recall_target` on this catalog, found when the model loads (on random embeddings
-    /// 32 where clustered ones need 128; how many a catalog needs depends on the users'
+    /// 48 where clustered ones need 128; how many a catalog needs depends on the users'
     /// vectors too, which the calibration can only imitate, so the default stays fixed).
     pub ef_search: usize,
     /// recall@10 against exact search that an automatic `ef_search` reaches on each kind

@@ -331,8 +331,9 @@ impl Recommender {
     /// The smallest `ef_search` of [`EF_LADDER`] whose recall@10 against exact search
     /// reaches `target` on each kind of query made like users' vectors (see
     /// `calibration_queries`). How many candidates a search must examine depends on
-    /// the catalog: on clustered embeddings 128 is needed for 0.95, on random ones 32 is
-    /// (and 128 costs four times as much). Deterministic for a catalog.
+    /// the catalog: on the peer benchmark's random 64-d embeddings 48 reaches 0.95, and 128
+    /// (the default, for clustered ones) costs about three times as much. Deterministic for
+    /// a catalog.
     pub fn calibrate_ef(&mut self, target: f64) -> Calibration {
         let kinds = calibration_queries(&self.catalog, CALIBRATION_QUERIES);
         let exact = Recommender::exact(self.catalog.clone());
