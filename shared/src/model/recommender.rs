@@ -67,6 +67,9 @@ pub const EF_LADDER: [usize; 10] = [16, 24, 32, 48, 64, 96, 128, 192, 256, 512];
 /// about ±0.01, few enough that exact search over 100,000 products takes about a second.
 const CALIBRATION_QUERIES: usize = 200;
 
+/// Pairs of products drawn, at most, for each two-interest calibration query.
+const PAIRS_DRAWN: usize = 64;
+
 /// What [`Recommender::calibrate_ef`] found.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Calibration {
@@ -98,17 +101,31 @@ fn calibration_queries(catalog: &Catalog, per_kind: usize) -> [Vec<Vec<f32>>; 3]
     };
     let near_one = (0..per_kind).map(|_| mix(&mut rng, &[1.0], 0.05)).collect();
     // Two interests far apart (cosine below 0.3: on clustered embeddings, two clusters)
-    // are the hardest: the neighbours lie around neither product.
+    // are the hardest: the neighbours lie around neither product. Where few pairs are
+    // that far apart (e.g. embeddings with no negative component), the least alike of
+    // the pairs drawn: a bounded search, so a model always loads.
     let mut between_two = Vec::with_capacity(per_kind);
     while between_two.len() < per_kind {
-        let (a, b) = (
-            catalog.embedding(rng.random_range(0..catalog.len())),
-            catalog.embedding(rng.random_range(0..catalog.len())),
-        );
-        let cosine = a.dot(&b) / (a.dot(&a) * b.dot(&b)).sqrt();
-        if cosine < 0.3 {
-            between_two.push((&a + &b).to_vec());
+        let mut least_alike = (f32::INFINITY, Vec::new());
+        for _ in 0..PAIRS_DRAWN {
+            let (a, b) = (
+                catalog.embedding(rng.random_range(0..catalog.len())),
+                catalog.embedding(rng.random_range(0..catalog.len())),
+            );
+            let cosine = a.dot(&b) / (a.dot(&a) * b.dot(&b)).sqrt();
+            let cosine = if cosine.is_nan() {
+                f32::INFINITY
+            } else {
+                cosine
+            };
+            if cosine < least_alike.0 || least_alike.1.is_empty() {
+                least_alike = (cosine, (&a + &b).to_vec());
+            }
+            if cosine < 0.3 {
+                break;
+            }
         }
+        between_two.push(least_alike.1);
     }
     let several = (0..per_kind)
         .map(|_| {
@@ -708,6 +725,26 @@ mod tests {
             },
         );
         assert_eq!(fixed.ef_search, 48);
+    }
+
+    #[test]
+    fn a_catalog_whose_products_are_all_alike_is_still_calibrated() {
+        // No negative component: every pair's cosine is far above 0.3, so the two-interest
+        // queries take the least alike pair drawn instead of waiting for an unlike one.
+        let generated = catalog(1_000);
+        let catalog = Arc::new(
+            Catalog::new(
+                generated.products().to_vec(),
+                generated.embeddings().mapv(|v| v.abs() + 1.0),
+            )
+            .unwrap(),
+        );
+        let kinds = calibration_queries(&catalog, 20);
+        assert!(kinds.iter().all(|k| k.len() == 20));
+        let mut hnsw = Recommender::new(catalog, &graph_always());
+        let found = hnsw.calibrate_ef(0.95);
+        assert!(EF_LADDER.contains(&found.ef_search), "{found:?}");
+        assert!(found.recall > 0.0, "{found:?}");
     }
 
     #[test]
