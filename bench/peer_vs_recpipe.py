@@ -311,6 +311,37 @@ def run_recpipe(args, workdir, users, settings):
             "calibrated_recall_at_10": float(calibrated.group(2)) if calibrated else None}
 
 
+def run_rounds(args, users, wanted):
+    """Every round: the chosen pipelines, alternating which goes first."""
+    runs = []
+    for r in range(args.rounds):
+        # Alternate the order, so no pipeline always gets the fresher machine.
+        order = [n for n in ("peer", *RECPIPE_VARIANTS) if n in wanted]
+        if r % 2:
+            order.reverse()
+        for name in order:
+            workdir = tempfile.mkdtemp(prefix=f"recpipe-peer-{name}-")
+            if name == "peer":
+                result = run_peer(args, workdir, users)
+            else:
+                result = run_recpipe(args, workdir, users, RECPIPE_VARIANTS[name])
+            if os.environ.get("RECPIPE_PEER_KEEP"):
+                print(f"  (kept {workdir})")
+            else:
+                shutil.rmtree(workdir)
+            result.update(pipeline=name, round=r + 1, events_per_sec=args.events / result["seconds"])
+            cpu = sum(result["cpu"].values())
+            print(f"  round {r + 1} {name:15} {result['seconds']:6.2f} s  "
+                  f"{result['events_per_sec']:8,.0f} events/s  stages' CPU {cpu:5.2f} s "
+                  f"({' / '.join(f'{k} {v:.2f}' for k, v in result['cpu'].items())}), "
+                  f"broker {result['broker_cpu']:.2f} s"
+                  + (f"; ef_search calibrated to {result['ef_search']} "
+                     f"(recall@10 {result['calibrated_recall_at_10']:.3f})"
+                     if result.get("ef_search") else ""), flush=True)
+            runs.append(result)
+    return runs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peer", required=True)
@@ -341,34 +372,12 @@ def main():
         index_seconds = build_catalog(args, args.catalog)
         print(f"  recpipe's HNSW graph of the peer's products built beforehand in {index_seconds:.1f} s",
               flush=True)
-    runs = []
-    for r in range(args.rounds):
-        # Alternate the order, so no pipeline always gets the fresher machine.
-        order = [n for n in ("peer", *RECPIPE_VARIANTS) if n in wanted]
-        if r % 2:
-            order.reverse()
-        for name in order:
-            workdir = tempfile.mkdtemp(prefix=f"recpipe-peer-{name}-")
-            if name == "peer":
-                result = run_peer(args, workdir, users)
-            else:
-                result = run_recpipe(args, workdir, users, RECPIPE_VARIANTS[name])
-            if os.environ.get("RECPIPE_PEER_KEEP"):
-                print(f"  (kept {workdir})")
-            else:
-                shutil.rmtree(workdir)
-            result.update(pipeline=name, round=r + 1, events_per_sec=args.events / result["seconds"])
-            cpu = sum(result["cpu"].values())
-            print(f"  round {r + 1} {name:15} {result['seconds']:6.2f} s  "
-                  f"{result['events_per_sec']:8,.0f} events/s  stages' CPU {cpu:5.2f} s "
-                  f"({' / '.join(f'{k} {v:.2f}' for k, v in result['cpu'].items())}), "
-                  f"broker {result['broker_cpu']:.2f} s"
-                  + (f"; ef_search calibrated to {result['ef_search']} "
-                     f"(recall@10 {result['calibrated_recall_at_10']:.3f})"
-                     if result.get("ef_search") else ""), flush=True)
-            runs.append(result)
-    if args.catalog:
-        shutil.rmtree(os.path.dirname(args.catalog))
+    try:
+        runs = run_rounds(args, users, wanted)
+    finally:
+        # Also when a run fails (sys.exit): the catalog and its graph are tens of MB.
+        if args.catalog:
+            shutil.rmtree(os.path.dirname(args.catalog))
     speedups = {}
     if "peer" in wanted:
         for variant in RECPIPE_VARIANTS:
