@@ -230,3 +230,76 @@ async fn a_batch_stops_at_its_byte_limit() {
     // 401 bytes each with the key: the third reaches 1,000.
     assert!(sizes.iter().all(|&n| n <= 3), "batch sizes {sizes:?}");
 }
+
+/// Sends the distinct keys of each batch it is given; holds at most `max_keys`.
+struct KeyCounter {
+    batches: mpsc::UnboundedSender<Vec<Vec<u8>>>,
+    max_keys: usize,
+}
+
+#[async_trait]
+impl Processor for KeyCounter {
+    type Input = ();
+
+    fn name(&self) -> &str {
+        "key-counter"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec!["one".into()]
+    }
+
+    fn decode(&self, _meta: &RecordMeta, _payload: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn batch_max_keys(&self) -> Option<usize> {
+        Some(self.max_keys)
+    }
+
+    async fn process(&mut self, batch: Vec<Decoded<()>>) -> Result<Vec<Outcome>, RetryableError> {
+        let keys = batch.iter().filter_map(|d| d.meta.key.clone()).collect();
+        let _ = self.batches.send(keys);
+        Ok(batch.iter().map(|_| Outcome::Emit(Vec::new())).collect())
+    }
+}
+
+/// A processor's `batch_max_keys` ends a batch at that many distinct keys, however many
+/// more records are there, and every record still comes, in order.
+#[tokio::test]
+async fn a_batch_stops_at_the_processors_key_limit() {
+    let broker = TestBroker::start().await;
+    let settings = broker.kafka_settings();
+    recpipe_shared::kafka::ensure_topics(&settings, &["one"], 1)
+        .await
+        .unwrap();
+    // Five keys taking turns, twice over: all ten are there for the first fetch.
+    let sent: Vec<String> = (0..10).map(|i| format!("k{}", i % 5)).collect();
+    for key in &sent {
+        produce(&broker.brokers(), "one", key, b"x").await;
+    }
+    let (batches, mut received) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let service = {
+        let (settings, stop) = (settings.clone(), stop.clone());
+        let counter = KeyCounter {
+            batches,
+            max_keys: 2,
+        };
+        tokio::spawn(async move { framework::run(&settings, counter, stop).await })
+    };
+    let mut keys_in_order = Vec::new();
+    while keys_in_order.len() < sent.len() {
+        let batch = tokio::time::timeout(Duration::from_secs(30), received.recv())
+            .await
+            .expect("no batch in 30 s")
+            .expect("the framework stopped");
+        let distinct: std::collections::HashSet<&Vec<u8>> = batch.iter().collect();
+        assert!(distinct.len() <= 2, "a batch of {} keys", distinct.len());
+        keys_in_order.extend(batch);
+    }
+    stop.cancel();
+    service.await.unwrap().unwrap();
+    let sent: Vec<Vec<u8>> = sent.into_iter().map(String::into_bytes).collect();
+    assert_eq!(keys_in_order, sent);
+}

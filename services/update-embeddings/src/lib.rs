@@ -124,76 +124,89 @@ impl UpdateEmbeddings {
     /// outputs are acknowledged, so a folded event is never committed without the state
     /// that holds it. A state holds at most [`MAX_FOLDED_EVENTS`]; the user's next event
     /// starts another.
+    ///
+    /// Users are taken one at a time, all of their events in order: each user's states are
+    /// encoded and kept as soon as the user is done, so a batch of thousands of users holds
+    /// one decoded state at a time rather than one per user (about 9 KB each at a full
+    /// history).
     fn apply_batch(&mut self, batch: &[Decoded<Event>]) -> Vec<Outcome> {
-        // By batch position: the newest state so far of the user whose event is there.
-        let mut newest: Vec<Option<UserVectorRecord>> = vec![None; batch.len()];
-        let mut rejected: Vec<Option<String>> = vec![None; batch.len()];
-        let mut at_of_user: HashMap<&str, usize> = HashMap::new();
+        // Each user's batch positions, users in order of first appearance.
+        let mut positions: Vec<Vec<usize>> = Vec::new();
+        let mut of_user: HashMap<&str, usize> = HashMap::new();
         for (i, d) in batch.iter().enumerate() {
-            let user = d.input.user_id.as_str();
-            // The state to move on: the user's newest of this batch, taken over when it is
-            // the same partition's changelog and has room, and copied (it keeps its own
-            // output) when it has not; else the stored state, or a new one.
-            let earlier = at_of_user.get(user).copied();
-            let folds = earlier.is_some_and(|j| {
-                batch[j].meta.partition == d.meta.partition
-                    && newest[j]
-                        .as_ref()
-                        .is_some_and(|s| s.folded_events.len() < MAX_FOLDED_EVENTS)
+            let group = *of_user.entry(d.input.user_id.as_str()).or_insert_with(|| {
+                positions.push(Vec::new());
+                positions.len() - 1
             });
-            let mut state = match earlier {
-                Some(j) if folds => newest[j].take().expect("the user's newest state"),
-                Some(j) => {
-                    let mut copy = newest[j].clone().expect("the user's newest state");
-                    copy.folded_events.clear();
-                    copy
-                }
-                None => match self.users.get(user) {
-                    Ok(stored) => stored.unwrap_or_else(|| self.model.new_state(&d.input)),
-                    Err(e) => {
-                        rejected[i] = Some(e.to_string());
-                        continue;
-                    }
-                },
-            };
-            let applied = self.apply(&mut state, &d.meta, &d.input);
-            match applied {
-                Ok(Some(previous)) => {
-                    if folds {
-                        state.folded_events.push(previous);
-                    }
-                    newest[i] = Some(state);
-                    at_of_user.insert(user, i);
-                    continue;
-                }
-                Ok(None) => {}
-                Err(reason) => rejected[i] = Some(reason),
-            }
-            // Not applied: the state taken over stays where it was.
-            if let (Some(j), true) = (earlier, folds) {
-                newest[j] = Some(state);
-            }
+            positions[group].push(i);
         }
         let topic = &self.kafka.topics.user_vectors;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for (i, d) in batch.iter().enumerate() {
-            if let Some(reason) = rejected[i].take() {
-                outcomes.push(Outcome::Reject(reason));
-                continue;
+        let mut outcomes: Vec<Outcome> = (0..batch.len())
+            .map(|_| Outcome::Emit(Vec::new()))
+            .collect();
+        // By batch position: the user's states still to be emitted.
+        let mut newest: Vec<Option<UserVectorRecord>> = vec![None; batch.len()];
+        for user_positions in &positions {
+            // The position of the user's newest state so far.
+            let mut at: Option<usize> = None;
+            for &i in user_positions {
+                let d = &batch[i];
+                // The state to move on: the user's newest of this batch, taken over when it
+                // is the same partition's changelog and has room, and copied (it keeps its
+                // own output) when it has not; else the stored state, or a new one.
+                let folds = at.is_some_and(|j| {
+                    batch[j].meta.partition == d.meta.partition
+                        && newest[j]
+                            .as_ref()
+                            .is_some_and(|s| s.folded_events.len() < MAX_FOLDED_EVENTS)
+                });
+                let mut state = match at {
+                    Some(j) if folds => newest[j].take().expect("the user's newest state"),
+                    Some(j) => {
+                        let mut copy = newest[j].clone().expect("the user's newest state");
+                        copy.folded_events.clear();
+                        copy
+                    }
+                    None => match self.users.get(&d.input.user_id) {
+                        Ok(stored) => stored.unwrap_or_else(|| self.model.new_state(&d.input)),
+                        Err(e) => {
+                            outcomes[i] = Outcome::Reject(e.to_string());
+                            continue;
+                        }
+                    },
+                };
+                match self.apply(&mut state, &d.meta, &d.input) {
+                    Ok(Some(previous)) => {
+                        if folds {
+                            state.folded_events.push(previous);
+                        }
+                        newest[i] = Some(state);
+                        at = Some(i);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(reason) => outcomes[i] = Outcome::Reject(reason),
+                }
+                // Not applied: the state taken over stays where it was.
+                if let (Some(j), true) = (at, folds) {
+                    newest[j] = Some(state);
+                }
             }
-            let Some(mut state) = newest[i].take() else {
-                outcomes.push(Outcome::Emit(Vec::new()));
-                continue;
-            };
-            let payload = serde_json::to_vec(&state).expect("a user state serialises");
-            state.folded_events.clear();
-            self.users.insert(&state);
-            outcomes.push(Outcome::Emit(vec![Output {
-                topic: topic.clone(),
-                key: state.user_id,
-                payload,
-                partition: Some(d.meta.partition),
-            }]));
+            // The user is done: their states go out in order, the last one kept.
+            for &i in user_positions {
+                let Some(mut state) = newest[i].take() else {
+                    continue;
+                };
+                let payload = serde_json::to_vec(&state).expect("a user state serialises");
+                state.folded_events.clear();
+                self.users.insert(&state);
+                outcomes[i] = Outcome::Emit(vec![Output {
+                    topic: topic.clone(),
+                    key: state.user_id,
+                    payload,
+                    partition: Some(batch[i].meta.partition),
+                }]);
+            }
         }
         outcomes
     }
@@ -229,6 +242,12 @@ impl Processor for UpdateEmbeddings {
             .check_time(event.ts, now_ms())
             .map_err(|e| format!("invalid event: {e}"))?;
         Ok(event)
+    }
+
+    /// A batch's users are all in memory while it is applied: at most `state.hot_users`
+    /// of them, so that memory never holds more states than that (room is made for them).
+    fn batch_max_keys(&self) -> Option<usize> {
+        Some(self.users.hot_users())
     }
 
     async fn process(

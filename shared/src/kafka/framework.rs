@@ -111,6 +111,13 @@ pub trait Processor: Send {
         true
     }
 
+    /// Most distinct record keys a batch may hold, besides `kafka.batch_max` records and
+    /// `kafka.batch_max_bytes`: for a processor that holds something per key while it
+    /// works on a batch (update-embeddings: each user's state in memory).
+    fn batch_max_keys(&self) -> Option<usize> {
+        None
+    }
+
     /// Called between batches and when idle: outputs not tied to input records.
     fn tick(&mut self) -> Vec<Output> {
         Vec::new()
@@ -361,11 +368,24 @@ pub async fn run_with_health<P: Processor>(
         }
         // Take what is already buffered, without waiting, up to the batch limits.
         let mut bytes = batch.iter().map(record_bytes).sum::<usize>();
-        while batch.len() < settings.batch_max && bytes < settings.batch_max_bytes {
+        let max_keys = processor.batch_max_keys();
+        let mut keys: HashSet<Vec<u8>> = HashSet::new();
+        if let (Some(_), Some(key)) = (max_keys, batch[0].key()) {
+            keys.insert(key.to_vec());
+        }
+        while batch.len() < settings.batch_max
+            && bytes < settings.batch_max_bytes
+            && max_keys.is_none_or(|max| keys.len() < max)
+        {
             match consumer.recv().now_or_never() {
                 Some(Ok(m)) => {
                     let m = m.detach();
                     bytes += record_bytes(&m);
+                    if let (Some(_), Some(key)) = (max_keys, m.key()) {
+                        if !keys.contains(key) {
+                            keys.insert(key.to_vec());
+                        }
+                    }
                     batch.push(m);
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),

@@ -139,6 +139,11 @@ impl UserStates {
         self.hot.iter().map(|(_, h)| h.encoded.len()).sum()
     }
 
+    /// Most users held in memory between batches (`state.hot_users`).
+    pub fn hot_users(&self) -> usize {
+        self.hot_users
+    }
+
     /// Users held in memory now.
     pub fn hot_len(&self) -> usize {
         self.hot.len()
@@ -161,16 +166,38 @@ impl UserStates {
     /// Brings these users' states into memory (those the file has), so that [`get`]
     /// finds them. Changes no state.
     ///
+    /// Room is made first: states not in this batch are spilled until memory holds at
+    /// most `hot_users` with the batch's users in it (or only the batch's users, when it
+    /// has more). So memory stays near `hot_users` states whatever the batch size; loaded
+    /// on top of a full memory, a batch of 20,000 new users held 30,000 states until the
+    /// spill after it.
+    ///
     /// [`get`]: UserStates::get
     pub fn load<'a>(&mut self, users: impl IntoIterator<Item = &'a str>) -> Result<(), StateError> {
+        // The batch's users in memory become the most recent, so that room is made from
+        // the others; the rest are to come in.
+        let mut in_batch = 0usize;
+        let mut missing: Vec<&str> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for user in users {
+            if !seen.insert(user) {
+                continue;
+            }
+            if self.hot.get(user).is_some() {
+                in_batch += 1;
+            } else {
+                missing.push(user);
+            }
+        }
+        let keep = self.hot_users.saturating_sub(missing.len()).max(in_batch);
+        if self.hot.len() > keep {
+            self.spill_lru(self.hot.len() - keep)?;
+        }
         let cold = lock(&self.cold);
         let mut select =
             cold.prepare_cached("SELECT partition, version, state FROM users WHERE user_id = ?1")?;
         let mut loaded = 0u64;
-        for user in users {
-            if self.hot.get(user).is_some() {
-                continue;
-            }
+        for user in missing {
             let Some(hot) = select
                 .query_row([user], |r| {
                     Ok(Hot {
@@ -234,7 +261,12 @@ impl UserStates {
         }
         // Spill a little more than the excess, so that the next batches' new users do
         // not each cost a transaction.
-        let count = (excess + self.hot_users / 16).min(self.hot.len());
+        self.spill_lru((excess + self.hot_users / 16).min(self.hot.len()))
+    }
+
+    /// Writes the `count` least recently used states to the file (those changed since it
+    /// last had them) and drops them from memory. On an error nothing is dropped.
+    fn spill_lru(&mut self, count: usize) -> Result<usize, StateError> {
         let mut cold = lock(&self.cold);
         let tx = cold.transaction()?;
         {
@@ -613,6 +645,7 @@ mod tests {
         let s = UserStates::open(&StateSettings {
             hot_users,
             dir: Some(dir.path().join("nested")),
+            ..StateSettings::default()
         })
         .unwrap();
         (dir, s)
@@ -770,6 +803,37 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_new_users_makes_room_for_itself_and_keeps_its_own_users_in_memory() {
+        let (_dir, mut s) = states(4);
+        for u in ["a", "b", "c", "d"] {
+            put(&mut s, state(u, 0, 1));
+        }
+        // a is in the batch, x and y are new: two of the others go to the file first.
+        s.load(["x", "a", "y", "a"]).unwrap();
+        assert_eq!(s.hot_len(), 2);
+        assert!(
+            in_memory(&mut s, "a"),
+            "a user of the batch stays in memory"
+        );
+        put(&mut s, state("x", 0, 1));
+        put(&mut s, state("y", 0, 1));
+        assert_eq!(s.hot_len(), 4, "the batch fits in hot_users");
+        // The states that made room are in the file, unchanged.
+        for u in ["b", "c", "d"] {
+            assert_eq!(fetch(&mut s, u), Some(state(u, 0, 1)));
+        }
+        // A batch of more users than hot_users spills every other state but none of its own.
+        let (_dir, mut s) = states(2);
+        for u in ["a", "b", "c"] {
+            put(&mut s, state(u, 0, 1));
+        }
+        s.load(["a", "b", "n1", "n2", "n3"]).unwrap();
+        assert_eq!(s.hot_len(), 2);
+        assert!(in_memory(&mut s, "a") && in_memory(&mut s, "b"));
+        assert_eq!(fetch(&mut s, "c"), Some(state("c", 0, 1)));
+    }
+
+    #[test]
     fn the_least_recently_used_are_spilled_first_and_updates_after_a_spill_win() {
         let (_dir, mut s) = states(2);
         put(&mut s, state("a", 0, 1));
@@ -857,6 +921,7 @@ mod tests {
         let err = UserStates::open(&StateSettings {
             hot_users: 1,
             dir: Some(blocker.join("sub")),
+            ..StateSettings::default()
         })
         .err()
         .expect("a directory under a file cannot be made");
