@@ -184,6 +184,9 @@ enum Command {
         /// tester and most counters make them) or `uuid` (random v4, as many producers do).
         #[arg(long, value_enum, default_value_t = memory::EventIds::Sequential)]
         event_ids: memory::EventIds,
+        /// Events per batch (`state.events_batch_max`; default: the service's default).
+        #[arg(long)]
+        batch_events: Option<usize>,
     },
     /// Shoppers who GET their recommendations and click the ones they like (closed loop),
     /// then the click-through per model version.
@@ -331,14 +334,23 @@ async fn main() -> anyhow::Result<()> {
             events_per_user,
             hot_users,
             event_ids,
+            batch_events,
         } => {
             let catalog = std::sync::Arc::new(Catalog::load(&cli.catalog)?);
-            let hot_users =
-                hot_users.unwrap_or(recpipe_shared::settings::StateSettings::default().hot_users);
-            let m = memory::run(catalog, users, events_per_user, hot_users, event_ids)?;
+            let defaults = recpipe_shared::settings::StateSettings::default();
+            let hot_users = hot_users.unwrap_or(defaults.hot_users);
+            let batch_events = batch_events.unwrap_or(defaults.events_batch_max);
+            let m = memory::run(
+                catalog,
+                users,
+                events_per_user,
+                hot_users,
+                event_ids,
+                batch_events,
+            )?;
             println!(
-                "{} users × {} events ({:?} ids), dim {}, at most {} in memory: {:.0} bytes of state per user in memory ({:.0} of them encoded states), {} bytes of raw vector: ratio {:.2}; state file {:.0} bytes per user; {:.1} µs per event (as JSON on the changelog: {:.0} bytes)",
-                m.users, m.events_per_user, m.event_ids, m.dim, m.hot_users, m.bytes_per_user, m.encoded_bytes_per_user, m.raw_vector_bytes, m.ratio, m.file_bytes_per_user, m.micros_per_event, m.json_bytes_per_user
+                "{} users × {} events ({:?} ids), dim {}, at most {} in memory, batches of {}: {:.0} bytes of state per user in memory ({:.0} of them encoded states), {} bytes of raw vector: ratio {:.2}; state file {:.0} bytes per user; {:.1} µs per event (as JSON on the changelog: {:.0} bytes; the largest batch's records: {:.1} MB)",
+                m.users, m.events_per_user, m.event_ids, m.dim, m.hot_users, m.batch_events, m.bytes_per_user, m.encoded_bytes_per_user, m.raw_vector_bytes, m.ratio, m.file_bytes_per_user, m.micros_per_event, m.json_bytes_per_user, m.batch_buffer_bytes as f64 / 1e6
             );
             println!("{}", serde_json::to_string(&m)?);
             Ok(())

@@ -2,7 +2,9 @@
 //! update-embeddings keeps it: the same `UserModel` applies events to users held in the
 //! service's `UserStates` (the most recent `hot_users` in memory, the rest in the state
 //! file; each held in its compact binary form), batch by batch as the service does: load the
-//! batch's users, apply, encode, keep, spill.
+//! batch's users (making room for them), apply, encode for the changelog, keep, spill.
+//! The batch's changelog records, which the service holds until they are produced, are
+//! reported apart (`batch_buffer_bytes`): their size follows the batch, not the users.
 //! Events come in rounds (every user's first event, then every user's second...), the
 //! order in which a bounded memory is used least well. Memory is the growth of this
 //! process's resident set while the states fill (no allocator hooks needed); the state
@@ -35,6 +37,11 @@ pub struct MemorySummary {
     pub events_per_user: usize,
     pub event_ids: EventIds,
     pub hot_users: usize,
+    pub batch_events: usize,
+    /// The largest batch's changelog records (JSON), which the service holds until they
+    /// are produced: a buffer bounded by the batch size rather than by the users, and not
+    /// in `bytes_per_user`.
+    pub batch_buffer_bytes: usize,
     pub dim: usize,
     pub raw_vector_bytes: usize,
     pub bytes_per_user: f64,
@@ -68,10 +75,11 @@ pub fn run(
     events_per_user: usize,
     hot_users: usize,
     event_ids: EventIds,
+    batch_max: usize,
 ) -> anyhow::Result<MemorySummary> {
     anyhow::ensure!(
-        users > 0 && events_per_user > 0,
-        "--users and --events-per-user must be at least 1"
+        users > 0 && events_per_user > 0 && batch_max > 0,
+        "--users, --events-per-user and --batch-events must be at least 1"
     );
     let model = UserModel::new(catalog.clone(), ModelSettings::default());
     let products: Vec<&str> = catalog
@@ -85,14 +93,15 @@ pub fn run(
     let mut states = UserStates::open(&StateSettings {
         hot_users,
         dir: Some(dir.path().to_path_buf()),
+        ..StateSettings::default()
     })?;
     let started = Instant::now();
     let mut json = 0usize;
+    let mut batch_buffer = 0usize;
     let total = users * events_per_user;
-    // Events per batch: the services' default `kafka.batch_max`.
-    let batch_max = recpipe_shared::settings::KafkaSettings::default().batch_max;
     let mut batch: Vec<Event> = Vec::with_capacity(batch_max);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut in_batch = std::collections::HashSet::new();
     for n in 0..total {
         let (round, u) = (n / users, n % users);
         batch.push(Event {
@@ -109,10 +118,16 @@ pub fn run(
             ts: 1_700_000_000_000 + round as i64,
             recommendation_id: None,
         });
-        if batch.len() < batch_max && n + 1 < total {
+        in_batch.insert(u);
+        // A batch ends at `batch_max` events or at `hot_users` users, as the service's do.
+        if batch.len() < batch_max && in_batch.len() < hot_users && n + 1 < total {
             continue;
         }
+        in_batch.clear();
         states.load(batch.iter().map(|e| e.user_id.as_str()))?;
+        // The batch's changelog records, which the service holds until they are produced:
+        // counted, not held, since they are a buffer of the batch, not state of its users.
+        let mut batch_records = 0usize;
         for event in batch.drain(..) {
             let round = event.ts - 1_700_000_000_000;
             let position = SourcePosition {
@@ -126,9 +141,11 @@ pub fn run(
             if round as usize + 1 == events_per_user {
                 json += encoded.len();
             }
+            batch_records += encoded.len();
             states.insert(&after);
         }
         states.spill()?;
+        batch_buffer = batch_buffer.max(batch_records);
     }
     let elapsed = started.elapsed();
     let after = resident_bytes()?;
@@ -140,6 +157,8 @@ pub fn run(
         events_per_user,
         event_ids,
         hot_users,
+        batch_events: batch_max,
+        batch_buffer_bytes: batch_buffer,
         dim: catalog.dim(),
         raw_vector_bytes: raw,
         bytes_per_user,

@@ -34,6 +34,12 @@ pub struct StateSettings {
     /// Directory of that file (the system's temporary directory when unset). It is a
     /// cache of the changelog, made anew at start: no volume needs to survive a restart.
     pub dir: Option<PathBuf>,
+    /// Most events update-embeddings reads as one batch (in place of `kafka.batch_max`;
+    /// `kafka.batch_max_bytes` still applies). A user's events in one batch make one
+    /// state, so under a backlog a bigger batch sends far fewer states down the pipeline.
+    /// A batch holds its users' encoded states until it is produced, and room for them is
+    /// made in memory first, so `hot_users` still bounds the states kept.
+    pub events_batch_max: usize,
 }
 
 impl Default for StateSettings {
@@ -41,6 +47,7 @@ impl Default for StateSettings {
         Self {
             hot_users: 10_000,
             dir: None,
+            events_batch_max: 20_000,
         }
     }
 }

@@ -415,8 +415,11 @@ pub async fn check_topics(kafka: &KafkaSettings) -> anyhow::Result<()> {
 }
 
 /// Runs the service until `shutdown` is cancelled.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
+pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
     check_topics(&settings.kafka).await?;
+    // Under a backlog, bigger batches fold more of a user's events into one state (see
+    // `state.events_batch_max`).
+    settings.kafka.batch_max = settings.state.events_batch_max;
     let models =
         recpipe_shared::kafka::models::start_registry(&settings, IndexKind::None, shutdown.clone())
             .await?;
