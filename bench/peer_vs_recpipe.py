@@ -19,7 +19,9 @@ recpipe's hold 20 and it stores every event, every user's state and every list (
 so recpipe does more work per event. Each run checks that every user got a list.
 
 recpipe runs twice per round: with its defaults, and with `model.hnsw.ef_search` 0 (the
-smallest that reaches recall@10 0.95 on this catalog, calibrated when the model loads).
+smallest that reaches recall@10 0.95 on this catalog: `recpipe-admin catalog index`
+calibrates it on the graph it builds and keeps it beside the graph, outside the clock,
+and gen-recommendations reads it at start).
 
 Usage: peer_vs_recpipe.py --peer ../shared/bench/peer_pipeline.py --bin target/release
        --tansu .tools/bin/tansu [--events 50000] [--rounds 2] [--partitions 1]
@@ -241,9 +243,10 @@ RECPIPE_VARIANTS = {
 
 
 def build_catalog(args, directory):
-    """The peer's products as recpipe's catalog, with its HNSW graph built: once per
-    script, before any clock (a graph is built when a model is made, not at each start:
-    model building is apart from serving). Returns the build's seconds."""
+    """The peer's products as recpipe's catalog, with its HNSW graph built and its
+    ef_search calibrated: once per script, before any clock (a graph is built when a model
+    is made, not at each start: model building is apart from serving). Returns the
+    build's seconds."""
     write_catalog(directory)
     indexed = time.monotonic()
     subprocess.run([os.path.join(args.bin, "recpipe-admin"), "catalog", "index"],
@@ -304,7 +307,8 @@ def run_recpipe(args, workdir, users, settings):
         sys.exit(f"recpipe stored {events} events of {args.events}")
     with open(os.path.join(workdir, "gen-recommendations.log")) as f:
         gen_log = re.sub(r"\x1b\[[0-9;]*m", "", f.read())
-    calibrated = re.search(r"ef_search calibrated.*? ef_search=(\d+) recall_at_10=([0-9.]+)", gen_log)
+    calibrated = re.search(r"ef_search (?:calibrated|read from its calibration file).*? "
+                           r"ef_search=(\d+) recall_at_10=([0-9.]+)", gen_log)
     return {"seconds": seconds, "cpu": cpu, "broker_cpu": cpu_broker,
             "users_listed": listed, "events_stored": events, "settings": settings,
             "ef_search": int(calibrated.group(1)) if calibrated else None,

@@ -342,9 +342,10 @@ pub struct HnswSettings {
     pub max_connections: usize,
     pub ef_construction: usize,
     /// Candidates a search examines: recall against time. 0: the smallest that reaches
-    /// `recall_target` on this catalog, found when the model loads (on random embeddings
-    /// 48 where clustered ones need 128; how many a catalog needs depends on the users'
-    /// vectors too, which the calibration can only imitate, so the default stays fixed).
+    /// `recall_target` on this catalog, found when the model loads and kept beside the
+    /// graph file for the next start (on random embeddings 48 where clustered ones need
+    /// 128; how many a catalog needs depends on the users' vectors too, which the
+    /// calibration can only imitate, so the default stays fixed).
     pub ef_search: usize,
     /// recall@10 against exact search that an automatic `ef_search` reaches on each kind
     /// of calibration query.

@@ -195,6 +195,25 @@ async fn main() -> anyhow::Result<()> {
             save_graph(&graph, &graph_key(&catalog, hnsw), &path)
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
             println!("built in {built:.1} s, saved to {}", path.display());
+            // The ef_search for `model.hnsw.recall_target`, kept beside the graph for the
+            // services that run with `ef_search: 0`.
+            let auto = recpipe_shared::settings::HnswSettings {
+                ef_search: 0,
+                ..hnsw.clone()
+            };
+            let started = std::time::Instant::now();
+            let calibrated = recpipe_shared::model::Recommender::with_graph_file(
+                std::sync::Arc::new(catalog),
+                &auto,
+                &dir,
+            );
+            println!(
+                "ef_search {} reaches recall@10 {} on this graph (calibrated in {:.1} s, saved to {})",
+                calibrated.ef_search(),
+                hnsw.recall_target,
+                started.elapsed().as_secs_f64(),
+                dir.join(recpipe_shared::model::recommender::CALIBRATION_FILE).display()
+            );
         }
         Command::Catalog {
             command:
