@@ -191,7 +191,12 @@ impl UserStates {
         }
         let keep = self.hot_users.saturating_sub(missing.len()).max(in_batch);
         if self.hot.len() > keep {
-            self.spill_lru(self.hot.len() - keep)?;
+            // Best effort, as the spill after a batch: a state file that cannot be written
+            // (a full disk) costs memory, not the pipeline's progress.
+            if let Err(e) = self.spill_lru(self.hot.len() - keep) {
+                metrics::counter!("recpipe_user_state_spill_errors_total").increment(1);
+                tracing::error!(error = %e, "no room made for a batch's users: the state file cannot be written; they are loaded beside the others");
+            }
         }
         let cold = lock(&self.cold);
         let mut select =
@@ -831,6 +836,33 @@ mod tests {
         assert_eq!(s.hot_len(), 2);
         assert!(in_memory(&mut s, "a") && in_memory(&mut s, "b"));
         assert_eq!(fetch(&mut s, "c"), Some(state("c", 0, 1)));
+    }
+
+    #[test]
+    fn a_state_file_that_cannot_grow_costs_memory_not_the_batch() {
+        let (_dir, mut s) = states(10);
+        for u in 0..300 {
+            put(&mut s, state(&format!("u{u}"), 0, 1));
+        }
+        // The file may not grow past its present pages: making room for the batch fails.
+        {
+            let cold = lock(&s.cold);
+            let pages: i64 = cold
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap();
+            let _: i64 = cold
+                .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+        }
+        s.load(["new-1", "new-2"])
+            .expect("the batch goes on with its users beside the others");
+        assert_eq!(s.hot_len(), 300, "nothing dropped from memory");
+        for u in 0..300 {
+            let user = format!("u{u}");
+            assert_eq!(s.get(&user).unwrap(), Some(state(&user, 0, 1)));
+        }
     }
 
     #[test]
