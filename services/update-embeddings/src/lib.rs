@@ -387,6 +387,12 @@ fn restore_partitions(
             None => {}
         }
     }
+    // Closing a consumer waits on its broker threads (about 100 ms here): the restore is
+    // done, so that is left to a thread of its own rather than holding up the batch.
+    let closing = std::thread::Builder::new().name("restore-close".into());
+    if let Err(e) = closing.spawn(move || drop(consumer)) {
+        tracing::debug!(error = %e, "no thread to close the restore consumer in; closing it here");
+    }
     restorer.finish().map_err(|e| err(&e))
 }
 
@@ -416,13 +422,14 @@ pub async fn check_topics(kafka: &KafkaSettings) -> anyhow::Result<()> {
 
 /// Runs the service until `shutdown` is cancelled.
 pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow::Result<RunStats> {
-    check_topics(&settings.kafka).await?;
     // Under a backlog, bigger batches fold more of a user's events into one state (see
     // `state.events_batch_max`).
     settings.kafka.batch_max = settings.state.events_batch_max;
-    let models =
-        recpipe_shared::kafka::models::start_registry(&settings, IndexKind::None, shutdown.clone())
-            .await?;
+    // Each waits on the broker: side by side, the start is the longer of the two.
+    let (_, models) = tokio::try_join!(
+        check_topics(&settings.kafka),
+        recpipe_shared::kafka::models::start_registry(&settings, IndexKind::None, shutdown.clone()),
+    )?;
     let processor = UpdateEmbeddings::new(models, &settings)?;
     recpipe_shared::admin::run_service(&settings, processor, shutdown).await
 }

@@ -180,8 +180,41 @@ pub mod dlq_headers {
 /// consumer lag librdkafka reports in its statistics.
 struct RebalanceContext {
     rebalanced: Arc<AtomicBool>,
+    /// Wakes the loop waiting for records, so a new assignment is prepared at once.
+    assigned: Arc<tokio::sync::Notify>,
+    /// `auto.offset.reset` is `earliest` (the default here, unless overridden).
+    reset_to_earliest: bool,
     service: String,
     health: Arc<Health>,
+}
+
+/// Sets each partition of `tpl` to its committed offset, or to the beginning where none is
+/// committed. A partition whose offset cannot be read is left as it came (librdkafka then
+/// looks its offset up itself, as it would have).
+fn start_uncommitted_at_beginning<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &mut TopicPartitionList,
+) {
+    let committed = match consumer.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
+        Ok(committed) => committed,
+        Err(e) => {
+            tracing::debug!(error = %e, "committed offsets not read at assignment; librdkafka reads them");
+            return;
+        }
+    };
+    // In place: `tpl` belongs to the rebalance event, which frees it.
+    for element in committed.elements() {
+        if element.error().is_err() {
+            continue;
+        }
+        let start = match element.offset() {
+            Offset::Offset(_) => element.offset(),
+            _ => Offset::Beginning,
+        };
+        if let Err(e) = tpl.set_partition_offset(element.topic(), element.partition(), start) {
+            tracing::debug!(error = %e, "start offset not set at assignment; librdkafka looks it up");
+        }
+    }
 }
 
 /// The start of the not-ready reason for a broker that refuses the client's credentials
@@ -228,6 +261,59 @@ impl ClientContext for RebalanceContext {
 }
 
 impl ConsumerContext for RebalanceContext {
+    /// As rdkafka's own, but a partition of the assignment with no committed offset is
+    /// assigned at its beginning (`auto.offset.reset` is `earliest`): left to librdkafka,
+    /// it finds no offset, treats that as an error and queries again after 100 ms, so
+    /// every fresh group (a first start, each test) waited that long for its first record.
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr;
+        let cooperative = matches!(
+            base_consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if self.reset_to_earliest {
+                    start_uncommitted_at_beginning(base_consumer, tpl);
+                }
+                self.pre_rebalance(base_consumer, &Rebalance::Assign(tpl));
+                let assigned = if cooperative {
+                    base_consumer.incremental_assign(tpl)
+                } else {
+                    base_consumer.assign(tpl)
+                };
+                self.post_rebalance(base_consumer, &Rebalance::Assign(tpl));
+                assigned
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(base_consumer, &Rebalance::Revoke(tpl));
+                let revoked = if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                };
+                self.post_rebalance(base_consumer, &Rebalance::Revoke(tpl));
+                revoked
+            }
+            _ => {
+                let rebalance = Rebalance::Error(KafkaError::Rebalance(err.into()));
+                self.pre_rebalance(base_consumer, &rebalance);
+                let unassigned = base_consumer.unassign();
+                self.post_rebalance(base_consumer, &rebalance);
+                unassigned
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(service = %self.service, error = %e, "rebalance: the assignment could not be applied");
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
@@ -247,6 +333,9 @@ impl ConsumerContext for RebalanceContext {
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
         self.rebalanced.store(true, Ordering::SeqCst);
+        if matches!(rebalance, Rebalance::Assign(_)) {
+            self.assigned.notify_one();
+        }
     }
 }
 
@@ -269,6 +358,7 @@ pub async fn run_with_health<P: Processor>(
 ) -> Result<RunStats, FrameworkError> {
     let service = processor.name().to_string();
     let rebalanced = Arc::new(AtomicBool::new(true));
+    let assigned = Arc::new(tokio::sync::Notify::new());
     let fetch_wait_max_ms = if processor.on_freshness_path() {
         settings.fetch_wait_max_ms
     } else {
@@ -285,9 +375,13 @@ pub async fn run_with_health<P: Processor>(
         .set("statistics.interval.ms", "5000");
     // Ready from the start; the consumer's error callback may take it back at once.
     health.set_ready();
-    let consumer: StreamConsumer<RebalanceContext> = super::with_overrides(config, settings)
-        .create_with_context(RebalanceContext {
+    let config = super::with_overrides(config, settings);
+    let reset_to_earliest = config.get("auto.offset.reset") == Some("earliest");
+    let consumer: StreamConsumer<RebalanceContext> =
+        config.create_with_context(RebalanceContext {
             rebalanced: rebalanced.clone(),
+            assigned: assigned.clone(),
+            reset_to_earliest,
             service: service.clone(),
             health: health.clone(),
         })?;
@@ -333,6 +427,9 @@ pub async fn run_with_health<P: Processor>(
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             received = consumer.recv() => received,
+            // Called back inside `recv`: prepare the assignment (above) while its first
+            // records are still being fetched, not after them or after the idle wait.
+            _ = assigned.notified() => continue,
             _ = tokio::time::sleep(idle) => {
                 if idle_retry.due(Instant::now()) {
                     match processor.idle().await {
@@ -417,6 +514,7 @@ pub async fn run_with_health<P: Processor>(
             return finish(&consumer, &producer, stats);
         }
 
+        let handle_started = std::time::Instant::now();
         let (outputs, dead, processed_all) = handle_batch(
             &health,
             &mut processor,
@@ -431,6 +529,7 @@ pub async fn run_with_health<P: Processor>(
             // Shutdown during retries: nothing of this batch is committed.
             return finish(&consumer, &producer, stats);
         }
+        let handle_ms = handle_started.elapsed().as_millis() as u64;
         let dead_count = dead.len() as u64;
         stats.dead_lettered += dead_count;
         let mut all = outputs;
@@ -462,7 +561,8 @@ pub async fn run_with_health<P: Processor>(
             }
         };
         stats.produced += delivered;
-        delivery_seconds.record(delivery_started.elapsed().as_secs_f64());
+        let delivery_elapsed = delivery_started.elapsed();
+        delivery_seconds.record(delivery_elapsed.as_secs_f64());
         let commit_started = std::time::Instant::now();
         offsets.processed(batch.iter().map(|m| (m.topic(), m.partition(), m.offset())));
         let due = offsets.due(&processor.held_offsets());
@@ -482,6 +582,8 @@ pub async fn run_with_health<P: Processor>(
             records = batch.len(),
             produced = delivered,
             ms = batch_started.elapsed().as_millis() as u64,
+            handle_ms,
+            delivery_ms = delivery_elapsed.as_millis() as u64,
             "batch handled"
         );
     }

@@ -95,13 +95,10 @@ fn start_blocking(
     let kafka = &settings.kafka;
     let hnsw = &settings.model.hnsw;
     let topic = kafka.topics.models.clone();
-    let consumer: BaseConsumer<ModelsContext> = super::client_config(kafka)
-        // Partitions are assigned, never subscribed, so the group is only a label.
-        .set("group.id", format!("{}-models-reader", kafka.group_prefix))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "100")
-        .create_with_context(ModelsContext)?;
+    // tansu answers a fetch only after its whole wait, even at the end of a partition: the
+    // start-up read waits 10 ms a fetch (the topic's end is then known 90 ms sooner), the
+    // follower, polling for as long as the service runs, 100 ms.
+    let consumer = models_consumer(kafka, 10)?;
     let exists = consumer
         .fetch_metadata(Some(&topic), Duration::from_secs(10))
         .map(|md| {
@@ -126,18 +123,22 @@ fn start_blocking(
     // Start-up: read the partition to its end, then serve the newest assignment that loads.
     let deadline = std::time::Instant::now() + READ_TIMEOUT;
     let mut published = Vec::new();
+    let mut next_offset = Offset::Beginning;
     loop {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "the models topic {topic:?} was not read to its end within {READ_TIMEOUT:?}"
         );
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => match decode(m.payload()) {
-                Ok(a) => published.push(a),
-                Err(e) => {
-                    tracing::warn!(offset = m.offset(), error = %e, "model assignment skipped")
+            Some(Ok(m)) => {
+                next_offset = Offset::Offset(m.offset() + 1);
+                match decode(m.payload()) {
+                    Ok(a) => published.push(a),
+                    Err(e) => {
+                        tracing::warn!(offset = m.offset(), error = %e, "model assignment skipped")
+                    }
                 }
-            },
+            }
             Some(Err(e)) if is_eof(&e) => break,
             Some(Err(e)) => return Err(e.into()),
             None => {}
@@ -164,10 +165,41 @@ fn start_blocking(
 
     let follower = registry.clone();
     let hnsw = hnsw.clone();
+    let kafka = kafka.clone();
     std::thread::Builder::new()
         .name("models-follower".into())
-        .spawn(move || follow(consumer, follower, &hnsw, index, shutdown))?;
+        .spawn(move || {
+            // Closing the start-up reader takes a while; it is done here, off the start.
+            drop(consumer);
+            let consumer = match models_consumer(&kafka, 100).and_then(|c| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, 0, next_offset)?;
+                c.assign(&tpl)?;
+                Ok(c)
+            }) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot follow the models topic; serving the model read at start until restarted");
+                    return;
+                }
+            };
+            follow(consumer, follower, &hnsw, index, shutdown)
+        })?;
     Ok(registry)
+}
+
+/// A reader of the models topic, which is assigned, never subscribed.
+fn models_consumer(
+    kafka: &KafkaSettings,
+    fetch_wait_max_ms: u32,
+) -> Result<BaseConsumer<ModelsContext>, KafkaError> {
+    super::client_config(kafka)
+        // Partitions are assigned, never subscribed, so the group is only a label.
+        .set("group.id", format!("{}-models-reader", kafka.group_prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
+        .create_with_context(ModelsContext)
 }
 
 /// Loads each newly published assignment (in this thread, so serving goes on meanwhile)
