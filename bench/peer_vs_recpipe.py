@@ -273,8 +273,9 @@ def run_recpipe(args, workdir, users, settings):
         progress = Progress(broker.bootstrap)
         started = time.monotonic()
         # The clock's start in the services' log time (UTC), to read a kept run's timeline.
+        now = time.time()
         with open(os.path.join(workdir, "clock-started.txt"), "w") as f:
-            f.write(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:] + "Z\n")
+            f.write(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f"{now % 1:.6f}"[1:] + "Z\n")
         for service in RECPIPE_SERVICES:
             service_env = dict(env, RECPIPE_TELEMETRY__ADMIN_ADDRESS=f"127.0.0.1:{free_port()}")
             procs[service] = subprocess.Popen([os.path.join(args.bin, service)], env=service_env,

@@ -95,9 +95,9 @@ fn start_blocking(
     let kafka = &settings.kafka;
     let hnsw = &settings.model.hnsw;
     let topic = kafka.topics.models.clone();
-    // tansu answers a fetch only after its whole wait, even at the end of a partition: the
-    // start-up read waits 10 ms a fetch (the topic's end is then known 90 ms sooner), the
-    // follower, polling for as long as the service runs, 100 ms.
+    // A fetch at the end of a partition is answered only after its whole wait: the start-up
+    // read waits 10 ms a fetch (the topic's end is then known 90 ms sooner), the follower,
+    // polling for as long as the service runs, 100 ms.
     let consumer = models_consumer(kafka, 10)?;
     let exists = consumer
         .fetch_metadata(Some(&topic), Duration::from_secs(10))
@@ -171,19 +171,24 @@ fn start_blocking(
         .spawn(move || {
             // Closing the start-up reader takes a while; it is done here, off the start.
             drop(consumer);
-            let consumer = match models_consumer(&kafka, 100).and_then(|c| {
+            // From where the start-up read ended, so no assignment published since is missed.
+            let follower_consumer = || {
+                let c = models_consumer(&kafka, 100)?;
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(&topic, 0, next_offset)?;
                 c.assign(&tpl)?;
-                Ok(c)
-            }) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot follow the models topic; serving the model read at start until restarted");
-                    return;
-                }
+                Ok::<_, KafkaError>(c)
             };
-            follow(consumer, follower, &hnsw, index, shutdown)
+            loop {
+                match follower_consumer() {
+                    Ok(c) => return follow(c, follower, &hnsw, index, shutdown),
+                    Err(e) if !shutdown.is_cancelled() => {
+                        tracing::error!(error = %e, "cannot follow the models topic yet; serving the model read at start and retrying in 1 s");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    Err(_) => return,
+                }
+            }
         })?;
     Ok(registry)
 }
