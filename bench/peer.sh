@@ -4,8 +4,9 @@
 # draining the same backlog on a fresh tansu broker, alternated in one script; see
 # bench/peer_vs_recpipe.py. Installs numpy, hnswlib and confluent-kafka into
 # .tools/bench-venv. Arguments go to the script: --events (50000), --rounds (2),
-# --partitions (1), --only (peer,recpipe,recpipe-auto-ef: recpipe with its defaults and
-# with ef_search calibrated on the catalog; name one, e.g. to profile it).
+# --partitions (1), --only (peer,recpipe,recpipe-ef-128: recpipe with its defaults, whose
+# ef_search is calibrated on the catalog, and with the fixed ef_search 128 that was the
+# default before; name one, e.g. to profile it).
 # RECPIPE_DEMO_BIN_DIR runs another build's binaries; RECPIPE_PEER_KEEP=1 keeps each
 # run's directory (logs, store).
 set -euo pipefail

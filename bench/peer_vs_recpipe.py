@@ -18,14 +18,15 @@ vectors). The peer's lists hold 10 products and its save-worker stores one row p
 recpipe's hold 20 and it stores every event, every user's state and every list (history),
 so recpipe does more work per event. Each run checks that every user got a list.
 
-recpipe runs twice per round: with its defaults, and with `model.hnsw.ef_search` 0 (the
-smallest that reaches recall@10 0.95 on this catalog: `recpipe-admin catalog index`
+recpipe runs twice per round: with its defaults, whose `model.hnsw.ef_search` 0 is the
+smallest that reaches recall@10 0.95 on this catalog (`recpipe-admin catalog index`
 calibrates it on the graph it builds and keeps it beside the graph, outside the clock,
-and gen-recommendations reads it at start).
+and gen-recommendations reads it at start), and with the fixed 128 that was the default
+before 2026-12-03.
 
 Usage: peer_vs_recpipe.py --peer ../shared/bench/peer_pipeline.py --bin target/release
        --tansu .tools/bin/tansu [--events 50000] [--rounds 2] [--partitions 1]
-       [--only peer,recpipe,recpipe-auto-ef]
+       [--only peer,recpipe,recpipe-ef-128]
 Writes a line per run and a JSON summary (--out).
 """
 
@@ -232,13 +233,14 @@ class Progress:
             c.close()
 
 
-# recpipe's runs: its defaults (ef_search 128), and with ef_search calibrated on the catalog
-# to recall@10 0.95. On these vectors, hnswlib (2026-12-03, 2,000 of the peer's users'
-# final vectors) finds 0.895 of the true 10 nearest at the peer's M 16, ef 64; at recpipe's
-# M 32, 0.956 at ef 32 and 0.997 at 128, which takes 4.4 times as long.
+# recpipe's runs: its defaults (ef_search calibrated on the catalog to recall@10 0.95: 48
+# here), and the fixed ef_search 128 that was the default before. On these vectors, hnswlib
+# (2026-12-03, 2,000 of the peer's users' final vectors) finds 0.895 of the true 10
+# nearest at the peer's M 16, ef 64; at recpipe's M 32, 0.956 at ef 32 and 0.997 at 128,
+# which takes 4.4 times as long.
 RECPIPE_VARIANTS = {
     "recpipe": {},
-    "recpipe-auto-ef": {"RECPIPE_MODEL__HNSW__EF_SEARCH": "0"},
+    "recpipe-ef-128": {"RECPIPE_MODEL__HNSW__EF_SEARCH": "128"},
 }
 
 
@@ -360,7 +362,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--partitions", type=int, default=1)
     ap.add_argument("--out", default="target/peer-bench/summary.json")
-    ap.add_argument("--only", default="peer,recpipe,recpipe-auto-ef",
+    ap.add_argument("--only", default="peer,recpipe,recpipe-ef-128",
                     help="run only these, comma-separated (e.g. one side, to profile it)")
     args = ap.parse_args()
     args.catalog = None

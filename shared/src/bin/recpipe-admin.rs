@@ -196,7 +196,7 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
             println!("built in {built:.1} s, saved to {}", path.display());
             // The ef_search for `model.hnsw.recall_target`, kept beside the graph for the
-            // services that run with `ef_search: 0`.
+            // services that run with `ef_search: 0` (the default).
             let auto = recpipe_shared::settings::HnswSettings {
                 ef_search: 0,
                 ..hnsw.clone()

@@ -451,9 +451,8 @@ impl Recommender {
     /// The smallest `ef_search` of [`EF_LADDER`] whose recall@10 against exact search
     /// reaches `target` on each kind of query made like users' vectors (see
     /// `calibration_queries`). How many candidates a search must examine depends on
-    /// the catalog: on the peer benchmark's random 64-d embeddings 48 reaches 0.95, and 128
-    /// (the default, for clustered ones) costs about three times as much. Deterministic for
-    /// a catalog.
+    /// the catalog: 48 reaches 0.95 on the peer benchmark's 20,000 random 64-d embeddings,
+    /// 192 on 20,000 generated clustered ones. Deterministic for a catalog.
     pub fn calibrate_ef(&mut self, target: f64) -> Calibration {
         let kinds = calibration_queries(&self.catalog, CALIBRATION_QUERIES);
         let exact = Recommender::exact(self.catalog.clone());
@@ -782,11 +781,15 @@ mod tests {
         assert_eq!(rewritten.ef_search(), calibrated);
 
         // A fixed ef_search is used as given, whatever is kept.
-        let fixed = Recommender::with_graph_file(cat, &graph_always(), dir.path());
-        assert_eq!(fixed.ef_search(), HnswSettings::default().ef_search);
+        let fixed = HnswSettings {
+            ef_search: 128,
+            ..graph_always()
+        };
+        let fixed = Recommender::with_graph_file(cat, &fixed, dir.path());
+        assert_eq!(fixed.ef_search(), 128);
     }
 
-    /// The default settings, with a graph however small the catalog.
+    /// The default settings (`ef_search` automatic), with a graph however small the catalog.
     fn graph_always() -> HnswSettings {
         HnswSettings {
             exact_below: 0,
@@ -795,32 +798,39 @@ mod tests {
     }
 
     #[test]
-    fn hnsw_recall_at_10_is_at_least_095_on_a_generated_catalog() {
+    fn hnsw_recall_at_10_on_queries_it_was_not_calibrated_on() {
         let catalog = catalog(5_000);
-        let hnsw = Recommender::new(catalog.clone(), &graph_always());
         let exact = Recommender::exact(catalog.clone());
-        assert!(!hnsw.is_exact());
-        let (mut hits, mut total) = (0, 0);
-        for q in (0..catalog.len()).step_by(25) {
-            // Query between two products, as a user vector is.
-            let v =
-                (&catalog.embedding(q) + &catalog.embedding((q * 7 + 3) % catalog.len())).to_vec();
-            let truth: HashSet<usize> = exact
-                .nearest(&v, 10, &|_| false)
-                .into_iter()
-                .map(|x| x.0)
+        // Between two products, as a user vector is: pairs the calibration never drew.
+        let queries: Vec<Vec<f32>> = (0..catalog.len())
+            .step_by(25)
+            .map(|q| {
+                (&catalog.embedding(q) + &catalog.embedding((q * 7 + 3) % catalog.len())).to_vec()
+            })
+            .collect();
+        let truth = exact.neighbour_sets(&queries, 10);
+        let recall_of = |hnsw: &Recommender| {
+            assert!(!hnsw.is_exact());
+            let found: Vec<_> = queries
+                .iter()
+                .map(|q| hnsw.nearest(q, 10, &|_| false))
                 .collect();
-            let got = hnsw.nearest(&v, 10, &|_| false);
-            assert_eq!(got.len(), 10);
-            hits += got.iter().filter(|x| truth.contains(&x.0)).count();
-            total += 10;
-        }
-        let recall = hits as f64 / total as f64;
+            assert!(found.iter().all(|f| f.len() == 10));
+            recall(&found, &truth)
+        };
+        // The default calibrates on 200 queries of each kind: on others it lands within
+        // their sampling spread of the target (here ef 64: 0.948; ef 32 would find 0.87).
+        let mut hnsw = Recommender::new(catalog, &graph_always());
+        let (calibrated, recall_calibrated) = (hnsw.ef_search(), recall_of(&hnsw));
+        // The graph itself, given candidates enough.
+        hnsw.set_ef_search(128);
+        let recall_wide = recall_of(&hnsw);
         eprintln!(
-            "HNSW recall@10 on two-product queries, 5k catalog: {recall:.3} at ef_search {}",
-            hnsw.ef_search
+            "HNSW recall@10 on two-product queries, 5k catalog: {recall_calibrated:.3} at the \
+             calibrated ef_search {calibrated}, {recall_wide:.3} at 128"
         );
-        assert!(recall >= 0.95, "recall@10 {recall}");
+        assert!(recall_calibrated >= 0.93, "recall@10 {recall_calibrated}");
+        assert!(recall_wide >= 0.95, "recall@10 {recall_wide}");
     }
 
     #[test]
