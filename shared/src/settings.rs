@@ -345,7 +345,9 @@ pub struct HnswSettings {
     /// that reaches `recall_target` on this catalog, found when the model loads and kept
     /// beside the graph file for the next start. No fixed value suits every catalog: 48
     /// reaches 0.95 on 20,000 random 64-d embeddings, the generated clustered catalog needs
-    /// 64 at 5,000 products and 192 at 20,000, where 128 finds 0.93.
+    /// 64 at 5,000 products and 192 at 20,000, where 128 finds 0.93. Where no value up to
+    /// 512 reaches it (the graph limits recall: 100,000 generated clustered products),
+    /// 128, with a warning at each start.
     pub ef_search: usize,
     /// recall@10 against exact search that an automatic `ef_search` reaches on each kind
     /// of calibration query.

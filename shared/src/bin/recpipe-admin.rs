@@ -207,13 +207,28 @@ async fn main() -> anyhow::Result<()> {
                 &auto,
                 &dir,
             );
-            println!(
-                "ef_search {} reaches recall@10 {} on this graph (calibrated in {:.1} s, saved to {})",
-                calibrated.ef_search(),
-                hnsw.recall_target,
-                started.elapsed().as_secs_f64(),
-                dir.join(recpipe_shared::model::recommender::CALIBRATION_FILE).display()
-            );
+            let seconds = started.elapsed().as_secs_f64();
+            let saved_to = dir.join(recpipe_shared::model::recommender::CALIBRATION_FILE);
+            match calibrated.calibration() {
+                Some(found) if found.recall >= hnsw.recall_target => println!(
+                    "ef_search {} finds recall@10 {:.3} on this graph, target {} (calibrated in {seconds:.1} s, saved to {})",
+                    found.ef_search,
+                    found.recall,
+                    hnsw.recall_target,
+                    saved_to.display()
+                ),
+                Some(found) => println!(
+                    "no ef_search tried reaches recall@10 {} on this graph (the largest finds {:.3}): \
+                     the services will search at {}, which finds {:.3} (calibrated in {seconds:.1} s, saved to {}). \
+                     Build with more model.hnsw.max_connections or ef_construction, or lower recall_target",
+                    hnsw.recall_target,
+                    found.best_recall,
+                    found.ef_search,
+                    found.recall,
+                    saved_to.display()
+                ),
+                None => println!("ef_search {} (not calibrated)", calibrated.ef_search()),
+            }
         }
         Command::Catalog {
             command:

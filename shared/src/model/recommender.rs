@@ -70,6 +70,13 @@ const CALIBRATION_QUERIES: usize = 200;
 /// Pairs of products drawn, at most, for each two-interest calibration query.
 const PAIRS_DRAWN: usize = 64;
 
+/// The `ef_search` a calibration settles on when no rung of [`EF_LADDER`] reaches the
+/// target. There the graph, not the search, limits recall, and searching longer buys
+/// little: on 100,000 generated clustered products × 64 the worst kind of query finds
+/// 0.68–0.69 at 128 and 0.77–0.82 at 512 (two builds of the graph), which takes 2.9
+/// times as long.
+pub const EF_WHEN_UNREACHED: usize = 128;
+
 /// What [`Recommender::calibrate_ef`] found.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Calibration {
@@ -77,6 +84,9 @@ pub struct Calibration {
     /// recall@10 at that `ef_search` against exact search, on the kind of query where it
     /// is lowest.
     pub recall: f64,
+    /// The highest such recall of the rungs tried: `recall` when the target was reached,
+    /// else what the largest `ef_search` would have found.
+    pub best_recall: f64,
 }
 
 /// Queries like users' vectors, from a fixed seed, in three kinds that are hard in
@@ -184,6 +194,21 @@ fn save_calibration(saved: &SavedCalibration, path: &Path) -> std::io::Result<()
     Ok(())
 }
 
+/// Says that no `ef_search` tried reached `model.hnsw.recall_target`, at every start, and
+/// what to do about it.
+fn warn_unreached(ef_search: usize, recall: f64, best_recall: Option<f64>) {
+    tracing::warn!(
+        ef_search,
+        recall_at_10 = recall,
+        largest_ef_search = EF_LADDER[EF_LADDER.len() - 1],
+        largest_recall_at_10 = best_recall,
+        "no ef_search tried reaches model.hnsw.recall_target on this graph, so it searches at \
+         {EF_WHEN_UNREACHED}: the largest would cost several times as much for little more. \
+         Build the graph with more max_connections or ef_construction, lower recall_target, \
+         or set ef_search to a number"
+    );
+}
+
 /// What a graph built for `catalog` with `settings` is saved under.
 pub fn graph_key(catalog: &Catalog, settings: &HnswSettings) -> GraphKey {
     GraphKey {
@@ -284,6 +309,9 @@ pub struct Recommender {
     catalog: Arc<Catalog>,
     index: Index,
     ef_search: usize,
+    /// How `ef_search` was calibrated, when it was (`ef_search: 0`); `best_recall` is
+    /// `recall` when read from a calibration file.
+    calibration: Option<Calibration>,
     /// The catalog's availability flags, dense: the search consults them per candidate.
     available: Vec<bool>,
 }
@@ -301,6 +329,7 @@ impl Recommender {
             catalog,
             index,
             ef_search: settings.ef_search,
+            calibration: None,
         }
         .with_ef_for(settings)
     }
@@ -358,6 +387,7 @@ impl Recommender {
             catalog,
             index: Index::Hnsw(graph),
             ef_search: settings.ef_search,
+            calibration: None,
         }
         .with_ef_kept_beside(settings, &path)
     }
@@ -384,6 +414,9 @@ impl Recommender {
                     && saved.graph_modified_ns == graph_modified_ns
                     && saved.recall_target == settings.recall_target
                     && saved.ef_search > 0
+                    // Made when an unreached target searched at the largest rung.
+                    && (saved.recall >= saved.recall_target
+                        || saved.ef_search == EF_WHEN_UNREACHED)
             });
         if let Some(saved) = kept {
             tracing::info!(
@@ -393,7 +426,15 @@ impl Recommender {
                 path = %path.display(),
                 "ef_search read from its calibration file"
             );
+            if saved.recall < saved.recall_target {
+                warn_unreached(saved.ef_search, saved.recall, None);
+            }
             self.ef_search = saved.ef_search;
+            self.calibration = Some(Calibration {
+                ef_search: saved.ef_search,
+                recall: saved.recall,
+                best_recall: saved.recall,
+            });
             return self;
         }
         let found = self.calibrate_and_log(settings);
@@ -432,15 +473,16 @@ impl Recommender {
             "ef_search calibrated on this catalog"
         );
         if found.recall < settings.recall_target {
-            tracing::warn!(
-                ef_search = found.ef_search,
-                recall_at_10 = found.recall,
-                "no ef_search tried reaches model.hnsw.recall_target: searching with the largest; \
-                 a graph built with more max_connections or ef_construction would do better"
-            );
+            warn_unreached(found.ef_search, found.recall, Some(found.best_recall));
         }
         self.ef_search = found.ef_search;
+        self.calibration = Some(found);
         found
+    }
+
+    /// How `ef_search` was calibrated, when it was.
+    pub fn calibration(&self) -> Option<Calibration> {
+        self.calibration
     }
 
     /// Candidates examined per HNSW query.
@@ -450,17 +492,14 @@ impl Recommender {
 
     /// The smallest `ef_search` of [`EF_LADDER`] whose recall@10 against exact search
     /// reaches `target` on each kind of query made like users' vectors (see
-    /// `calibration_queries`). How many candidates a search must examine depends on
+    /// `calibration_queries`); [`EF_WHEN_UNREACHED`] when none does. How many candidates a search must examine depends on
     /// the catalog: 48 reaches 0.95 on the peer benchmark's 20,000 random 64-d embeddings,
     /// 192 on 20,000 generated clustered ones. Deterministic for a catalog.
     pub fn calibrate_ef(&mut self, target: f64) -> Calibration {
         let kinds = calibration_queries(&self.catalog, CALIBRATION_QUERIES);
         let exact = Recommender::exact(self.catalog.clone());
         let truths: Vec<_> = kinds.iter().map(|q| exact.neighbour_sets(q, 10)).collect();
-        let mut found = Calibration {
-            ef_search: 0,
-            recall: 0.0,
-        };
+        let mut tried = Vec::with_capacity(EF_LADDER.len());
         for ef in EF_LADDER {
             self.ef_search = ef;
             // The worst kind of query counts: each must reach the target.
@@ -475,15 +514,26 @@ impl Recommender {
                     recall(&results, truth)
                 })
                 .fold(f64::INFINITY, f64::min);
-            found = Calibration {
-                ef_search: ef,
-                recall: worst,
-            };
             if worst >= target {
-                break;
+                return Calibration {
+                    ef_search: ef,
+                    recall: worst,
+                    best_recall: worst,
+                };
             }
+            tried.push((ef, worst));
         }
-        found
+        let best_recall = tried.iter().map(|t| t.1).fold(0.0, f64::max);
+        let (ef_search, recall) = tried
+            .into_iter()
+            .find(|t| t.0 == EF_WHEN_UNREACHED)
+            .expect("EF_WHEN_UNREACHED is a rung of EF_LADDER");
+        self.ef_search = ef_search;
+        Calibration {
+            ef_search,
+            recall,
+            best_recall,
+        }
     }
 
     /// A recommender that always scores exactly (the reference for recall).
@@ -493,6 +543,7 @@ impl Recommender {
             catalog,
             index: Index::Exact,
             ef_search: 0,
+            calibration: None,
         }
     }
 
@@ -755,6 +806,18 @@ mod tests {
         let next = Recommender::with_graph_file(cat.clone(), &auto, dir.path());
         assert_eq!(next.ef_search(), 777);
 
+        // A kept target not reached is kept at EF_WHEN_UNREACHED only: one left at the
+        // largest rung (before EF_WHEN_UNREACHED was the rule) is calibrated again.
+        let mut unreached = saved.clone();
+        unreached.recall = 0.5;
+        for (kept_ef, then) in [(EF_WHEN_UNREACHED, EF_WHEN_UNREACHED), (512, calibrated)] {
+            unreached.ef_search = kept_ef;
+            std::fs::write(&kept, serde_json::to_vec(&unreached).unwrap()).unwrap();
+            let next = Recommender::with_graph_file(cat.clone(), &auto, dir.path());
+            assert_eq!(next.ef_search(), then, "kept {kept_ef}");
+        }
+        std::fs::write(&kept, serde_json::to_vec(&planted).unwrap()).unwrap();
+
         // Another target is calibrated again, and kept in place of the old one.
         let stricter = HnswSettings {
             recall_target: 0.99,
@@ -877,13 +940,24 @@ mod tests {
                 EF_LADDER[rung - 1]
             );
         }
-        // A stricter target never asks for fewer candidates.
+        // A stricter target, reached, never asks for fewer candidates.
         let stricter = hnsw.calibrate_ef(0.99);
+        assert!(stricter.recall >= 0.99, "{stricter:?}");
         assert!(
             stricter.ef_search >= found.ef_search,
             "{stricter:?} {found:?}"
         );
-        assert!(stricter.recall >= 0.99 || stricter.ef_search == *EF_LADDER.last().unwrap());
+        // A target no rung reaches: the graph limits recall, and the search settles at
+        // EF_WHEN_UNREACHED rather than at the largest, reporting what that would find.
+        let unreachable = hnsw.calibrate_ef(1.01);
+        assert_eq!(unreachable.ef_search, EF_WHEN_UNREACHED);
+        assert_eq!(hnsw.ef_search, EF_WHEN_UNREACHED);
+        assert_eq!(unreachable.recall, recall_at(&mut hnsw, EF_WHEN_UNREACHED));
+        assert_eq!(
+            unreachable.best_recall,
+            recall_at(&mut hnsw, *EF_LADDER.last().unwrap())
+        );
+        assert!(unreachable.best_recall >= unreachable.recall);
         // A number in the settings is used as it is.
         let fixed = Recommender::new(
             catalog,
