@@ -492,9 +492,10 @@ impl Recommender {
 
     /// The smallest `ef_search` of [`EF_LADDER`] whose recall@10 against exact search
     /// reaches `target` on each kind of query made like users' vectors (see
-    /// `calibration_queries`); [`EF_WHEN_UNREACHED`] when none does. How many candidates a search must examine depends on
-    /// the catalog: 48 reaches 0.95 on the peer benchmark's 20,000 random 64-d embeddings,
-    /// 192 on 20,000 generated clustered ones. Deterministic for a catalog.
+    /// `calibration_queries`); [`EF_WHEN_UNREACHED`] when none does. How many candidates
+    /// a search must examine depends on the catalog: 48 reaches 0.95 on the peer
+    /// benchmark's 20,000 random 64-d embeddings, 192 on 20,000 generated clustered ones.
+    /// Deterministic for a catalog.
     pub fn calibrate_ef(&mut self, target: f64) -> Calibration {
         let kinds = calibration_queries(&self.catalog, CALIBRATION_QUERIES);
         let exact = Recommender::exact(self.catalog.clone());
