@@ -50,7 +50,12 @@ pub fn run(
 
     let exact = Recommender::exact(catalog.clone());
     let started = Instant::now();
-    let settings = HnswSettings::default();
+    // A fixed ef_search: each is set below, and the default's calibration at load would
+    // count in the build's time.
+    let settings = HnswSettings {
+        ef_search: 128,
+        ..HnswSettings::default()
+    };
     let mut hnsw = Recommender::new(catalog.clone(), &settings);
     eprintln!(
         "  recpipe HNSW (M={}, ef_construction={}) built in {:.1} s",

@@ -57,8 +57,11 @@ fn ann(c: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(HnswSettings::default().max_connections);
+    // A fixed ef_search: each is set below, and the default's calibration at load would
+    // count in the build's time.
     let settings = HnswSettings {
         max_connections: m,
+        ef_search: 128,
         ..HnswSettings::default()
     };
     let started = Instant::now();
