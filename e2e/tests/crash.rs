@@ -99,11 +99,29 @@ impl Drop for Pipeline<'_> {
     }
 }
 
+/// The end of each service's log, for a run that did not finish: the test's directory
+/// goes when it fails.
+fn log_tails(dir: &std::path::Path) -> String {
+    SERVICES
+        .iter()
+        .map(|name| {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            format!(
+                "--- the last {} lines of {name}.log ---\n{tail}\n",
+                lines.len().min(60)
+            )
+        })
+        .collect()
+}
+
 /// Each user's final state and list, once the store holds them for every event.
 async fn outcome(
     store: &dyn Store,
     expected: &HashMap<String, u64>,
     timeout: Duration,
+    logs: &std::path::Path,
 ) -> HashMap<String, (UserVectorRecord, RecommendationRecord)> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -122,9 +140,10 @@ async fn outcome(
         }
         assert!(
             Instant::now() < deadline,
-            "after {timeout:?} only {} of {} users are complete",
+            "after {timeout:?} only {} of {} users are complete\n{}",
             done.len(),
-            expected.len()
+            expected.len(),
+            log_tails(logs)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -162,7 +181,13 @@ async fn run(
         }
     }
     let store = store::open(&env.settings.store.url).await.unwrap();
-    let result = outcome(store.as_ref(), &expected, Duration::from_secs(180)).await;
+    let result = outcome(
+        store.as_ref(),
+        &expected,
+        Duration::from_secs(180),
+        env.dir.path(),
+    )
+    .await;
     (result, killed)
 }
 
