@@ -227,11 +227,20 @@ impl Drop for TestBroker {
 
 /// Produces one record and waits for its acknowledgement.
 pub async fn produce(brokers: &str, topic: &str, key: &str, payload: &[u8]) {
-    let producer: FutureProducer = ClientConfig::new()
+    send(&test_producer(brokers), topic, key, payload).await;
+}
+
+/// A producer that partitions by key as the project's own producers do.
+fn test_producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("partitioner", "murmur2_random")
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// Sends one record and waits for its acknowledgement.
+async fn send(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
     producer
         .send(
             FutureRecord::to(topic).key(key).payload(payload),
@@ -368,14 +377,26 @@ impl TestEnv {
 
     /// Produces `events` to the events topic, keyed by user, one acknowledged at a time.
     pub async fn send_events(&self, events: &[crate::events::Event]) {
+        self.send_events_paced(events, Duration::ZERO).await;
+    }
+
+    /// As [`Self::send_events`], waiting `gap` after each event: a stream rather than a
+    /// burst.
+    pub async fn send_events_paced(&self, events: &[crate::events::Event], gap: Duration) {
+        // One producer for the lot, each record acknowledged before the next is sent: the
+        // order stays the order given, without a new connection per event (about 0.1 s).
+        let producer = test_producer(&self.broker.brokers());
         for e in events {
-            produce(
-                &self.broker.brokers(),
+            send(
+                &producer,
                 &self.settings.kafka.topics.events,
                 &e.user_id,
                 &serde_json::to_vec(e).unwrap(),
             )
             .await;
+            if !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
         }
     }
 }
