@@ -83,8 +83,7 @@ impl<'a> Pipeline<'a> {
 
     /// How many assignments `name` has logged, over all its starts.
     fn assignments(&self, name: &str) -> usize {
-        std::fs::read_to_string(self.env.dir.path().join(format!("{name}.log")))
-            .unwrap_or_default()
+        service_log(self.env.dir.path(), name)
             .matches("partitions assigned")
             .count()
     }
@@ -141,13 +140,18 @@ impl Drop for Pipeline<'_> {
     }
 }
 
+/// What `name` has logged so far, over all its starts (empty before its first).
+fn service_log(dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
 /// The end of each service's log, for a run that did not finish: the test's directory
 /// goes when it fails.
 fn log_tails(dir: &std::path::Path) -> String {
     SERVICES
         .iter()
         .map(|name| {
-            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            let log = service_log(dir, name);
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(60)..].join("\n");
             format!(
