@@ -22,6 +22,8 @@ const MIGRATIONS: [&str; 5] = [
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Read connections; GETs take whichever is free.
 const READERS: usize = 4;
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Page cache of each connection, in KiB.
 const CACHE_KIB: usize = 64 * 1024;
 /// Page size of a new database file, in bytes.
@@ -53,8 +55,7 @@ impl SqliteStore {
         }
         let connect = || -> Result<Connection, StoreError> {
             let c = Connection::open(path).map_err(|e| open_err(&e))?;
-            c.busy_timeout(std::time::Duration::from_secs(10))
-                .map_err(|e| open_err(&e))?;
+            c.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_err(&e))?;
             // Applies to a new file only (an existing one keeps its page size). At 4 KiB a
             // list (about 2 KB of JSON) left much of a page unused, and storing a backlog
             // of 200,000 events took save-worker more pages, b-tree splits and WAL frames:
@@ -64,8 +65,7 @@ impl SqliteStore {
                 .map_err(|e| open_err(&e))?;
             // WAL lets readers in other processes run alongside the writer; NORMAL sync
             // survives a process crash (not an OS crash) and keeps commits cheap.
-            c.pragma_update(None, "journal_mode", "WAL")
-                .map_err(|e| open_err(&e))?;
+            set_wal(&c).map_err(|e| open_err(&e))?;
             c.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(|e| open_err(&e))?;
             // With SQLite's defaults (a 2 MB page cache, a checkpoint every 4 MB of WAL)
@@ -123,6 +123,25 @@ impl SqliteStore {
         })
         .await
         .map_err(query_err)?
+    }
+}
+
+/// Puts the file in WAL mode. Converting a new file takes an exclusive lock for which
+/// SQLite answers "database is locked" at once, without the busy timeout: a service
+/// opening the file while another one converts it (save-worker and query-api starting
+/// together) tries again, for as long as the busy timeout would have waited.
+fn set_wal(c: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match c.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            done => return done,
+        }
     }
 }
 
@@ -419,6 +438,38 @@ mod tests {
             .await
             .unwrap();
         crate::store::suite::run_all(store.as_ref()).await;
+    }
+
+    #[test]
+    fn services_opening_a_new_file_at_the_same_moment_all_open_it() {
+        // save-worker and query-api start together on one machine and open the same new
+        // file: neither may fail with "database is locked".
+        for round in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("s.db");
+            let barrier = std::sync::Barrier::new(4);
+            std::thread::scope(|scope| {
+                let opened: Vec<_> = (0..4)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            SqliteStore::open(&path).map(drop)
+                        })
+                    })
+                    .collect();
+                for o in opened {
+                    if let Err(e) = o.join().unwrap() {
+                        panic!("round {round}: {e}");
+                    }
+                }
+            });
+            assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+            let mode: String = Connection::open(&path)
+                .unwrap()
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(mode, "wal");
+        }
     }
 
     #[tokio::test]
