@@ -30,6 +30,82 @@ pub fn tansu_binary() -> PathBuf {
     path
 }
 
+/// How long a test may run, from its first broker's start, before [`watch_this_test`]
+/// aborts it; `RECPIPE_TEST_WATCHDOG_SECS` overrides it (0 turns the watchdog off).
+const TEST_LIMIT: Duration = Duration::from_secs(480);
+
+thread_local! {
+    /// The watchdog of the test running on this thread, disarmed when the thread ends.
+    static WATCHDOG: std::cell::OnceCell<std::sync::mpsc::Sender<()>> =
+        const { std::cell::OnceCell::new() };
+}
+
+/// Makes a hung test fail. A test whose thread has not ended [`TEST_LIMIT`] after this
+/// call prints every thread's stack (with gdb, where installed) and aborts the test
+/// process: a hang costs minutes and says where it stands, rather than stalling CI until
+/// its own timeout with nothing to show. Each test runs on its own thread, whose end
+/// (after the test's runtime and services are dropped) disarms the watchdog.
+pub fn watch_this_test() {
+    let limit = match std::env::var("RECPIPE_TEST_WATCHDOG_SECS") {
+        Ok(v) => Duration::from_secs(v.trim().parse().unwrap_or_else(|_| {
+            panic!("RECPIPE_TEST_WATCHDOG_SECS={v:?} is not a whole number of seconds")
+        })),
+        Err(_) => TEST_LIMIT,
+    };
+    if limit.is_zero() {
+        return;
+    }
+    WATCHDOG.with(|armed| {
+        armed.get_or_init(|| {
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("a test")
+                .to_string();
+            let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
+            let watch = move || {
+                // Nothing is ever sent: the sender's drop at the thread's end disconnects.
+                if disarmed.recv_timeout(limit) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    return;
+                }
+                abort_with_stacks(&test, limit);
+            };
+            std::thread::Builder::new()
+                .name("test-watchdog".into())
+                .spawn(watch)
+                .expect("start the test watchdog");
+            disarm
+        });
+    });
+}
+
+fn abort_with_stacks(test: &str, limit: Duration) -> ! {
+    use std::io::Write;
+    // Written to stderr directly: the test harness captures only print! and eprint!.
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "\n{test} is still running after {} s: it hangs. Every thread's stack follows, then \
+         the test process aborts (RECPIPE_TEST_WATCHDOG_SECS sets the limit, 0 turns it off).",
+        limit.as_secs()
+    );
+    let pid = std::process::id().to_string();
+    match Command::new("gdb")
+        .args(["-p", &pid, "-batch", "-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) => {
+            let _ = err.write_all(&out.stdout);
+            let _ = err.write_all(&out.stderr);
+        }
+        Err(e) => {
+            let _ = writeln!(err, "(no stacks: gdb did not run: {e})");
+        }
+    }
+    let _ = err.flush();
+    std::process::abort();
+}
+
 /// A free loopback port (bound and released: the broker must advertise its real port).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -63,6 +139,7 @@ impl TestBroker {
     }
 
     async fn start_with(storage: String) -> TestBroker {
+        watch_this_test();
         let port = free_port();
         let mut broker = TestBroker {
             child: None,
@@ -472,5 +549,37 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[ignore = "hangs on purpose: a_hung_test_is_aborted_with_every_threads_stack runs it"]
+    fn hangs_on_purpose() {
+        watch_this_test();
+        std::thread::sleep(Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_hung_test_is_aborted_with_every_threads_stack() {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "testkit::tests::hangs_on_purpose"])
+            .env("RECPIPE_TEST_WATCHDOG_SECS", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("testkit::tests::hangs_on_purpose is still running after 1 s"),
+            "{stderr}"
+        );
+        // With gdb installed, the stacks show where the test stands.
+        if Command::new("gdb").arg("--version").output().is_ok() {
+            assert!(stderr.contains("hangs_on_purpose"), "{stderr}");
+            assert!(stderr.contains("Thread "), "{stderr}");
+        }
     }
 }
