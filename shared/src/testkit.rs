@@ -88,15 +88,31 @@ fn abort_with_stacks(test: &str, limit: Duration) -> ! {
          the test process aborts (RECPIPE_TEST_WATCHDOG_SECS sets the limit, 0 turns it off).",
         limit.as_secs()
     );
+    let _ = err.flush();
     let pid = std::process::id().to_string();
+    // gdb writes straight to this process's stderr, and gets a minute: the abort must
+    // come even if gdb itself cannot attach.
+    let to_stderr = || {
+        use std::os::fd::AsFd;
+        std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    };
     match Command::new("gdb")
         .args(["-p", &pid, "-batch", "-ex", "thread apply all bt"])
         .stdin(Stdio::null())
-        .output()
+        .stdout(to_stderr())
+        .stderr(to_stderr())
+        .spawn()
     {
-        Ok(out) => {
-            let _ = err.write_all(&out.stdout);
-            let _ = err.write_all(&out.stderr);
+        Ok(mut gdb) => {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while matches!(gdb.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = gdb.kill();
         }
         Err(e) => {
             let _ = writeln!(err, "(no stacks: gdb did not run: {e})");
