@@ -64,7 +64,9 @@ pub struct Catalog {
     embeddings_id: String,
     products: Vec<Product>,
     embeddings: Array2<f32>,
-    by_id: HashMap<String, usize>,
+    /// foldhash rather than SipHash: every list looks up 60–100 ids here. It is
+    /// seeded per process, and the map is built from the catalog only.
+    by_id: HashMap<String, usize, foldhash::fast::RandomState>,
     by_token: HashMap<String, Vec<usize>>,
 }
 
@@ -118,7 +120,10 @@ impl Catalog {
         } else {
             embeddings.as_standard_layout().into_owned()
         };
-        let mut by_id = HashMap::with_capacity(products.len());
+        let mut by_id = HashMap::with_capacity_and_hasher(
+            products.len(),
+            foldhash::fast::RandomState::default(),
+        );
         let mut by_token: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, p) in products.iter().enumerate() {
             if by_id.insert(p.product_id.clone(), i).is_some() {

@@ -2,7 +2,7 @@
 //! exact scoring for small catalogs and as the reference. Excluded products (the user's
 //! history, purchases, unavailable ones) are filtered inside the search.
 
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -298,6 +298,13 @@ impl PartialEq for Ranked {
 }
 
 impl Eq for Ranked {}
+
+/// Products and their embeddings, one row each (see [`Recommender::rows_of`]).
+#[derive(Default)]
+struct Rows {
+    products: Vec<usize>,
+    vectors: Vec<f32>,
+}
 
 enum Index {
     Exact,
@@ -605,24 +612,29 @@ impl Recommender {
     ) -> Vec<(usize, f32)> {
         let mut scores = Vec::with_capacity(self.catalog.len());
         score_rows(self.catalog.embeddings_slice(), unit, &mut scores);
-        // The k best so far, the worst of them on top. A product is put to the filter only
-        // when it would enter: most of a catalog never gets that far.
-        let mut best: BinaryHeap<Ranked> = BinaryHeap::with_capacity(k + 1);
+        // Candidates, cut back to the k best whenever the buffer fills; after the first cut
+        // a product must beat the k-th best so far, so most of a catalog is passed over on
+        // one comparison and never put to the filter. Cheaper than a heap of k, whose every
+        // entry costs a push and a pop.
+        let cap = (2 * k).max(k + 32);
+        let mut kept: Vec<Ranked> = Vec::with_capacity(cap);
+        let mut floor: Option<f32> = None;
         for (i, &score) in scores.iter().enumerate() {
-            let candidate = Ranked(i, score);
-            if best.len() == k && best.peek().is_some_and(|worst| candidate >= *worst) {
+            // Products come in index order and equal scores rank by index, so a score
+            // equal to the floor loses to the product that set it.
+            if floor.is_some_and(|f| score.total_cmp(&f).is_le()) || !allowed(i) {
                 continue;
             }
-            if !allowed(i) {
-                continue;
-            }
-            best.push(candidate);
-            if best.len() > k {
-                best.pop();
+            kept.push(Ranked(i, score));
+            if kept.len() == cap {
+                kept.select_nth_unstable(k - 1);
+                kept.truncate(k);
+                floor = Some(kept[k - 1].1);
             }
         }
-        best.into_sorted_vec()
-            .into_iter()
+        kept.sort_unstable();
+        kept.truncate(k);
+        kept.into_iter()
             .map(|Ranked(i, score)| (i, score))
             .collect()
     }
@@ -640,22 +652,27 @@ impl Recommender {
         k: usize,
         keep: &(dyn Fn(usize) -> bool + Sync),
     ) -> Option<Vec<ScoredProduct>> {
-        let excluded: HashSet<usize> = user
+        // Sorted ids rather than a hash set: a few dozen, looked up only for candidates.
+        let mut excluded: Vec<usize> = user
             .recent_products
             .iter()
             .chain(&user.purchased)
             .filter_map(|p| self.catalog.index_of(p))
             .collect();
-        let nearest = self.nearest(&user.vector, k, &|i| excluded.contains(&i) || !keep(i));
+        excluded.sort_unstable();
+        let nearest = self.nearest(&user.vector, k, &|i| {
+            excluded.binary_search(&i).is_ok() || !keep(i)
+        });
         if nearest.is_empty() {
             return None;
         }
-        let history: Vec<usize> = user
-            .recent_products
-            .iter()
-            .take(EXPLAIN_FROM)
-            .filter_map(|p| self.catalog.index_of(p))
-            .collect();
+        let history = self.rows_of(
+            user.recent_products
+                .iter()
+                .take(EXPLAIN_FROM)
+                .filter_map(|p| self.catalog.index_of(p)),
+        );
+        let mut scores = Vec::with_capacity(EXPLAIN_FROM);
         Some(
             nearest
                 .into_iter()
@@ -663,7 +680,7 @@ impl Recommender {
                     product_id: self.catalog.product(i).product_id.clone(),
                     score,
                     because: self
-                        .closest(i, &history)
+                        .closest(i, &history, &mut scores)
                         .map(|h| self.catalog.product(h).product_id.clone()),
                 })
                 .collect(),
@@ -684,22 +701,33 @@ impl Recommender {
             .collect()
     }
 
-    /// The product of `among` most similar to product `i`.
-    fn closest(&self, i: usize, among: &[usize]) -> Option<usize> {
-        let e = self.catalog.embedding(i);
-        among
+    /// Products and their embedding rows side by side, so scoring a product against all
+    /// of them is one pass of [`score_rows`].
+    fn rows_of(&self, products: impl Iterator<Item = usize>) -> Rows {
+        let mut rows = Rows::default();
+        for h in products {
+            rows.products.push(h);
+            rows.vectors.extend_from_slice(self.row(h));
+        }
+        rows
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        let dim = self.catalog.dim();
+        &self.catalog.embeddings_slice()[i * dim..(i + 1) * dim]
+    }
+
+    /// The product of `among` most similar to product `i` (the last of equals).
+    fn closest(&self, i: usize, among: &Rows, scores: &mut Vec<f32>) -> Option<usize> {
+        if among.products.is_empty() {
+            return None;
+        }
+        score_rows(&among.vectors, self.row(i), scores);
+        scores
             .iter()
-            .map(|&h| {
-                (
-                    h,
-                    dot(
-                        e.as_slice().unwrap_or_default(),
-                        self.catalog.embedding(h).as_slice().unwrap_or_default(),
-                    ),
-                )
-            })
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(h, _)| h)
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(n, _)| among.products[n])
     }
 
     /// Products most similar to product `i` (itself and unavailable ones excluded).
@@ -1041,6 +1069,60 @@ mod tests {
         // Equal scores: the lower index first, whatever order they come in.
         let tied = Ranked(3, 0.5);
         assert!(tied < Ranked(7, 0.5) && tied > Ranked(9, 0.6) && tied < Ranked(1, 0.4));
+    }
+
+    #[test]
+    fn exact_search_ranks_equal_scores_by_index_whatever_k_and_filter() {
+        // 600 products on 5 distinct directions: every score is shared by about 120
+        // products, so the cut-off between the k best and the rest falls among equals.
+        let directions = [
+            [1.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0],
+            [0.6, 0.8, 0.0],
+            [0.0, 0.6, 0.8],
+            [0.0, 0.0, 1.0],
+        ];
+        let n = 600;
+        let products = (0..n)
+            .map(|i| crate::catalog::Product {
+                product_id: format!("p{i}"),
+                title: String::new(),
+                category: String::new(),
+                available: i % 11 != 0,
+            })
+            .collect();
+        let rows = ndarray::Array2::from_shape_fn((n, 3), |(i, d)| directions[(i * 7) % 5][d]);
+        let catalog = Arc::new(Catalog::new(products, rows).unwrap());
+        let exact = Recommender::exact(catalog.clone());
+        for (q, query) in [[0.9f32, 0.3, 0.1], [0.1, 0.2, 0.9], [0.5, 0.5, 0.5]]
+            .iter()
+            .enumerate()
+        {
+            let norm = query.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let unit: Vec<f32> = query.iter().map(|v| v / norm).collect();
+            // The same direction gives the same score, bit for bit, whichever kernel.
+            let score = |i: usize| {
+                let d = directions[(i * 7) % 5];
+                ((d[0] * unit[0]) as f64 + (d[1] * unit[1]) as f64 + (d[2] * unit[2]) as f64) as f32
+            };
+            for k in [1, 5, 20, 33, 130, 599, 700] {
+                for m in [2, 3, 7] {
+                    let skip = |i: usize| i % m == 1;
+                    // Every allowed product scored and sorted: best first, ties by index.
+                    let mut want: Vec<usize> = (0..n)
+                        .filter(|&i| catalog.product(i).available && !skip(i))
+                        .collect();
+                    want.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
+                    want.truncate(k);
+                    let got = exact.nearest(query, k, &skip);
+                    let ids: Vec<usize> = got.iter().map(|x| x.0).collect();
+                    assert_eq!(ids, want, "query {q}, k {k}, skip i % {m} == 1");
+                    for (i, s) in got {
+                        assert!((s - score(i)).abs() < 1e-5, "query {q}, product {i}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
