@@ -101,6 +101,10 @@ pub struct KafkaSettings {
     /// this long even when it has data, and answers at most 5 MB, which bounds how fast
     /// a backlog is read.
     pub background_fetch_wait_max_ms: u64,
+    /// How long a batch of such a consumer gathers records after its first one, unless
+    /// it fills first (0: what has come, as on the freshness path). save-worker then
+    /// writes one store transaction per window rather than per fetch.
+    pub background_batch_ms: u64,
     /// How long a producer waits to fill a batch (0: send at once, lowest latency).
     pub linger_ms: u64,
 }
@@ -119,6 +123,7 @@ impl Default for KafkaSettings {
             max_record_bytes: 64 * 1024,
             fetch_wait_max_ms: 1,
             background_fetch_wait_max_ms: 10,
+            background_batch_ms: 100,
             linger_ms: 0,
         }
     }

@@ -400,3 +400,80 @@ async fn a_restart_resumes_where_it_committed_and_an_uncommitted_partition_from_
     new.sort();
     assert_eq!(payloads_of_one_run(&settings, new.len()).await, new);
 }
+
+/// Sends each batch's payloads; nobody waits on its work, as on save-worker.
+struct BackgroundRecorder(mpsc::UnboundedSender<Vec<Vec<u8>>>);
+
+#[async_trait]
+impl Processor for BackgroundRecorder {
+    type Input = Vec<u8>;
+
+    fn name(&self) -> &str {
+        "background-recorder"
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec!["one".into()]
+    }
+
+    fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(payload.to_vec())
+    }
+
+    fn on_freshness_path(&self) -> bool {
+        false
+    }
+
+    async fn process(
+        &mut self,
+        batch: Vec<Decoded<Vec<u8>>>,
+    ) -> Result<Vec<Outcome>, RetryableError> {
+        let _ = self.0.send(batch.iter().map(|d| d.input.clone()).collect());
+        Ok(batch.iter().map(|_| Outcome::Emit(Vec::new())).collect())
+    }
+}
+
+/// The next batch, well inside `background_batch_ms`: a batch held for the window would
+/// not come in time.
+async fn next_batch(batches: &mut mpsc::UnboundedReceiver<Vec<Vec<u8>>>) -> Vec<Vec<u8>> {
+    tokio::time::timeout(Duration::from_secs(30), batches.recv())
+        .await
+        .expect("no batch in 30 s: a full batch was held for the window")
+        .expect("the framework stopped")
+}
+
+/// A consumer off the freshness path gathers records that come apart into one batch
+/// (`background_batch_ms`), and a batch that fills goes at once, not at the window's end.
+#[tokio::test]
+async fn a_background_batch_gathers_records_that_come_apart_and_goes_when_full() {
+    let broker = TestBroker::start().await;
+    let mut settings = broker.kafka_settings();
+    settings.batch_max = 2;
+    settings.background_batch_ms = 60_000;
+    recpipe_shared::kafka::ensure_topics(&settings, &["one"], 1)
+        .await
+        .unwrap();
+    let (tx, mut batches) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let service = {
+        let (settings, stop) = (settings.clone(), stop.clone());
+        tokio::spawn(async move { framework::run(&settings, BackgroundRecorder(tx), stop).await })
+    };
+    // Once the consumer is assigned and fetching, a record 400 ms after another (forty
+    // fetches apart) still joins its batch.
+    produce(&broker.brokers(), "one", "k", b"warm-1").await;
+    produce(&broker.brokers(), "one", "k", b"warm-2").await;
+    assert_eq!(
+        next_batch(&mut batches).await,
+        vec![b"warm-1".to_vec(), b"warm-2".to_vec()]
+    );
+    produce(&broker.brokers(), "one", "k", b"a").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    produce(&broker.brokers(), "one", "k", b"b").await;
+    assert_eq!(
+        next_batch(&mut batches).await,
+        vec![b"a".to_vec(), b"b".to_vec()]
+    );
+    stop.cancel();
+    service.await.unwrap().unwrap();
+}

@@ -470,11 +470,28 @@ pub async fn run_with_health<P: Processor>(
         if let (Some(_), Some(key)) = (max_keys, batch[0].key()) {
             keys.insert(key.to_vec());
         }
+        // A processor nobody waits on gathers for a while: save-worker's store then
+        // writes one transaction per window, and a b-tree page that many of its rows
+        // touch is written to the WAL once per window, not once per fetch. A backlog
+        // fills the batch at once and is not held.
+        let gather_until = (!processor.on_freshness_path())
+            .then(|| batch_started + Duration::from_millis(settings.background_batch_ms));
         while batch.len() < settings.batch_max
             && bytes < settings.batch_max_bytes
             && max_keys.is_none_or(|max| keys.len() < max)
         {
-            match consumer.recv().now_or_never() {
+            let next = match consumer.recv().now_or_never() {
+                Some(received) => Some(received),
+                None => match gather_until {
+                    Some(until) if std::time::Instant::now() < until => tokio::select! {
+                        received = consumer.recv() => Some(received),
+                        _ = tokio::time::sleep_until(until.into()) => None,
+                        _ = shutdown.cancelled() => None,
+                    },
+                    _ => None,
+                },
+            };
+            match next {
                 Some(Ok(m)) => {
                     let m = m.detach();
                     bytes += record_bytes(&m);
