@@ -305,7 +305,22 @@ async fn a_batch_stops_at_the_processors_key_limit() {
 }
 
 /// Sends each batch's payloads, in order.
-struct PayloadRecorder(mpsc::UnboundedSender<Vec<Vec<u8>>>);
+struct PayloadRecorder {
+    batches: mpsc::UnboundedSender<Vec<Vec<u8>>>,
+    topic: &'static str,
+    /// False: nobody waits on its work, as on save-worker.
+    on_freshness_path: bool,
+}
+
+impl PayloadRecorder {
+    fn of_topic_in(batches: mpsc::UnboundedSender<Vec<Vec<u8>>>) -> Self {
+        PayloadRecorder {
+            batches,
+            topic: "in",
+            on_freshness_path: true,
+        }
+    }
+}
 
 #[async_trait]
 impl Processor for PayloadRecorder {
@@ -316,18 +331,24 @@ impl Processor for PayloadRecorder {
     }
 
     fn topics(&self) -> Vec<String> {
-        vec!["in".into()]
+        vec![self.topic.into()]
     }
 
     fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<Vec<u8>, String> {
         Ok(payload.to_vec())
     }
 
+    fn on_freshness_path(&self) -> bool {
+        self.on_freshness_path
+    }
+
     async fn process(
         &mut self,
         batch: Vec<Decoded<Vec<u8>>>,
     ) -> Result<Vec<Outcome>, RetryableError> {
-        let _ = self.0.send(batch.iter().map(|d| d.input.clone()).collect());
+        let _ = self
+            .batches
+            .send(batch.iter().map(|d| d.input.clone()).collect());
         Ok(batch.iter().map(|_| Outcome::Emit(Vec::new())).collect())
     }
 }
@@ -338,7 +359,9 @@ async fn payloads_of_one_run(settings: &KafkaSettings, n: usize) -> Vec<Vec<u8>>
     let stop = CancellationToken::new();
     let service = {
         let (settings, stop) = (settings.clone(), stop.clone());
-        tokio::spawn(async move { framework::run(&settings, PayloadRecorder(tx), stop).await })
+        tokio::spawn(async move {
+            framework::run(&settings, PayloadRecorder::of_topic_in(tx), stop).await
+        })
     };
     let mut seen = Vec::new();
     while seen.len() < n {
@@ -401,38 +424,6 @@ async fn a_restart_resumes_where_it_committed_and_an_uncommitted_partition_from_
     assert_eq!(payloads_of_one_run(&settings, new.len()).await, new);
 }
 
-/// Sends each batch's payloads; nobody waits on its work, as on save-worker.
-struct BackgroundRecorder(mpsc::UnboundedSender<Vec<Vec<u8>>>);
-
-#[async_trait]
-impl Processor for BackgroundRecorder {
-    type Input = Vec<u8>;
-
-    fn name(&self) -> &str {
-        "background-recorder"
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec!["one".into()]
-    }
-
-    fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<Vec<u8>, String> {
-        Ok(payload.to_vec())
-    }
-
-    fn on_freshness_path(&self) -> bool {
-        false
-    }
-
-    async fn process(
-        &mut self,
-        batch: Vec<Decoded<Vec<u8>>>,
-    ) -> Result<Vec<Outcome>, RetryableError> {
-        let _ = self.0.send(batch.iter().map(|d| d.input.clone()).collect());
-        Ok(batch.iter().map(|_| Outcome::Emit(Vec::new())).collect())
-    }
-}
-
 /// The next batch, well inside `background_batch_ms`: a batch held for the window would
 /// not come in time.
 async fn next_batch(batches: &mut mpsc::UnboundedReceiver<Vec<Vec<u8>>>) -> Vec<Vec<u8>> {
@@ -457,7 +448,12 @@ async fn a_background_batch_gathers_records_that_come_apart_and_goes_when_full()
     let stop = CancellationToken::new();
     let service = {
         let (settings, stop) = (settings.clone(), stop.clone());
-        tokio::spawn(async move { framework::run(&settings, BackgroundRecorder(tx), stop).await })
+        let recorder = PayloadRecorder {
+            batches: tx,
+            topic: "one",
+            on_freshness_path: false,
+        };
+        tokio::spawn(async move { framework::run(&settings, recorder, stop).await })
     };
     // Once the consumer is assigned and fetching, a record 400 ms after another (forty
     // fetches apart) still joins its batch.
