@@ -302,18 +302,17 @@ async fn recommendations_for(
     // One wall-clock read per GET, for both the freshness check and the impression.
     let now = now_ms();
     let mut freshness = None;
-    let answer = match entry {
-        Some(entry) if !entry.list.items.is_empty() => {
-            let list = &entry.list;
+    let answer = match entry.as_ref().and_then(|e| Some((e, e.list()?))) {
+        Some((entry, list)) if !list.items.is_empty() => {
             if fallback.is_none() && list.fallback.is_none() && now - list.generated_at < 60_000 {
                 freshness = list.source_event_ts.map(|ts| list.generated_at - ts);
             }
-            let model = model_of(state, &entry.list.model_version);
+            let model = model_of(state, &list.model_version);
             // An answer is made once per list, k and model and sent again while current;
             // the popularity list's answer is shared by every user without a list, each
             // getting their own id spliced in.
             entry.rendered(k, &model).unwrap_or_else(|| {
-                let response = respond(state, user_id.clone(), &entry.list, fallback, k);
+                let response = respond(state, user_id.clone(), list, fallback, k);
                 let rendered = Arc::new(Rendered::new(response, k, &model));
                 entry.keep_rendered(rendered.clone());
                 rendered
@@ -339,9 +338,10 @@ async fn recommendations_for(
 /// in the view, which the topic keeps current from there on).
 async fn latest_list(state: &AppState, user_id: &str) -> Result<Option<Arc<ViewEntry>>, ApiError> {
     match state.view.lookup(user_id) {
-        Lookup::Present(entry) => return Ok(Some(entry)),
+        // A list the view cannot decode is answered from the store (its last good list).
+        Lookup::Present(entry) if entry.list().is_some() => return Ok(Some(entry)),
+        Lookup::Present(_) | Lookup::Unknown => {}
         Lookup::NoList => return Ok(None),
-        Lookup::Unknown => {}
     }
     match state.store.latest_recommendations(user_id).await? {
         Some(list) => {

@@ -15,10 +15,15 @@
 //! Each entry also keeps the last answer made from its list, encoded, so that repeated
 //! GETs of one user (page views) encode nothing: it is made again when `k` or the model
 //! serving the list changes.
+//!
+//! A list from the topic is kept as it came and decoded by the first GET that needs it:
+//! most lists are replaced before anyone asks (a user's list changes with each batch of
+//! their events), and decoding every one, its ids each an allocation, took as much CPU
+//! as the API's GETs and POSTs together at 7,208 events/s.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -35,8 +40,26 @@ use tokio_util::sync::CancellationToken;
 
 /// A user's latest list, and the last answer made from it.
 pub struct ViewEntry {
-    pub list: Arc<RecommendationRecord>,
+    /// What orders the lists of one user (see [`is_newer`]), read when the entry is made.
+    user_id: String,
+    user_version: u64,
+    generated_at: i64,
+    /// The list as it came from the topic, until decoded (then dropped: an entry holds
+    /// one form or the other).
+    encoded: Mutex<Option<Bytes>>,
+    /// The decoded list, or why it could not be decoded.
+    list: OnceLock<Result<Arc<RecommendationRecord>, String>>,
     rendered: ArcSwapOption<Rendered>,
+}
+
+/// The fields of a list that say whose it is and how new: the rest is skipped, not
+/// decoded (serde ignores unknown fields unless told otherwise).
+#[derive(serde::Deserialize)]
+struct ListHeader<'a> {
+    #[serde(borrow)]
+    user_id: std::borrow::Cow<'a, str>,
+    user_version: u64,
+    generated_at: i64,
 }
 
 /// An answer as sent, and what it was made for.
@@ -105,11 +128,57 @@ impl Rendered {
 const USER_ID_FIELD: &str = "{\"user_id\":";
 
 impl ViewEntry {
+    /// An entry for a list already decoded (one read from the store).
     pub fn new(list: Arc<RecommendationRecord>) -> Arc<ViewEntry> {
         Arc::new(ViewEntry {
-            list,
+            user_id: list.user_id.clone(),
+            user_version: list.user_version,
+            generated_at: list.generated_at,
+            encoded: Mutex::new(None),
+            list: OnceLock::from(Ok(list)),
             rendered: ArcSwapOption::empty(),
         })
+    }
+
+    /// An entry for a list as JSON (schemas/recommendation.v1.schema.json), of which
+    /// only the user and the list's order are read now. Fails when even those are not
+    /// there; a list whose other fields are wrong fails when first used ([`Self::list`]).
+    pub fn from_json(encoded: &[u8]) -> Result<Arc<ViewEntry>, serde_json::Error> {
+        let header: ListHeader = serde_json::from_slice(encoded)?;
+        Ok(Arc::new(ViewEntry {
+            user_id: header.user_id.into_owned(),
+            user_version: header.user_version,
+            generated_at: header.generated_at,
+            encoded: Mutex::new(Some(Bytes::copy_from_slice(encoded))),
+            list: OnceLock::new(),
+            rendered: ArcSwapOption::empty(),
+        }))
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    /// The list, decoded by the first call. `None` if it cannot be decoded (logged once):
+    /// save-worker dead-letters such a record, so the store has the user's last good list.
+    pub fn list(&self) -> Option<&Arc<RecommendationRecord>> {
+        self.list
+            .get_or_init(|| {
+                let encoded = self
+                    .encoded
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+                    .unwrap_or_default();
+                serde_json::from_slice::<RecommendationRecord>(&encoded)
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        tracing::warn!(user_id = self.user_id, error = %e, "a list in the view cannot be decoded; the store answers for it");
+                        e.to_string()
+                    })
+            })
+            .as_ref()
+            .ok()
     }
 
     /// The answer made earlier for `k` from `model`, if any.
@@ -215,11 +284,11 @@ impl ListView {
         // The length is read before the shard lock is taken (DashMap's len locks every
         // shard), so the bound may be passed by a few concurrent inserts.
         let full = self.lists.len() >= self.max_users;
-        match self.lists.entry(entry.list.user_id.clone()) {
+        match self.lists.entry(entry.user_id.clone()) {
             Entry::Occupied(mut held) => {
                 let newer = match held.get() {
                     Slot::NoList => true,
-                    Slot::Present(current) => is_newer(&entry.list, &current.list),
+                    Slot::Present(current) => is_newer(&entry, current),
                 };
                 if newer {
                     held.insert(Slot::Present(entry));
@@ -251,7 +320,7 @@ impl ListView {
     }
 }
 
-fn is_newer(list: &RecommendationRecord, than: &RecommendationRecord) -> bool {
+fn is_newer(list: &ViewEntry, than: &ViewEntry) -> bool {
     (list.user_version, list.generated_at) > (than.user_version, than.generated_at)
 }
 
@@ -313,9 +382,9 @@ pub fn follow(
                             record_wait_seconds.record(waited);
                         }
                         let Some(payload) = m.payload() else { continue };
-                        match serde_json::from_slice::<RecommendationRecord>(payload) {
-                            Ok(list) => {
-                                view.offer(ViewEntry::new(Arc::new(list)));
+                        match ViewEntry::from_json(payload) {
+                            Ok(entry) => {
+                                view.offer(entry);
                                 view.applied.fetch_add(1, Ordering::Relaxed);
                             }
                             // save-worker dead-letters it; here it is only skipped.
@@ -444,8 +513,48 @@ mod tests {
         );
         assert!(view.offer(list("u", 2, 200)), "same version, made later");
         assert!(view.offer(list("u", 3, 50)));
-        assert_eq!(view.get("u").unwrap().list.recommendation_id, "u-3-50");
+        assert_eq!(
+            view.get("u").unwrap().list().unwrap().recommendation_id,
+            "u-3-50"
+        );
         assert!(view.get("other").is_none());
+    }
+
+    #[test]
+    fn a_list_from_the_topic_is_ordered_on_arrival_and_decoded_when_asked_for() {
+        let made = list("u \"q\" ü", 4, 9);
+        let mut full = (**made.list().unwrap()).clone();
+        full.input_event_ids = vec!["e-1".into(), "e-2".into()];
+        let json = serde_json::to_vec(&full).unwrap();
+        let entry = ViewEntry::from_json(&json).unwrap();
+        assert_eq!(entry.user_id(), "u \"q\" ü", "an escaped id is read whole");
+        assert!(entry.list.get().is_none(), "nothing decoded on arrival");
+        assert_eq!(**entry.list().unwrap(), full);
+
+        let view = ListView::new(10);
+        assert!(view.offer(ViewEntry::from_json(&json).unwrap()));
+        let older = list("u \"q\" ü", 4, 8);
+        assert!(
+            !view.offer(older),
+            "ordered by the header's version and time"
+        );
+        let mut newer = full.clone();
+        newer.generated_at = 10;
+        assert!(view.offer(ViewEntry::from_json(&serde_json::to_vec(&newer).unwrap()).unwrap()));
+
+        let mut bad = serde_json::to_value(&full).unwrap();
+        bad["items"] = 7.into();
+        let bad = ViewEntry::from_json(&serde_json::to_vec(&bad).unwrap()).unwrap();
+        assert!(bad.list().is_none(), "decoding fails when first asked");
+        assert!(bad.list().is_none(), "and stays failed");
+        for missing in ["user_id", "user_version", "generated_at"] {
+            let mut partial = serde_json::to_value(&full).unwrap();
+            partial.as_object_mut().unwrap().remove(missing);
+            assert!(
+                ViewEntry::from_json(&serde_json::to_vec(&partial).unwrap()).is_err(),
+                "{missing}"
+            );
+        }
     }
 
     fn is_no_list(view: &ListView, user: &str) -> bool {
@@ -499,12 +608,13 @@ mod tests {
     }
 
     fn response(entry: &ViewEntry) -> crate::routes::RecommendationsResponse {
+        let list = entry.list().unwrap();
         crate::routes::RecommendationsResponse {
-            user_id: entry.list.user_id.clone(),
-            recommendation_id: entry.list.recommendation_id.clone(),
-            model_version: entry.list.model_version.clone(),
+            user_id: list.user_id.clone(),
+            recommendation_id: list.recommendation_id.clone(),
+            model_version: list.model_version.clone(),
             fallback: None,
-            generated_at: entry.list.generated_at,
+            generated_at: list.generated_at,
             source_event_id: None,
             items: Vec::new(),
         }
@@ -559,8 +669,8 @@ mod tests {
             produce(
                 &env.broker.brokers(),
                 &topic,
-                &l.list.user_id,
-                &serde_json::to_vec(&*l.list).unwrap(),
+                l.user_id(),
+                &serde_json::to_vec(&**l.list().unwrap()).unwrap(),
             )
             .await;
         }
@@ -609,7 +719,7 @@ mod tests {
         assert!(view.offer(list("u", 1, 1)), "a list replaces the mark");
         view.note_no_list("u");
         assert!(
-            matches!(view.lookup("u"), Lookup::Present(e) if e.list.user_version == 1),
+            matches!(view.lookup("u"), Lookup::Present(e) if e.list().unwrap().user_version == 1),
             "a late 'no list' never hides a list"
         );
     }

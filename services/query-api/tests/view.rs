@@ -107,6 +107,37 @@ async fn get_serves_the_newest_list_from_the_topic_or_the_store() {
     .await;
     assert_eq!(view.applied(), 3, "three lists taken from the topic");
 
+    // A list that says whose it is and how new, but whose items are not a list, is taken
+    // by the view (only those fields are read on arrival); its first GET finds it cannot
+    // be decoded and answers from the store instead of failing.
+    let mut bad = serde_json::to_value(list("store-only", 6, &["p-00006"])).unwrap();
+    bad["items"] = "not a list".into();
+    recpipe_shared::testkit::produce(
+        &env.broker.brokers(),
+        &env.settings.kafka.topics.recommendations,
+        "store-only",
+        &serde_json::to_vec(&bad).unwrap(),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the bad list reached the view",
+        || {
+            let view = view.clone();
+            async move { (view.applied() == 4).then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        view.get("store-only").is_some_and(|e| e.list().is_none()),
+        "the view holds the undecodable list"
+    );
+    assert_eq!(
+        get(&client, address, "store-only").await["recommendation_id"],
+        "store-only-v5",
+        "the store's list answers for it"
+    );
+
     // A user with no list gets the popularity list from the view.
     let mut popular = list(POPULAR_USER_ID, 0, &["p-00007", "p-00008"]);
     popular.source_event_id = None;
