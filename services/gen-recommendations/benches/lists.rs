@@ -67,12 +67,21 @@ fn lists(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let mut generator = GenRecommendations::new(models.clone(), &settings);
-
+    // As the service runs (a batch this size is split over one thread per core), and on
+    // one thread: the per-list work without the threads' start and scheduling, which on
+    // a 2-core machine shared with other work varies by a quarter between runs.
+    let mut one_thread = settings.clone();
+    one_thread.model.search_threads = 1;
     let mut group = c.benchmark_group("gen_recommendations");
-    group.bench_function(
-        format!("batch_of_{BATCH}_states_decoded_listed_encoded"),
-        |b| {
+    for (name, settings) in [
+        (
+            format!("batch_of_{BATCH}_states_decoded_listed_encoded"),
+            &settings,
+        ),
+        (format!("batch_of_{BATCH}_on_one_thread"), &one_thread),
+    ] {
+        let mut generator = GenRecommendations::new(models.clone(), settings);
+        group.bench_function(name, |b| {
             b.iter(|| {
                 let batch: Vec<_> = payloads
                     .iter()
@@ -90,8 +99,8 @@ fn lists(c: &mut Criterion) {
                     .collect();
                 black_box(runtime.block_on(generator.process(batch)).unwrap())
             })
-        },
-    );
+        });
+    }
     let one = state(7, catalog.dim(), catalog.embeddings_id());
     let recommender = models.current().primary().recommender.clone();
     group.bench_function("one_list_recommend", |b| {
