@@ -14,18 +14,4 @@ if [ "${1:-}" != "--inside" ]; then
 fi
 seconds="$2"
 sleep 5 # start-up work (restores, first popularity list) done
-cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
-names=(tansu update-embeddings gen-recommendations save-worker query-api)
-declare -A pid before
-for n in "${names[@]}"; do
-  pid[$n]=$(pgrep -f "/$n( |$)" | head -1)
-  before[$n]=$(cpu "${pid[$n]}")
-done
-sleep "$seconds"
-total=0
-for n in "${names[@]}"; do
-  used=$(awk -v a="${before[$n]}" -v b="$(cpu "${pid[$n]}")" 'BEGIN {printf "%.2f", b - a}')
-  total=$(awk -v t="$total" -v u="$used" 'BEGIN {printf "%.2f", t + u}')
-  printf '%-20s %6s CPU s  (%4.1f %% of a core)\n' "$n" "$used" "$(awk -v u="$used" -v s="$seconds" 'BEGIN {print 100 * u / s}')"
-done
-printf '%-20s %6s CPU s over %s s idle\n' "all" "$total" "$seconds"
+exec bench/cpu.sh sleep "$seconds"
