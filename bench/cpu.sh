@@ -6,7 +6,7 @@
 #     freshness --rate 10 --seconds 30 --events-rate 4806
 set -uo pipefail
 names=(tansu update-embeddings gen-recommendations save-worker query-api)
-cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat" 2>/dev/null; }
 declare -A pid before
 for n in "${names[@]}"; do
   pid[$n]=$(pgrep -f "/$n( |$)" | head -1)
@@ -22,7 +22,12 @@ status=$?
 seconds=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {printf "%.1f", e - s}')
 total=0
 for n in "${names[@]}"; do
-  used=$(awk -v a="${before[$n]}" -v b="$(cpu "${pid[$n]}")" 'BEGIN {printf "%.2f", b - a}')
+  after=$(cpu "${pid[$n]}") || {
+    # Its CPU time went with it: say so rather than print a figure that is not one.
+    printf '%-20s exited during the command (see its log in .run/logs)\n' "$n"
+    continue
+  }
+  used=$(awk -v a="${before[$n]}" -v b="$after" 'BEGIN {printf "%.2f", b - a}')
   total=$(awk -v t="$total" -v u="$used" 'BEGIN {printf "%.2f", t + u}')
   printf '%-20s %6s CPU s  (%4.1f %% of a core)\n' "$n" "$used" "$(awk -v u="$used" -v s="$seconds" 'BEGIN {print 100 * u / s}')"
 done

@@ -47,8 +47,8 @@ pub struct ViewEntry {
     /// The list as it came from the topic, until decoded (then dropped: an entry holds
     /// one form or the other).
     encoded: Mutex<Option<Bytes>>,
-    /// The decoded list, or why it could not be decoded.
-    list: OnceLock<Result<Arc<RecommendationRecord>, String>>,
+    /// The decoded list, or `None` if it could not be decoded (logged when found).
+    list: OnceLock<Option<Arc<RecommendationRecord>>>,
     rendered: ArcSwapOption<Rendered>,
 }
 
@@ -135,7 +135,7 @@ impl ViewEntry {
             user_version: list.user_version,
             generated_at: list.generated_at,
             encoded: Mutex::new(None),
-            list: OnceLock::from(Ok(list)),
+            list: OnceLock::from(Some(list)),
             rendered: ArcSwapOption::empty(),
         })
     }
@@ -172,13 +172,12 @@ impl ViewEntry {
                     .unwrap_or_default();
                 serde_json::from_slice::<RecommendationRecord>(&encoded)
                     .map(Arc::new)
-                    .map_err(|e| {
+                    .inspect_err(|e| {
                         tracing::warn!(user_id = self.user_id, error = %e, "a list in the view cannot be decoded; the store answers for it");
-                        e.to_string()
                     })
+                    .ok()
             })
             .as_ref()
-            .ok()
     }
 
     /// The answer made earlier for `k` from `model`, if any.
