@@ -9,7 +9,8 @@
 #   scripts/demo.sh --serve    start everything, send no traffic, wait (for benchmarks)
 # Ports: RECPIPE_DEMO_KAFKA_PORT (19092), RECPIPE_DEMO_API_PORT (8080); the experiment
 # runs RECPIPE_DEMO_SHOP_SECS (20) seconds. RECPIPE_DEMO_BIN_DIR runs the binaries of another
-# build instead of building this checkout's (benchmarks comparing two builds in one script).
+# build instead of building this checkout's (benchmarks comparing two builds in one script);
+# TANSU_BIN runs another tansu binary (as the tests' broker does).
 # save-worker runs at nice RECPIPE_DEMO_BACKGROUND_NICE (10; 0 for none): nobody waits on
 # it, and on one machine it would otherwise take CPU from the hops an event's list waits on.
 set -euo pipefail
@@ -34,6 +35,7 @@ esac
 run="$root/.run"
 logs="$run/logs"
 prebuilt="${RECPIPE_DEMO_BIN_DIR:-}"
+tansu="${TANSU_BIN:-$root/.tools/bin/tansu}"
 unset RECPIPE_DEMO_BIN_DIR
 bin="${prebuilt:-$root/target/release}"
 
@@ -78,7 +80,7 @@ url="tcp://127.0.0.1:$kafka_port"
 # tansu reads settings from the environment and a .env file: run it in an empty directory
 # with every setting given as a flag.
 (cd "$run/broker" && exec env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
-  "$root/.tools/bin/tansu" broker --listener-url "$url" --advertised-listener-url "$url" \
+  "$tansu" broker --listener-url "$url" --advertised-listener-url "$url" \
   --storage-engine memory://tansu/ >"$logs/tansu.log" 2>&1) &
 pids+=($!)
 for _ in $(seq 1 100); do in_use "$kafka_port" && break; sleep 0.1; done

@@ -1,29 +1,83 @@
 #!/usr/bin/env bash
 # Installs the tansu Kafka-protocol broker into .tools/ (git-ignored), once.
+#
+# tansu 0.6.0 is built from its crates.io sources with one patch of ours
+# (scripts/tansu/fetch-by-offset.patch): its memory engine answered each fetch by listing
+# every batch the partition had stored, so the broker slowed down the longer it ran. The
+# patch reads a consumer's batches by their names instead (see BENCHMARKS.md).
+#
 # The build takes about 14 minutes on 2 cores, so the binary is also kept in a per-user
-# cache ($RECPIPE_CACHE_DIR, default ~/.cache/recpipe) that other checkouts reuse.
+# cache ($RECPIPE_CACHE_DIR, default ~/.cache/recpipe) that other checkouts reuse. The
+# build's name includes the patch's checksum: a changed patch builds anew.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 version=0.6.0
+patch="$root/scripts/tansu/fetch-by-offset.patch"
+# The crates' sha256, as crates.io's index and tansu's own Cargo.lock give them.
+declare -A sha256=(
+  [tansu]=4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d
+  [tansu-storage]=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
+)
+build_id="$version-$(sha256sum "$patch" | cut -c1-12)"
 tools="$root/.tools"
 bin="$tools/bin/tansu"
-cache="${RECPIPE_CACHE_DIR:-$HOME/.cache/recpipe}/tansu-$version"
+stamp="$tools/bin/tansu.build"
+cache="${RECPIPE_CACHE_DIR:-$HOME/.cache/recpipe}/tansu-$build_id"
 
 works() { [ -x "$1" ] && "$1" --version >/dev/null 2>&1; }
 
-if works "$bin"; then
+if works "$bin" && [ "$(cat "$stamp" 2>/dev/null)" = "$build_id" ]; then
   exit 0
 fi
 mkdir -p "$tools/bin"
 if works "$cache/bin/tansu"; then
   cp "$cache/bin/tansu" "$bin"
-  echo "tansu $version: copied from the cache $cache"
+  echo "$build_id" >"$stamp"
+  echo "tansu $build_id: copied from the cache $cache"
   exit 0
 fi
-command -v cargo >/dev/null || { echo "cargo is missing: install Rust with rustup (https://rustup.rs) first" >&2; exit 1; }
-echo "Installing tansu $version (Kafka-protocol broker) into $tools: about 14 minutes the first time..."
+for tool in cargo curl sha256sum tar patch; do
+  command -v "$tool" >/dev/null || {
+    case "$tool" in
+      cargo) echo "cargo is missing: install Rust with rustup (https://rustup.rs) first" >&2 ;;
+      *) echo "$tool is missing: install it (Debian: apt-get install $tool)" >&2 ;;
+    esac
+    exit 1
+  }
+done
+echo "Building tansu $version with recpipe's patch into $tools: about 14 minutes the first time..."
+src="$tools/src/tansu-$build_id"
+rm -rf "$src" && mkdir -p "$src"
+for crate in tansu tansu-storage; do
+  file="$src/$crate-$version.crate"
+  curl -fsSL --retry 3 -o "$file" "https://static.crates.io/crates/$crate/$crate-$version.crate" || {
+    echo "could not download $crate $version from static.crates.io" >&2
+    exit 1
+  }
+  echo "${sha256[$crate]}  $file" | sha256sum --check --quiet || {
+    echo "$crate-$version.crate does not have crates.io's checksum; not building it" >&2
+    exit 1
+  }
+  tar -xzf "$file" -C "$src"
+done
+patch --quiet -p1 -d "$src/tansu-storage-$version" <"$patch"
+# Its own workspace (so that cargo does not take recpipe's for it), with the patched crate
+# in place of crates.io's. Its Cargo.lock keeps every other dependency at the version
+# tansu was published with; only the patched crate's entry changes.
+cat >>"$src/tansu-$version/Cargo.toml" <<TOML
+
+[workspace]
+
+[patch.crates-io]
+tansu-storage = { path = "../tansu-storage-$version" }
+TOML
 # dynostore gives the memory:// engine, libsql the durable sqlite:// one.
-cargo install tansu --version "$version" --locked --features dynostore,libsql --root "$tools" --quiet
+cargo build --release --quiet --features dynostore,libsql \
+  --manifest-path "$src/tansu-$version/Cargo.toml" --target-dir "$src/target"
+cp "$src/target/release/tansu" "$bin"
 works "$bin" || { echo "tansu was built but does not run: see the output above" >&2; exit 1; }
+echo "$build_id" >"$stamp"
 mkdir -p "$cache/bin" && cp "$bin" "$cache/bin/tansu" || echo "(could not write the cache $cache; continuing)"
-echo "tansu $version installed at $bin"
+# The sources and the build (several GB) are not needed any more.
+rm -rf "$src"
+echo "tansu $build_id installed at $bin"
