@@ -50,10 +50,17 @@ src="$tools/src/tansu-$build_id"
 rm -rf "$src" && mkdir -p "$src"
 for crate in tansu tansu-storage; do
   file="$src/$crate-$version.crate"
-  curl -fsSL --retry 3 -o "$file" "https://static.crates.io/crates/$crate/$crate-$version.crate" || {
-    echo "could not download $crate $version from static.crates.io" >&2
-    exit 1
-  }
+  # cargo's own download cache first (a machine behind a registry mirror has it there
+  # once it has fetched the crate), else crates.io's.
+  cached=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$version.crate" 2>/dev/null | head -1 || true)
+  if [ -n "$cached" ]; then
+    cp "$cached" "$file"
+  else
+    curl -fsSL --retry 3 -o "$file" "https://static.crates.io/crates/$crate/$crate-$version.crate" || {
+      echo "could not download $crate $version from static.crates.io" >&2
+      exit 1
+    }
+  fi
   echo "${sha256[$crate]}  $file" | sha256sum --check --quiet || {
     echo "$crate-$version.crate does not have crates.io's checksum; not building it" >&2
     exit 1
@@ -80,4 +87,5 @@ echo "$build_id" >"$stamp"
 mkdir -p "$cache/bin" && cp "$bin" "$cache/bin/tansu" || echo "(could not write the cache $cache; continuing)"
 # The sources and the build (several GB) are not needed any more.
 rm -rf "$src"
+rmdir "$tools/src" 2>/dev/null || true
 echo "tansu $build_id installed at $bin"
