@@ -6,7 +6,7 @@
 # every batch the partition had stored, so the broker slowed down the longer it ran. The
 # patch reads a consumer's batches by their names instead (see BENCHMARKS.md).
 #
-# The build takes about 14 minutes on 2 cores, so the binary is also kept in a per-user
+# The build takes 10-14 minutes on 2 cores, so the binary is also kept in a per-user
 # cache ($RECPIPE_CACHE_DIR, default ~/.cache/recpipe) that other checkouts reuse. The
 # build's name includes the patch's checksum: a changed patch builds anew.
 set -euo pipefail
@@ -45,7 +45,7 @@ for tool in cargo curl sha256sum tar patch; do
     exit 1
   }
 done
-echo "Building tansu $version with recpipe's patch into $tools: about 14 minutes the first time..."
+echo "Building tansu $version with recpipe's patch into $tools: 10-14 minutes the first time..."
 src="$tools/src/tansu-$build_id"
 rm -rf "$src" && mkdir -p "$src"
 for crate in tansu tansu-storage; do
