@@ -14,6 +14,12 @@
 # save-worker runs at nice RECPIPE_DEMO_BACKGROUND_NICE (10; 0 for none): nobody waits on
 # it, and on one machine it would otherwise take CPU from the hops an event's list waits on.
 set -euo pipefail
+# Taken before the cd below, so that a relative path means what the caller meant.
+tansu="${TANSU_BIN:-}"
+case "$tansu" in
+  "" | /*) ;;
+  *) tansu="$PWD/$tansu" ;;
+esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 wait_for_ctrl_c=1
@@ -35,7 +41,6 @@ esac
 run="$root/.run"
 logs="$run/logs"
 prebuilt="${RECPIPE_DEMO_BIN_DIR:-}"
-tansu="${TANSU_BIN:-$root/.tools/bin/tansu}"
 unset RECPIPE_DEMO_BIN_DIR
 bin="${prebuilt:-$root/target/release}"
 
@@ -50,8 +55,14 @@ for port in "$kafka_port" "$api_port"; do
   fi
 done
 
-say "1/7 installing the tansu broker (cached after the first run)"
-scripts/install-tansu.sh
+if [ -n "$tansu" ]; then
+  [ -x "$tansu" ] || { echo "TANSU_BIN=$tansu is not an executable file" >&2; exit 2; }
+  say "1/7 using the tansu broker at $tansu (TANSU_BIN)"
+else
+  say "1/7 installing the tansu broker (cached after the first run)"
+  scripts/install-tansu.sh
+  tansu="$root/.tools/bin/tansu"
+fi
 
 if [ -n "$prebuilt" ]; then
   say "2/7 using the binaries in $bin (RECPIPE_DEMO_BIN_DIR)"

@@ -52,19 +52,18 @@ for crate in tansu tansu-storage; do
   file="$src/$crate-$version.crate"
   # cargo's own download cache first (a machine behind a registry mirror has it there
   # once it has fetched the crate), else crates.io's.
+  verified() { echo "${sha256[$crate]}  $file" | sha256sum --check --quiet 2>/dev/null; }
   cached=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$version.crate" 2>/dev/null | head -1 || true)
-  if [ -n "$cached" ]; then
-    cp "$cached" "$file"
-  else
+  if ! { [ -n "$cached" ] && cp "$cached" "$file" && verified; }; then
     curl -fsSL --retry 3 -o "$file" "https://static.crates.io/crates/$crate/$crate-$version.crate" || {
       echo "could not download $crate $version from static.crates.io" >&2
       exit 1
     }
+    verified || {
+      echo "$crate-$version.crate from static.crates.io does not have crates.io's checksum; not building it" >&2
+      exit 1
+    }
   fi
-  echo "${sha256[$crate]}  $file" | sha256sum --check --quiet || {
-    echo "$crate-$version.crate does not have crates.io's checksum; not building it" >&2
-    exit 1
-  }
   tar -xzf "$file" -C "$src"
 done
 patch --quiet -p1 -d "$src/tansu-storage-$version" <"$patch"
