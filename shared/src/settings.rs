@@ -90,16 +90,12 @@ pub struct KafkaSettings {
     pub client: BTreeMap<String, String>,
     /// Records larger than this are dead-lettered unread.
     pub max_record_bytes: usize,
-    /// How long the broker may hold a fetch that has no data. tansu answers only when it
-    /// expires, so each hop waits this long: 1 ms locally; Apache Kafka answers as soon
-    /// as data arrives, so 100 there spares idle fetches.
+    /// How long the broker may hold a fetch that has no data. Kafka, and the embedded
+    /// tansu with recpipe's patch, answer as soon as data arrives, so this bounds only how
+    /// often an idle consumer asks again.
     pub fetch_wait_max_ms: u64,
     /// The same, for consumers nobody waits on (save-worker: GET answers come from the
-    /// API's own view of the lists, not from the store). On tansu every consumer polls
-    /// once per wait whether or not there is data, so a longer wait here spares the
-    /// broker most of that consumer's idle fetches. Not much longer: tansu holds a fetch
-    /// this long even when it has data, and answers at most 5 MB, which bounds how fast
-    /// a backlog is read.
+    /// API's own view of the lists, not from the store).
     pub background_fetch_wait_max_ms: u64,
     /// How long a batch of such a consumer gathers records after its first one, unless
     /// it fills first (0: what has come, as on the freshness path). save-worker then
@@ -121,8 +117,8 @@ impl Default for KafkaSettings {
             delivery_timeout_ms: 30_000,
             client: BTreeMap::new(),
             max_record_bytes: 64 * 1024,
-            fetch_wait_max_ms: 1,
-            background_fetch_wait_max_ms: 10,
+            fetch_wait_max_ms: 100,
+            background_fetch_wait_max_ms: 500,
             background_batch_ms: 100,
             linger_ms: 0,
         }

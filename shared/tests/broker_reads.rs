@@ -1,7 +1,8 @@
-//! The broker as the pipeline reads it (tansu 0.6.0 built with
-//! `scripts/tansu/fetch-by-offset.patch`, in memory): every record comes once and in
-//! order, whether a consumer starts where a batch begins or inside one, resumes from an
-//! offset its group committed inside a batch, or reads while records are produced.
+//! The broker as the pipeline reads it (tansu 0.6.0 built with `scripts/tansu/*.patch`,
+//! in memory): every record comes once and in order, whether a consumer starts where a
+//! batch begins or inside one, resumes from an offset its group committed inside a
+//! batch, or reads while records are produced; and a fetch is answered once it has data,
+//! not when the consumer's `fetch.wait.max.ms` ends.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -86,7 +87,12 @@ fn consumer(settings: &KafkaSettings, group: &str) -> BaseConsumer {
 
 /// Reads from `consumer` until `wanted` records came or 20 s passed.
 fn read(consumer: &BaseConsumer, wanted: usize) -> Vec<(i64, String)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    read_for(consumer, wanted, Duration::from_secs(20))
+}
+
+/// Reads from `consumer` until `wanted` records came or `patience` passed.
+fn read_for(consumer: &BaseConsumer, wanted: usize, patience: Duration) -> Vec<(i64, String)> {
+    let deadline = Instant::now() + patience;
     let mut out = Vec::new();
     while out.len() < wanted && Instant::now() < deadline {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
@@ -203,4 +209,68 @@ async fn a_consumer_reading_while_batches_are_produced_gets_each_record_once_in_
     let expected: Vec<(i64, String)> = produced.into_iter().collect();
     assert_eq!(read.len(), total);
     assert_eq!(read, expected);
+}
+
+/// The broker may hold this consumer's fetches for a minute (its `fetch.wait.max.ms`); it
+/// is read from the beginning of `events`.
+fn patient_reader(settings: &KafkaSettings, extra: &[(&str, &str)]) -> BaseConsumer {
+    let mut config = recpipe_shared::kafka::client_config(settings);
+    config
+        .set("group.id", "patient")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "60000")
+        // librdkafka wants the socket timeout above the fetch wait.
+        .set("socket.timeout.ms", "120000");
+    for (key, value) in extra {
+        config.set(*key, *value);
+    }
+    let consumer: BaseConsumer = config.create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&settings.topics.events, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    consumer
+}
+
+// tansu 0.6.0 held a fetch that found nothing for half of what was left of its wait
+// before looking again (30 s here), so the record came after half a minute at the
+// soonest; the patched broker answers when the record is stored. Ten seconds is only a
+// bound far on either side of both.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fetch_waiting_for_data_is_answered_when_a_record_is_produced() {
+    let (_broker, settings) = broker().await;
+    let settings_ = settings.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        let consumer = patient_reader(&settings_, &[]);
+        // Nothing yet: its fetch is held at the broker.
+        assert!(read_for(&consumer, 1, Duration::from_secs(1)).is_empty());
+        read_for(&consumer, 1, Duration::from_secs(10))
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let records = produce_batches(&settings, 0, &[1]).await;
+    assert_eq!(reader.await.unwrap(), records);
+}
+
+// A backlog that takes several fetches (asking for 1 KiB each): tansu 0.6.0
+// held every fetch for half its wait even when it had data (30 s here, so three fetches
+// took 90 s); the patched broker answers each at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fetch_with_data_is_answered_at_once() {
+    let (_broker, settings) = broker().await;
+    let sizes = vec![20; 10];
+    let records = produce_batches(&settings, 0, &sizes).await;
+    let settings_ = settings.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let small_fetches = [
+            ("fetch.max.bytes", "1024"),
+            ("max.partition.fetch.bytes", "1024"),
+            // librdkafka wants this no larger than a fetch.
+            ("message.max.bytes", "1000"),
+        ];
+        let consumer = patient_reader(&settings_, &small_fetches);
+        read_for(&consumer, 200, Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert_eq!(read, records);
 }

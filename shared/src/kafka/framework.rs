@@ -105,8 +105,8 @@ pub trait Processor: Send {
 
     /// Whether anyone waits on this processor's work as it happens (event → fresh
     /// list). One that says no is fetched for with `background_fetch_wait_max_ms`
-    /// instead of `fetch_wait_max_ms`: its records wait a little longer, and the broker
-    /// answers far fewer empty fetches.
+    /// instead of `fetch_wait_max_ms` (the broker is asked again less often when idle)
+    /// and gathers its batches for `background_batch_ms`.
     fn on_freshness_path(&self) -> bool {
         true
     }
