@@ -184,6 +184,11 @@ struct RebalanceContext {
     assigned: Arc<tokio::sync::Notify>,
     /// `auto.offset.reset` is `earliest` (the default here, unless overridden).
     reset_to_earliest: bool,
+    /// `partition.assignment.strategy` is `cooperative-sticky` (only by an override).
+    /// Read from the configuration: asking librdkafka (`rebalance_protocol`) inside the
+    /// callback waits on the group's thread without a timeout, and when the consumer
+    /// was dropped during a rebalance that wait never ended (a test hung in the drop).
+    cooperative: bool,
     service: String,
     health: Arc<Health>,
 }
@@ -271,12 +276,8 @@ impl ConsumerContext for RebalanceContext {
         err: rdkafka::types::RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        use rdkafka::consumer::RebalanceProtocol;
         use rdkafka::types::RDKafkaRespErr;
-        let cooperative = matches!(
-            base_consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
+        let cooperative = self.cooperative;
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 if self.reset_to_earliest {
@@ -377,11 +378,15 @@ pub async fn run_with_health<P: Processor>(
     health.set_ready();
     let config = super::with_overrides(config, settings);
     let reset_to_earliest = config.get("auto.offset.reset") == Some("earliest");
+    let cooperative = config
+        .get("partition.assignment.strategy")
+        .is_some_and(|s| s.contains("cooperative-sticky"));
     let consumer: StreamConsumer<RebalanceContext> =
         config.create_with_context(RebalanceContext {
             rebalanced: rebalanced.clone(),
             assigned: assigned.clone(),
             reset_to_earliest,
+            cooperative,
             service: service.clone(),
             health: health.clone(),
         })?;
