@@ -17,14 +17,7 @@ work="$(mktemp -d)"
 # The lock file that building the crate on its own writes (git-ignored, not vendored).
 trap 'rm -rf "$work" "$vendored/Cargo.lock"' EXIT
 crate="$work/rdkafka-$version.crate"
-cached="$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"rdkafka-$version.crate" 2>/dev/null | head -1 || true)"
-if [ -n "$cached" ] && echo "$sha256  $cached" | sha256sum -c --quiet 2>/dev/null; then
-  cp "$cached" "$crate"
-else
-  curl -fsSL "https://static.crates.io/crates/rdkafka/rdkafka-$version.crate" -o "$crate"
-  echo "$sha256  $crate" | sha256sum -c --quiet ||
-    { echo "rdkafka-$version.crate does not match crates.io's checksum" >&2; exit 1; }
-fi
+"$root/scripts/fetch-crate.sh" rdkafka "$version" "$sha256" "$crate"
 tar -xzf "$crate" -C "$work"
 mkdir -p "$work/a" "$work/b"
 for f in "${files[@]}"; do

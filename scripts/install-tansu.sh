@@ -54,20 +54,7 @@ src="$tools/src/tansu-$build_id"
 rm -rf "$src" && mkdir -p "$src"
 for crate in tansu tansu-storage; do
   file="$src/$crate-$version.crate"
-  # cargo's own download cache first (a machine behind a registry mirror has it there
-  # once it has fetched the crate), else crates.io's.
-  verified() { echo "${sha256[$crate]}  $file" | sha256sum --check --quiet 2>/dev/null; }
-  cached=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$version.crate" 2>/dev/null | head -1 || true)
-  if ! { [ -n "$cached" ] && cp "$cached" "$file" && verified; }; then
-    curl -fsSL --retry 3 -o "$file" "https://static.crates.io/crates/$crate/$crate-$version.crate" || {
-      echo "could not download $crate $version from static.crates.io" >&2
-      exit 1
-    }
-    verified || {
-      echo "$crate-$version.crate from static.crates.io does not have crates.io's checksum; not building it" >&2
-      exit 1
-    }
-  fi
+  "$root/scripts/fetch-crate.sh" "$crate" "$version" "${sha256[$crate]}" "$file"
   tar -xzf "$file" -C "$src"
 done
 for p in "${patches[@]}"; do
