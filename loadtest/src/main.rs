@@ -149,6 +149,14 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Waits until save-worker has stored everything on its topics (its consumer group
+    /// has committed to the end of each), and prints how long that took: the end of a
+    /// drain, as `relay` reads it (kafka.* settings as for `relay`).
+    Stored {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// The baseline for GET benchmarks: an axum server that answers
     /// `GET /v1/users/{id}/recommendations` with a fixed body and does nothing else.
     TrivialServer {
@@ -397,6 +405,16 @@ async fn main() -> anyhow::Result<()> {
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
             }
+            Ok(())
+        }
+        Command::Stored { timeout } => {
+            let settings = recpipe_shared::settings::Settings::load("loadtest")?;
+            let started = std::time::Instant::now();
+            relay::wait_stored(&settings.kafka, Duration::from_secs(timeout)).await?;
+            println!(
+                "save-worker has stored everything ({:.2} s)",
+                started.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::Events {

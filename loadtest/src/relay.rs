@@ -100,7 +100,7 @@ fn not_stored(
 
 /// Waits until save-worker has stored everything (see [`not_stored`]), polling every
 /// 20 ms; fails after `stall_limit`.
-async fn wait_stored(kafka: &KafkaSettings, stall_limit: Duration) -> anyhow::Result<()> {
+pub async fn wait_stored(kafka: &KafkaSettings, stall_limit: Duration) -> anyhow::Result<()> {
     let group = format!("{}-{SAVE_WORKER}", kafka.group_prefix);
     let consumer: BaseConsumer = recpipe_shared::kafka::client_config(kafka)
         .set("group.id", &group)
@@ -124,8 +124,8 @@ async fn wait_stored(kafka: &KafkaSettings, stall_limit: Duration) -> anyhow::Re
             }
             anyhow::ensure!(
                 started.elapsed() < stall_limit,
-                "save-worker did not store everything within {} s of the lists (its group \
-                 {group} has not committed to the end of {}): see its log",
+                "save-worker did not store everything within {} s (its group {group} has \
+                 not committed to the end of {}): see its log",
                 stall_limit.as_secs(),
                 behind.join(", ")
             );
@@ -199,7 +199,7 @@ pub async fn run(
             framework::run(&settings, relay, stop).await
         }));
     }
-    let sink: StreamConsumer = recpipe_shared::kafka::client_config(kafka)
+    let sink: StreamConsumer = recpipe_shared::kafka::consumer_config(kafka)
         .set("group.id", format!("relay-{run_id}-sink"))
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())

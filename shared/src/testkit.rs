@@ -390,7 +390,7 @@ async fn read_topic_until_with(
     timeout: Duration,
     enough: impl Fn(&[OwnedMessage]) -> bool + Send + 'static,
 ) -> Vec<OwnedMessage> {
-    let mut config = crate::kafka::client_config(settings);
+    let mut config = crate::kafka::consumer_config(settings);
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = config

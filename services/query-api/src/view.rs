@@ -332,7 +332,7 @@ pub fn follow(
 ) -> anyhow::Result<()> {
     let kafka = &settings.kafka;
     let topic = kafka.topics.recommendations.clone();
-    let consumer: BaseConsumer = recpipe_shared::kafka::client_config(kafka)
+    let consumer: BaseConsumer = recpipe_shared::kafka::consumer_config(kafka)
         // Assigned, never subscribed: the group is only a label, and nothing is committed.
         .set("group.id", format!("{}-query-api-view", kafka.group_prefix))
         .set("enable.auto.commit", "false")
@@ -447,7 +447,7 @@ fn persisted_offsets(
     let kafka = &settings.kafka;
     let group = format!("{}-{}", kafka.group_prefix, SAVE_WORKER);
     // Only asks the group's committed offsets; it does not join the group.
-    let reader: BaseConsumer = recpipe_shared::kafka::client_config(kafka)
+    let reader: BaseConsumer = recpipe_shared::kafka::consumer_config(kafka)
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .create()?;

@@ -201,6 +201,26 @@ pub struct SaveWorker {
     awaiting: VecDeque<AwaitingList>,
     /// How long an action waits for its list before it counts as `unknown_list`.
     attribution_wait: Duration,
+    /// The last batch's write, still running or failed: see [`WriteInFlight`].
+    in_flight: Option<WriteInFlight>,
+}
+
+/// A batch's store write, left running when `process` returns so that the framework
+/// reads and decodes the next batch meanwhile (on two cores the store's transaction and
+/// the reading had taken turns). Its records' offsets stay held until it has succeeded;
+/// the next batch, `idle` and a new assignment each wait for it first, so they read the
+/// store with it written, and a failed write is written again, the same batch, before
+/// anything else is done (every write is idempotent).
+struct WriteInFlight {
+    batch: Arc<WriteBatch>,
+    /// None once it has failed: the next [`SaveWorker::settle`] writes it again.
+    task: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
+    /// The first offset of each partition the batch read.
+    held: Vec<HeldOffset>,
+    /// Recorded once it is stored: each list's event-time age, and the experiment
+    /// counts it adds (per arm and kind).
+    list_event_ts: Vec<i64>,
+    counted: Vec<(String, &'static str, u64)>,
 }
 
 /// A click, cart or purchase naming a list this worker has not stored yet. The list
@@ -269,8 +289,67 @@ impl SaveWorker {
             tallies: HashMap::new(),
             awaiting: VecDeque::new(),
             attribution_wait: ATTRIBUTION_WAIT,
+            in_flight: None,
         }
     }
+
+    /// Waits for the last batch's write; writes it again if it failed. Ok once it is
+    /// stored (or when there is none). On an error it stays, to be written again by the
+    /// next call, and nothing has changed.
+    pub async fn settle(&mut self) -> Result<(), RetryableError> {
+        let Some(write) = self.in_flight.as_mut() else {
+            return Ok(());
+        };
+        let result = match write.task.take() {
+            Some(task) => task
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Query(format!("store write task: {e}")))),
+            None => timed_write(self.store.as_ref(), write.batch.clone()).await,
+        };
+        if let Err(e) = result {
+            metrics::counter!("recpipe_store_errors_total").increment(1);
+            return Err(RetryableError(e.to_string()));
+        }
+        let write = self.in_flight.take().expect("the write just settled");
+        // Event time → list persisted (client clocks permitting).
+        let now = now_ms();
+        for ts in write.list_event_ts {
+            metrics::histogram!("recpipe_freshness_seconds", "stage" => "list_persisted")
+                .record((now - ts).max(0) as f64 / 1000.0);
+        }
+        // Approximate (a replay counts again); the store's counts are exact.
+        for (arm, kind, n) in write.counted {
+            metrics::counter!("recpipe_experiment_events_total", "arm" => arm, "kind" => kind)
+                .increment(n);
+        }
+        Ok(())
+    }
+}
+
+async fn timed_write(store: &dyn Store, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
+    let started = Instant::now();
+    store.write_shared(batch).await?;
+    metrics::histogram!("recpipe_store_write_seconds").record(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The first offset of each partition of `batch`.
+fn first_offsets(batch: &[Decoded<Record>]) -> Vec<HeldOffset> {
+    let mut first: HashMap<(&str, i32), i64> = HashMap::new();
+    for d in batch {
+        let offset = first
+            .entry((d.meta.topic.as_str(), d.meta.partition))
+            .or_insert(d.meta.offset);
+        *offset = (*offset).min(d.meta.offset);
+    }
+    first
+        .into_iter()
+        .map(|((topic, partition), offset)| HeldOffset {
+            topic: topic.to_string(),
+            partition,
+            offset,
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -323,7 +402,11 @@ impl Processor for SaveWorker {
         &mut self,
         batch: Vec<Decoded<Record>>,
     ) -> Result<Vec<Outcome>, RetryableError> {
+        // The last batch's write first: this one's reads of the store (tallies, lists)
+        // must see it, and if it failed, it is written again before anything changes.
+        self.settle().await?;
         let n = batch.len();
+        let held = first_offsets(&batch);
         let mut writes = WriteBatch::default();
         let mut impressions = Vec::new();
         let mut event_positions = Vec::new();
@@ -356,11 +439,6 @@ impl Processor for SaveWorker {
             .await
             .map_err(|e| RetryableError(e.to_string()))?;
         writes.experiment.extend(attributed);
-        let now = now_ms();
-        let freshness: Vec<f64> = list_event_ts
-            .iter()
-            .map(|ts| (now - ts).max(0) as f64 / 1000.0)
-            .collect();
         // Counted per arm and kind, so a metric is looked up once per pair, not per row.
         // (A batch names a few arms: a short list beats hashing every row's arm.)
         let mut counted: Vec<(String, &'static str, u64)> = Vec::new();
@@ -376,27 +454,27 @@ impl Processor for SaveWorker {
                 None => counted.push((x.arm.clone(), kind, 1)),
             }
         }
-        let started = std::time::Instant::now();
-        self.store.write(writes).await.map_err(|e| {
-            metrics::counter!("recpipe_store_errors_total").increment(1);
-            RetryableError(e.to_string())
-        })?;
-        metrics::histogram!("recpipe_store_write_seconds").record(started.elapsed().as_secs_f64());
+        // The write is left running (see `WriteInFlight`). What this batch changes here
+        // is kept now: the write that makes it true is written again until it succeeds,
+        // and until then its offsets are held, so a crash reads the batch again.
+        let batch = Arc::new(writes);
+        let store = self.store.clone();
+        let task = tokio::spawn({
+            let batch = batch.clone();
+            async move { timed_write(store.as_ref(), batch).await }
+        });
+        self.in_flight = Some(WriteInFlight {
+            batch,
+            task: Some(task),
+            held,
+            list_event_ts,
+            counted,
+        });
         if self.tallies.len() + tallied.len() > MAX_TALLIES {
             self.tallies.clear();
         }
         self.tallies.extend(tallied);
         self.awaiting = awaiting;
-        // Event time → list persisted (client clocks permitting).
-        for seconds in freshness {
-            metrics::histogram!("recpipe_freshness_seconds", "stage" => "list_persisted")
-                .record(seconds);
-        }
-        // Approximate (a replay counts again); the store's counts are exact.
-        for (arm, kind, n) in counted {
-            metrics::counter!("recpipe_experiment_events_total", "arm" => arm, "kind" => kind)
-                .increment(n);
-        }
         Ok((0..n).map(|_| Outcome::Emit(Vec::new())).collect())
     }
 
@@ -405,7 +483,8 @@ impl Processor for SaveWorker {
         partitions: &[(String, i32)],
     ) -> Result<(), RetryableError> {
         // Another worker may have counted these partitions meanwhile: their tallies are
-        // read from the store again.
+        // read from the store again, with this worker's own last write in it.
+        self.settle().await?;
         let impressions = &self.topics.impressions;
         let assigned: Vec<i32> = partitions
             .iter()
@@ -419,6 +498,8 @@ impl Processor for SaveWorker {
     /// Gives up on actions whose wait is over when no batch comes to do it, so that
     /// their offsets are let go of (and their counts made) in a quiet spell too.
     async fn idle(&mut self) -> Result<(), RetryableError> {
+        // The last batch's write: its offsets are let go of once it is stored.
+        self.settle().await?;
         if !self
             .awaiting
             .iter()
@@ -444,7 +525,8 @@ impl Processor for SaveWorker {
         Ok(())
     }
 
-    /// The first awaiting action of each events partition.
+    /// The first awaiting action of each events partition, and the first record of each
+    /// partition of a batch whose write has not succeeded yet.
     fn held_offsets(&self) -> Vec<HeldOffset> {
         let mut first: HashMap<i32, i64> = HashMap::new();
         for w in &self.awaiting {
@@ -458,6 +540,7 @@ impl Processor for SaveWorker {
                 partition,
                 offset,
             })
+            .chain(self.in_flight.iter().flat_map(|w| w.held.iter().cloned()))
             .collect()
     }
 }
@@ -926,12 +1009,14 @@ mod tests {
             .chain(impressions(&worker, 1, 0..3, ts))
             .collect();
         worker.process(batch).await.unwrap();
+        worker.settle().await.unwrap();
         assert_eq!(impressions_counted(&*store, day).await, 8);
         // The same records again (offsets not committed before a crash): no change.
         worker
             .process(impressions(&worker, 0, 2..5, ts))
             .await
             .unwrap();
+        worker.settle().await.unwrap();
         assert_eq!(impressions_counted(&*store, day).await, 8);
 
         // A restarted worker knows nothing in memory: the store's tallies decide.
@@ -940,6 +1025,7 @@ mod tests {
             .process(impressions(&restarted, 0, 3..7, ts))
             .await
             .unwrap();
+        restarted.settle().await.unwrap();
         assert_eq!(impressions_counted(&*store, day).await, 10);
         let tally = store.impression_tally("v1", day, 0).await.unwrap().unwrap();
         assert_eq!((tally.impressions, tally.through_offset), (7, 6));
@@ -954,12 +1040,14 @@ mod tests {
             .process(impressions(&worker, 0, 7..9, ts))
             .await
             .unwrap();
+        worker.settle().await.unwrap();
         assert_eq!(impressions_counted(&*store, day).await, 12);
         // Another day is another tally.
         worker
             .process(impressions(&worker, 0, 9..10, ts + 86_400_000))
             .await
             .unwrap();
+        worker.settle().await.unwrap();
         assert_eq!(impressions_counted(&*store, day).await, 12);
         assert_eq!(impressions_counted(&*store, day + 1).await, 1);
     }
@@ -1012,6 +1100,7 @@ mod tests {
             ])
             .await
             .unwrap();
+        worker.settle().await.unwrap();
         let expected = vec![("a".to_string(), 3), ("b".to_string(), 2)];
         assert_eq!(arm_counts(store.clone(), day).await, expected);
         assert_eq!(
@@ -1025,6 +1114,7 @@ mod tests {
             .process(vec![batch_record(&restarted, 0, &first)])
             .await
             .unwrap();
+        restarted.settle().await.unwrap();
         assert_eq!(arm_counts(store.clone(), day).await, expected);
 
         // Older single-impression records still count; an empty array counts nothing.
@@ -1042,6 +1132,7 @@ mod tests {
             .process(vec![Decoded { meta, input }])
             .await
             .unwrap();
+        restarted.settle().await.unwrap();
         assert!(restarted
             .decode(
                 &RecordMeta {
@@ -1132,6 +1223,7 @@ mod tests {
             .map(|(i, e)| decoded(&worker, &topics.events, i as i64, e))
             .collect();
         worker.process(batch).await.unwrap();
+        worker.settle().await.unwrap();
         assert_eq!(actions_counted(&*store, day).await, vec![]);
         assert_eq!(worker.awaiting.len(), 3, "each action waits once");
         assert_eq!(
@@ -1147,6 +1239,7 @@ mod tests {
         let list = shown_list("u", "L", &["p-1", "p-2", "p-3"]);
         let batch = vec![decoded(&worker, &topics.recommendations, 0, &list)];
         worker.process(batch).await.unwrap();
+        worker.settle().await.unwrap();
         assert_eq!(
             actions_counted(&*store, day).await,
             vec![("v7".to_string(), 1, 1)],
@@ -1169,6 +1262,7 @@ mod tests {
             decoded(&worker, &topics.events, 1, &never),
         ];
         worker.process(batch).await.unwrap();
+        worker.settle().await.unwrap();
         assert_eq!(worker.awaiting.len(), 2);
 
         // Another worker stores the list; this one's next batch brings other things.
@@ -1176,6 +1270,7 @@ mod tests {
         let unrelated = recpipe_shared::testkit::event("v1", "u", EventType::View, "p-5", ts);
         let batch = vec![decoded(&worker, &topics.events, 2, &unrelated)];
         worker.process(batch).await.unwrap();
+        worker.settle().await.unwrap();
         assert_eq!(
             actions_counted(&*store, day).await,
             vec![("v7".to_string(), 1, 0)]
@@ -1190,6 +1285,7 @@ mod tests {
         let click = action("c1", EventType::Click, "p-1", "L", ts);
         let batch = vec![decoded(&worker, &topics.events, 7, &click)];
         worker.process(batch).await.unwrap();
+        worker.settle().await.unwrap();
         worker.idle().await.unwrap();
         assert_eq!(
             worker.awaiting.len(),

@@ -1,6 +1,8 @@
 //! Backpressure: while the store fails, save-worker retries the batch with backoff,
 //! commits nothing and reports not ready; when the store returns it catches up, and no
-//! record is lost, and none is counted twice (impressions of a retried batch).
+//! record is lost, and none is counted twice (impressions of a retried batch). A batch's
+//! write runs on while the next batch is read: when it fails, it is written again before
+//! anything else, and its offsets stay held until then.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -9,7 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use recpipe_shared::admin::Health;
 use recpipe_shared::events::{Event, EventType, RecommendationRecord, UserVectorRecord};
-use recpipe_shared::kafka::framework;
+use recpipe_shared::kafka::framework::{self, Decoded, HeldOffset, Processor, RecordMeta};
+use recpipe_shared::settings::Topics;
 use recpipe_shared::store::{self, Store, StoreError, WriteBatch};
 use recpipe_shared::testkit::{event, eventually, produce, TestEnv};
 use save_worker::SaveWorker;
@@ -24,13 +27,13 @@ struct FlakyStore {
 
 #[async_trait]
 impl Store for FlakyStore {
-    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+    async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.failures.load(Ordering::SeqCst) > 0 {
             self.failures.fetch_sub(1, Ordering::SeqCst);
             return Err(StoreError::Query("injected outage".into()));
         }
-        self.inner.write(batch).await
+        self.inner.write_shared(batch).await
     }
     async fn latest_recommendations(
         &self,
@@ -180,5 +183,87 @@ async fn a_store_outage_is_retried_reported_and_caught_up_without_loss() {
     assert_eq!(
         stats.records, 50,
         "each record was consumed once: the failed batch was retried, not re-read"
+    );
+}
+
+/// `e` as the worker gets it from the events topic at `offset` of partition 0.
+fn decoded(worker: &SaveWorker, offset: i64, e: &Event) -> Decoded<save_worker::Record> {
+    let meta = RecordMeta {
+        topic: Topics::default().events,
+        partition: 0,
+        offset,
+        key: None,
+    };
+    let input = worker
+        .decode(&meta, &serde_json::to_vec(e).unwrap())
+        .expect("a valid event");
+    Decoded { meta, input }
+}
+
+#[tokio::test]
+async fn a_failed_write_keeps_its_offsets_held_and_is_written_again_before_the_next_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let inner = store::open(&url).await.unwrap();
+    let flaky = Arc::new(FlakyStore {
+        inner: inner.clone(),
+        failures: AtomicUsize::new(2),
+        attempts: AtomicUsize::new(0),
+    });
+    let mut worker = SaveWorker::new(flaky.clone(), Topics::default());
+    let ts = 1_700_000_000_000;
+    let first = event("e1", "u1", EventType::View, "p-00001", ts);
+    let second = event("e2", "u2", EventType::View, "p-00002", ts);
+
+    // The batch is handed over and its write left running (it fails).
+    worker
+        .process(vec![decoded(&worker, 10, &first)])
+        .await
+        .unwrap();
+    let held = vec![HeldOffset {
+        topic: Topics::default().events,
+        partition: 0,
+        offset: 10,
+    }];
+    assert_eq!(worker.held_offsets(), held, "held while its write runs");
+    let failed = worker.settle().await.unwrap_err();
+    assert!(failed.0.contains("injected outage"), "{failed}");
+    assert_eq!(worker.held_offsets(), held, "and after it failed");
+
+    // The next batch is not taken while the last one's write fails (its second try).
+    assert!(worker
+        .process(vec![decoded(&worker, 11, &second)])
+        .await
+        .is_err());
+    assert_eq!(flaky.attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        worker.held_offsets(),
+        held,
+        "the refused batch holds nothing"
+    );
+    assert!(inner.user_events("u1", 10).await.unwrap().is_empty());
+
+    // The store is back: the next try writes the first batch, then takes the second.
+    worker
+        .process(vec![decoded(&worker, 11, &second)])
+        .await
+        .unwrap();
+    let ids = |events: Vec<Event>| events.into_iter().map(|e| e.event_id).collect::<Vec<_>>();
+    assert_eq!(ids(inner.user_events("u1", 10).await.unwrap()), ["e1"]);
+    assert_eq!(
+        worker.held_offsets(),
+        vec![HeldOffset {
+            offset: 11,
+            ..held[0].clone()
+        }],
+        "only the second batch's write is left"
+    );
+    worker.settle().await.unwrap();
+    assert_eq!(ids(inner.user_events("u2", 10).await.unwrap()), ["e2"]);
+    assert_eq!(worker.held_offsets(), vec![]);
+    assert_eq!(
+        flaky.attempts.load(Ordering::SeqCst),
+        4,
+        "two failed tries, then one write of each batch"
     );
 }

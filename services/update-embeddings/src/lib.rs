@@ -25,10 +25,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use recpipe_shared::events::{now_ms, Event, LastEvent, SourcePosition, UserVectorRecord};
-use recpipe_shared::kafka::client_config;
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
+use recpipe_shared::kafka::{client_config, consumer_config};
 use recpipe_shared::model::{
     IndexKind, ModelRegistry, Restorer, Serving, StateError, UserModel, UserStates,
 };
@@ -339,7 +339,7 @@ fn restore_partitions(
         RetryableError(format!("restoring partitions {partitions:?}: {e}"))
     };
     let topic = &kafka.topics.user_vectors;
-    let consumer: BaseConsumer<RestoreContext> = client_config(kafka)
+    let consumer: BaseConsumer<RestoreContext> = consumer_config(kafka)
         .set(
             "group.id",
             format!("{}-{SERVICE}-restore", kafka.group_prefix),

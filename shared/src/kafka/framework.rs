@@ -126,8 +126,9 @@ pub trait Processor: Send {
     /// Called when no record has come for a while (about 200 ms): work that waits on
     /// time rather than on records, such as giving up on something awaited. Offsets it
     /// lets go of (see [`Processor::held_offsets`]) are committed then. A failure is
-    /// logged and the work tried again when idle after a backoff (100 ms, doubling to
-    /// 5 s), so a store that is down is not asked five times a second.
+    /// logged, makes the service not ready until the work succeeds, and the work is
+    /// tried again when idle after a backoff (100 ms, doubling to 5 s), so a store that
+    /// is down is not asked five times a second.
     async fn idle(&mut self) -> Result<(), RetryableError> {
         Ok(())
     }
@@ -365,7 +366,7 @@ pub async fn run_with_health<P: Processor>(
     } else {
         settings.background_fetch_wait_max_ms
     };
-    let mut config = super::client_config(settings);
+    let mut config = super::consumer_config(settings);
     config
         .set("group.id", format!("{}-{}", settings.group_prefix, service))
         .set("enable.auto.commit", "false")
@@ -438,8 +439,16 @@ pub async fn run_with_health<P: Processor>(
             _ = tokio::time::sleep(idle) => {
                 if idle_retry.due(Instant::now()) {
                     match processor.idle().await {
-                        Ok(()) => idle_retry.succeeded(),
+                        Ok(()) => {
+                            // Ready again if it was the idle work that had failed.
+                            if idle_retry.succeeded() {
+                                health.set_ready();
+                            }
+                        }
                         Err(e) => {
+                            // E.g. save-worker's store is down: report it as a batch's
+                            // failure would be.
+                            health.set_not_ready(format!("idle work: {e}"));
                             let delay = idle_retry.failed(Instant::now());
                             tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "idle work failed; retrying when idle");
                         }
@@ -725,8 +734,9 @@ impl IdleRetry {
         delay
     }
 
-    fn succeeded(&mut self) {
-        self.after_failure = None;
+    /// Records a success; true if the work had been failing.
+    fn succeeded(&mut self) -> bool {
+        self.after_failure.take().is_some()
     }
 }
 
@@ -1081,7 +1091,8 @@ mod tests {
             now += delay;
         }
         assert_eq!(delays, vec![100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        retry.succeeded();
+        assert!(retry.succeeded(), "it had been failing");
+        assert!(!retry.succeeded(), "and is no longer");
         assert!(retry.due(now), "at every tick again");
         assert_eq!(
             retry.failed(now),

@@ -198,7 +198,7 @@ fn models_consumer(
     kafka: &KafkaSettings,
     fetch_wait_max_ms: u32,
 ) -> Result<BaseConsumer<ModelsContext>, KafkaError> {
-    super::client_config(kafka)
+    super::consumer_config(kafka)
         // Partitions are assigned, never subscribed, so the group is only a label.
         .set("group.id", format!("{}-models-reader", kafka.group_prefix))
         .set("enable.auto.commit", "false")

@@ -214,7 +214,12 @@ impl StoredList {
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Writes a batch atomically where the backend can.
-    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError>;
+    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.write_shared(Arc::new(batch)).await
+    }
+    /// As [`Store::write`], for a caller that keeps the batch to write it again if this
+    /// fails (save-worker writes one batch while it reads the next).
+    async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError>;
     /// The newest list for a user (highest user-state version, then newest).
     async fn latest_recommendations(
         &self,

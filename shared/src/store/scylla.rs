@@ -287,7 +287,7 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
 
 #[async_trait]
 impl Store for ScyllaStore {
-    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+    async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
         // Rows of different users live on different nodes: concurrent single-partition
         // writes beat a multi-partition batch.
         let events: Vec<_> = batch

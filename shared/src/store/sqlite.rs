@@ -180,7 +180,7 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+    async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
