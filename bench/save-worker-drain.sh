@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # save-worker alone: pauses update-embeddings and gen-recommendations (SIGSTOP), POSTs N
 # events, and prints save-worker's CPU seconds and how long after the producer it had
-# stored them all. Run inside a pipeline:
+# stored them all (by its records counter, which counts a batch when its write starts:
+# the last write may still be running). Run inside a pipeline:
 #   bench/with-pipeline.sh bench/save-worker-drain.sh 200000
 # With --backlog, a backlog instead: save-worker is paused while the N events go through
 # update-embeddings and gen-recommendations (so it has their states and lists to store

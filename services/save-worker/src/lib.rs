@@ -525,6 +525,11 @@ impl Processor for SaveWorker {
         Ok(())
     }
 
+    /// The last batch's write, so that a clean stop commits it.
+    async fn finish_in_flight(&mut self) -> Result<(), RetryableError> {
+        self.settle().await
+    }
+
     /// The first awaiting action of each events partition, and the first record of each
     /// partition of a batch whose write has not succeeded yet.
     fn held_offsets(&self) -> Vec<HeldOffset> {

@@ -133,6 +133,14 @@ pub trait Processor: Send {
         Ok(())
     }
 
+    /// Called once on a clean stop, before the last commit: work a batch left running
+    /// (save-worker's last store write) is finished, so that its offsets are committed
+    /// rather than its records read again after a restart. On an error they stay
+    /// uncommitted, and the records are read again.
+    async fn finish_in_flight(&mut self) -> Result<(), RetryableError> {
+        Ok(())
+    }
+
     /// Records of past batches this processor has not finished with (it keeps them in
     /// memory, waiting on something): for each partition, the offset of the first one.
     /// Called after each batch; that partition's commit stays before it, so a crash or
@@ -617,6 +625,18 @@ pub async fn run_with_health<P: Processor>(
             delivery_ms = delivery_elapsed.as_millis() as u64,
             "batch handled"
         );
+    }
+    // A clean stop between batches.
+    match processor.finish_in_flight().await {
+        Ok(()) => {
+            let due = offsets.due(&processor.held_offsets());
+            if commit(&consumer, &due) {
+                offsets.committed(due);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "work in flight not finished at stop; its records will be read again")
+        }
     }
     finish(&consumer, &producer, stats)
 }
