@@ -4,11 +4,11 @@
 //! as the services, chained over three topics on the same broker: events go in at one
 //! end as fast as a producer can write them, and the rate at which they come out of
 //! the third hop is what the broker and the framework allow. The pipeline: the same
-//! number of events, produced the same way to `events`, until every user's list (read
-//! through `GET`) reflects their last event, and then until save-worker has stored
-//! everything (its group's commits reach the end of each topic it reads). The ratio is
-//! pipeline ÷ relay, the pipeline's time taken at the second point: through all three
-//! services.
+//! number of events, produced the same way to `events`, until every user's list on the
+//! `recommendations` topic is made from their last event, and then until save-worker
+//! has stored everything (its group's commits reach the end of each topic it reads).
+//! The ratio is pipeline ÷ relay, the pipeline's time taken at the second point: through
+//! all three services. After the clock, every user's list is read through `GET` too.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use recpipe_shared::events::Event;
 use recpipe_shared::kafka::framework;
 use recpipe_shared::kafka::relay::Relay;
 use recpipe_shared::settings::KafkaSettings;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::traffic::Clickstream;
@@ -33,16 +33,18 @@ pub struct RelaySummary {
     pub users: usize,
     pub relay_seconds: f64,
     pub relay_events_per_sec: f64,
-    /// Until every user's list reflects their last event (events → update-embeddings →
-    /// gen-recommendations → the API's view).
+    /// Until every user's list on the recommendations topic is made from their last
+    /// event (events → update-embeddings → gen-recommendations). Before the
+    /// twenty-fifth benchmark session (2026-12-05) this was read through `GET` inside the
+    /// clock.
     pub lists_seconds: f64,
     pub lists_events_per_sec: f64,
-    /// Until save-worker has also stored every event, state, list and impression: the
-    /// pipeline's time.
+    /// Until save-worker has also stored every event, state and list: the pipeline's
+    /// time.
     pub pipeline_seconds: f64,
     pub pipeline_events_per_sec: f64,
-    /// GETs the check made (each one an impression the pipeline stores).
-    pub pipeline_gets: u64,
+    /// GETs made after the clock to read every user's list through the API.
+    pub check_gets: u64,
     /// pipeline_events_per_sec ÷ relay_events_per_sec.
     pub ratio: f64,
     /// lists_events_per_sec ÷ relay_events_per_sec (the figure reported before
@@ -166,6 +168,157 @@ async fn produce_all(
     Ok(())
 }
 
+/// What of a list record the watch reads; the rest is skipped.
+#[derive(Deserialize)]
+struct ListSource {
+    user_id: String,
+    #[serde(default)]
+    source_event_id: Option<String>,
+}
+
+/// Watches a recommendations topic, from where it ends when the watch starts, until
+/// every user has a list made from their last event.
+pub struct ListsWatch {
+    sink: StreamConsumer,
+    /// user → the id of their last event, for the users still without its list.
+    waiting: HashMap<String, String>,
+}
+
+impl ListsWatch {
+    /// Starts reading every partition of `topic` at its end now: lists already there
+    /// (an earlier run's) do not count.
+    pub async fn from_end(
+        kafka: &KafkaSettings,
+        topic: &str,
+        last_event_of: HashMap<String, String>,
+    ) -> anyhow::Result<ListsWatch> {
+        let probe: BaseConsumer = recpipe_shared::kafka::client_config(kafka).create()?;
+        let topic_name = topic.to_string();
+        let ends = tokio::task::spawn_blocking(move || -> anyhow::Result<TopicPartitionList> {
+            let mut ends = TopicPartitionList::new();
+            for (topic, partition) in partitions_of(&probe, &[topic_name])? {
+                let (_, high) =
+                    probe.fetch_watermarks(&topic, partition, Duration::from_secs(5))?;
+                ends.add_partition_offset(&topic, partition, Offset::Offset(high))?;
+            }
+            Ok(ends)
+        })
+        .await??;
+        anyhow::ensure!(
+            ends.count() > 0,
+            "topic {topic} has no partitions: is it created?"
+        );
+        // Assigned, not subscribed: no group to join, and no commits.
+        let sink: StreamConsumer = recpipe_shared::kafka::consumer_config(kafka)
+            .set("group.id", format!("{}-lists-watch", kafka.group_prefix))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
+            .create()?;
+        sink.assign(&ends)?;
+        Ok(ListsWatch {
+            sink,
+            waiting: last_event_of,
+        })
+    }
+
+    /// Users still without a list made from their last event.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Reads lists until none is waiting; fails when none has arrived for `stall_limit`
+    /// (a state or list may have been dead-lettered), naming one user still waiting.
+    pub async fn wait(&mut self, stall_limit: Duration) -> anyhow::Result<()> {
+        let mut progressed = Instant::now();
+        while !self.waiting.is_empty() {
+            let left = stall_limit.saturating_sub(progressed.elapsed());
+            let record =
+                match tokio::time::timeout(left, self.sink.recv()).await {
+                    Ok(Ok(record)) => record,
+                    // Transient client errors (a broker away for a moment) come through here;
+                    // the stall limit catches one that lasts.
+                    Ok(Err(_)) => continue,
+                    Err(_) => {
+                        anyhow::bail!(
+                    "{} users never got a list for their last event (none came in {} s; one \
+                     waiting is {}): see the services' logs and the dead-letters topic",
+                    self.waiting(),
+                    stall_limit.as_secs(),
+                    self.waiting.keys().next().map(String::as_str).unwrap_or_default()
+                )
+                    }
+                };
+            // Another writer's record on the topic is not a list this run waits for.
+            let Some(list) = record
+                .payload()
+                .and_then(|p| serde_json::from_slice::<ListSource>(p).ok())
+            else {
+                continue;
+            };
+            if list.source_event_id.is_some()
+                && self.waiting.get(&list.user_id) == list.source_event_id.as_ref()
+            {
+                self.waiting.remove(&list.user_id);
+                progressed = Instant::now();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads every user's list through `GET` until it reflects their last event; returns the
+/// GETs made. Users come in the order of their last event, as the pipeline finished them.
+async fn check_through_get(
+    api: &str,
+    by_last_event: &[(usize, String, String)],
+    stall_limit: Duration,
+) -> anyhow::Result<u64> {
+    let client = reqwest::Client::new();
+    let mut progressed = Instant::now();
+    // A pass stops at the first user whose list the API's view does not have yet and
+    // tries again shortly.
+    let mut waiting: Vec<(&String, &String)> =
+        by_last_event.iter().map(|(_, u, id)| (u, id)).collect();
+    let mut done = 0;
+    let mut gets = 0u64;
+    while done < waiting.len() {
+        anyhow::ensure!(
+            progressed.elapsed() < stall_limit,
+            "{} users' lists on the topic never showed through GET (none in {} s; the first \
+             waiting is {}): see query-api's log",
+            waiting.len() - done,
+            stall_limit.as_secs(),
+            waiting[done].0
+        );
+        let done_before = done;
+        let mut missed = false;
+        for (user, id) in &waiting[done..] {
+            let list: serde_json::Value = client
+                .get(format!("{api}/v1/users/{user}/recommendations?k=1"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            gets += 1;
+            if list["source_event_id"].as_str() != Some(id.as_str()) {
+                missed = true;
+                break;
+            }
+            done += 1;
+        }
+        if done > done_before {
+            progressed = Instant::now();
+        }
+        if missed {
+            // A user further on may be done already; moving them ahead of this one keeps
+            // the next pass from stopping at the same straggler forever.
+            waiting[done..].rotate_left(1);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(gets)
+}
+
 pub async fn run(
     kafka: &KafkaSettings,
     api: &str,
@@ -250,61 +403,30 @@ pub async fn run(
         "  pipeline: {n} events of {} users through the three services",
         by_last_event.len()
     );
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    produce_all(&producer, &kafka.topics.events, &input).await?;
     // A list that has not moved on for this long is not coming (its state or list may
     // have been dead-lettered): say so rather than wait out a long run.
     let stall_limit = Duration::from_secs(60);
-    let mut progressed = Instant::now();
-    // Users in the order of their last event: the pipeline finishes them in about that
-    // order (per partition exactly). A pass stops at the first user not yet done and
-    // tries again shortly, so the check costs about one GET per user (each GET is also an
-    // impression for save-worker to store) instead of a GET of every waiting user every
-    // pass, which made the checker's own load a large share of what it measured. Every
-    // user is still read and checked before the clock stops.
-    let mut waiting: Vec<(&String, &String)> =
-        by_last_event.iter().map(|(_, u, id)| (u, id)).collect();
-    let mut done = 0;
-    let mut gets = 0u64;
-    while done < waiting.len() {
-        anyhow::ensure!(
-            progressed.elapsed() < stall_limit,
-            "{} users never got a list for their last event (none came in {} s; the first \
-             waiting is {}): see the services' logs and the dead-letters topic",
-            waiting.len() - done,
-            stall_limit.as_secs(),
-            waiting[done].0
-        );
-        let done_before = done;
-        let mut missed = false;
-        for (user, id) in &waiting[done..] {
-            let list: serde_json::Value = client
-                .get(format!("{api}/v1/users/{user}/recommendations?k=1"))
-                .send()
-                .await?
-                .json()
-                .await?;
-            gets += 1;
-            if list["source_event_id"].as_str() != Some(id.as_str()) {
-                missed = true;
-                break;
-            }
-            done += 1;
-        }
-        if done > done_before {
-            progressed = Instant::now();
-        }
-        if missed {
-            // A user further on may be done already; moving them ahead of this one keeps
-            // the next pass from stopping at the same straggler forever.
-            waiting[done..].rotate_left(1);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    // Each user's list is watched for on the topic itself, as the bare relay's sink
+    // reads its last topic. Read through GET inside the clock, the check's own requests
+    // (and the impressions they make for save-worker) took a large share of the two
+    // cores, which the relay never paid. Every list is still read through GET, after
+    // the clock.
+    let mut lists = ListsWatch::from_end(
+        kafka,
+        &kafka.topics.recommendations,
+        by_last_event
+            .iter()
+            .map(|(_, user, id)| (user.clone(), id.clone()))
+            .collect(),
+    )
+    .await?;
+    let started = Instant::now();
+    produce_all(&producer, &kafka.topics.events, &input).await?;
+    lists.wait(stall_limit).await?;
     let lists_seconds = started.elapsed().as_secs_f64();
     wait_stored(kafka, stall_limit).await?;
     let pipeline_seconds = started.elapsed().as_secs_f64();
+    let gets = check_through_get(api, &by_last_event, stall_limit).await?;
     let relay_events_per_sec = n as f64 / relay_seconds;
     let lists_events_per_sec = n as f64 / lists_seconds;
     let pipeline_events_per_sec = n as f64 / pipeline_seconds;
@@ -318,8 +440,51 @@ pub async fn run(
         lists_events_per_sec,
         pipeline_seconds,
         pipeline_events_per_sec,
-        pipeline_gets: gets,
+        check_gets: gets,
         ratio: pipeline_events_per_sec / relay_events_per_sec,
         lists_ratio: lists_events_per_sec / relay_events_per_sec,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recpipe_shared::testkit::{self, TestBroker};
+
+    fn list_of(user: &str, version: u64) -> Vec<u8> {
+        serde_json::to_vec(&testkit::list(user, version, &["p1"])).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_lists_watch_waits_for_each_users_list_of_their_last_event_written_after_it_started(
+    ) {
+        let broker = TestBroker::start().await;
+        let kafka = broker.kafka_settings();
+        broker.create_topics(&kafka).await;
+        let topic = kafka.topics.recommendations.clone();
+        let brokers = broker.brokers();
+        // testkit::list(user, v) is made from the event `{user}-e{v}`.
+        let last: HashMap<String, String> = [("ann", "ann-e2"), ("bob", "bob-e1")]
+            .map(|(u, id)| (u.to_string(), id.to_string()))
+            .into();
+        // A list from before the watch starts (an earlier run's) does not count.
+        testkit::produce(&brokers, &topic, "ann", &list_of("ann", 2)).await;
+        let mut watch = ListsWatch::from_end(&kafka, &topic, last).await.unwrap();
+        testkit::produce(&brokers, &topic, "bob", &list_of("bob", 1)).await;
+        // Not from ann's last event, and then a record that is no list at all.
+        testkit::produce(&brokers, &topic, "ann", &list_of("ann", 1)).await;
+        testkit::produce(&brokers, &topic, "ann", b"not a list").await;
+
+        let stalled = watch.wait(Duration::from_secs(3)).await.unwrap_err();
+        assert_eq!(watch.waiting(), 1, "bob's list arrived, ann's did not");
+        let message = stalled.to_string();
+        assert!(
+            message.contains("1 users never got a list") && message.contains("ann"),
+            "{message}"
+        );
+
+        testkit::produce(&brokers, &topic, "ann", &list_of("ann", 2)).await;
+        watch.wait(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(watch.waiting(), 0);
+    }
 }
