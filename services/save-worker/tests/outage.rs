@@ -18,9 +18,11 @@ use recpipe_shared::testkit::{event, eventually, produce, TestEnv};
 use save_worker::SaveWorker;
 use tokio_util::sync::CancellationToken;
 
-/// A real store whose first `failures` writes fail, as during an outage.
+/// A real store whose first `failures` writes fail, as during an outage, after its first
+/// `panics` writes panic, as a bug in a driver would.
 struct FlakyStore {
     inner: Arc<dyn Store>,
+    panics: AtomicUsize,
     failures: AtomicUsize,
     attempts: AtomicUsize,
 }
@@ -29,6 +31,10 @@ struct FlakyStore {
 impl Store for FlakyStore {
     async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.panics.load(Ordering::SeqCst) > 0 {
+            self.panics.fetch_sub(1, Ordering::SeqCst);
+            panic!("injected panic in the store's write");
+        }
         if self.failures.load(Ordering::SeqCst) > 0 {
             self.failures.fetch_sub(1, Ordering::SeqCst);
             return Err(StoreError::Query("injected outage".into()));
@@ -85,6 +91,7 @@ async fn a_store_outage_is_retried_reported_and_caught_up_without_loss() {
     let inner = store::open(&env.settings.store.url).await.unwrap();
     let flaky = Arc::new(FlakyStore {
         inner: inner.clone(),
+        panics: AtomicUsize::new(0),
         failures: AtomicUsize::new(4),
         attempts: AtomicUsize::new(0),
     });
@@ -207,6 +214,7 @@ async fn a_failed_write_keeps_its_offsets_held_and_is_written_again_before_the_n
     let inner = store::open(&url).await.unwrap();
     let flaky = Arc::new(FlakyStore {
         inner: inner.clone(),
+        panics: AtomicUsize::new(0),
         failures: AtomicUsize::new(2),
         attempts: AtomicUsize::new(0),
     });
@@ -266,4 +274,44 @@ async fn a_failed_write_keeps_its_offsets_held_and_is_written_again_before_the_n
         4,
         "two failed tries, then one write of each batch"
     );
+}
+
+#[tokio::test]
+async fn a_write_that_panics_is_a_failed_write_its_batch_written_again_and_held_until_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let inner = store::open(&url).await.unwrap();
+    let flaky = Arc::new(FlakyStore {
+        inner: inner.clone(),
+        panics: AtomicUsize::new(1),
+        failures: AtomicUsize::new(0),
+        attempts: AtomicUsize::new(0),
+    });
+    let mut worker = SaveWorker::new(flaky.clone(), Topics::default());
+    let e = event("e1", "u1", EventType::View, "p-00001", 1_700_000_000_000);
+    worker.process(vec![decoded(&worker, 7, &e)]).await.unwrap();
+
+    let failed = worker.settle().await.unwrap_err();
+    assert!(failed.0.contains("store write task"), "{failed}");
+    assert_eq!(
+        worker.held_offsets(),
+        vec![HeldOffset {
+            topic: Topics::default().events,
+            partition: 0,
+            offset: 7,
+        }],
+        "not committed past a batch that is not stored"
+    );
+
+    worker.settle().await.unwrap();
+    let stored: Vec<String> = inner
+        .user_events("u1", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(stored, ["e1"]);
+    assert_eq!(worker.held_offsets(), vec![]);
+    assert_eq!(flaky.attempts.load(Ordering::SeqCst), 2);
 }

@@ -22,7 +22,9 @@
 //! In between, [`UserStates::get`] and [`UserStates::insert`] touch memory only.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::store::unpoisoned;
 
 use hashlink::LruCache;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -65,11 +67,6 @@ pub struct UserStates {
     /// Shared with a [`Restorer`] on the restore thread (the file has no name to open
     /// a second connection by); the processor does not touch it meanwhile.
     cold: Arc<Mutex<Connection>>,
-}
-
-fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    // A panic mid-statement leaves nothing to repair: SQLite keeps its own state.
-    conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 // A rowid table: states of a kilobyte or more are what WITHOUT ROWID tables are bad at.
@@ -151,13 +148,14 @@ impl UserStates {
 
     /// Users in the state file (spilled, or restored and not touched since).
     pub fn cold_len(&self) -> Result<usize, StateError> {
-        let n: i64 = lock(&self.cold).query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
+        let n: i64 =
+            unpoisoned(&self.cold).query_row("SELECT count(*) FROM users", [], |r| r.get(0))?;
         Ok(n as usize)
     }
 
     /// Size of the state file.
     pub fn file_bytes(&self) -> Result<u64, StateError> {
-        let cold = lock(&self.cold);
+        let cold = unpoisoned(&self.cold);
         let pages: i64 = cold.query_row("PRAGMA page_count", [], |r| r.get(0))?;
         let size: i64 = cold.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         Ok((pages * size) as u64)
@@ -198,7 +196,7 @@ impl UserStates {
                 tracing::error!(error = %e, "no room made for a batch's users: the state file cannot be written; they are loaded beside the others");
             }
         }
-        let cold = lock(&self.cold);
+        let cold = unpoisoned(&self.cold);
         let mut select =
             cold.prepare_cached("SELECT partition, version, state FROM users WHERE user_id = ?1")?;
         let mut loaded = 0u64;
@@ -272,7 +270,7 @@ impl UserStates {
     /// Writes the `count` least recently used states to the file (those changed since it
     /// last had them) and drops them from memory. On an error nothing is dropped.
     fn spill_lru(&mut self, count: usize) -> Result<usize, StateError> {
-        let mut cold = lock(&self.cold);
+        let mut cold = unpoisoned(&self.cold);
         let tx = cold.transaction()?;
         {
             let mut upsert = tx.prepare_cached(UPSERT_NEWEST)?;
@@ -307,7 +305,7 @@ impl UserStates {
         for user in gone {
             self.hot.remove(&user);
         }
-        let cold = lock(&self.cold);
+        let cold = unpoisoned(&self.cold);
         let mut delete = cold.prepare_cached("DELETE FROM users WHERE partition = ?1")?;
         for p in partitions {
             delete.execute([p])?;
@@ -318,7 +316,7 @@ impl UserStates {
     /// A writer for restoring states into the file from another thread (the changelog
     /// is read on a blocking thread while this stays with the processor).
     pub fn restorer(&self) -> Result<Restorer, StateError> {
-        lock(&self.cold).execute_batch("BEGIN")?;
+        unpoisoned(&self.cold).execute_batch("BEGIN")?;
         Ok(Restorer {
             conn: self.cold.clone(),
             written: 0,
@@ -339,7 +337,7 @@ impl Drop for Restorer {
     /// A restore that failed part way leaves the file as it was before it.
     fn drop(&mut self) {
         if !self.finished {
-            let _ = lock(&self.conn).execute_batch("ROLLBACK");
+            let _ = unpoisoned(&self.conn).execute_batch("ROLLBACK");
         }
     }
 }
@@ -351,7 +349,7 @@ impl Restorer {
     pub fn put(&mut self, payload: &[u8]) -> Result<(), StateError> {
         let state: UserVectorRecord =
             serde_json::from_slice(payload).map_err(StateError::Unreadable)?;
-        lock(&self.conn)
+        unpoisoned(&self.conn)
             .prepare_cached(UPSERT_NEWEST)?
             .execute(params![
                 state.user_id,
@@ -365,7 +363,7 @@ impl Restorer {
 
     /// Commits; returns the records written.
     pub fn finish(mut self) -> Result<usize, StateError> {
-        lock(&self.conn).execute_batch("COMMIT")?;
+        unpoisoned(&self.conn).execute_batch("COMMIT")?;
         self.finished = true;
         Ok(self.written)
     }
@@ -846,7 +844,7 @@ mod tests {
         }
         // The file may not grow past its present pages: making room for the batch fails.
         {
-            let cold = lock(&s.cold);
+            let cold = unpoisoned(&s.cold);
             let pages: i64 = cold
                 .query_row("PRAGMA page_count", [], |r| r.get(0))
                 .unwrap();

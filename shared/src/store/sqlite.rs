@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{ArmCounts, ExperimentKind, ImpressionTally, Store, StoreError, WriteBatch};
+use super::{
+    unpoisoned, ArmCounts, ExperimentKind, ImpressionTally, Store, StoreError, WriteBatch,
+};
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 
 /// Migrations in order; the database's `user_version` counts those applied.
@@ -114,12 +116,13 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             // Take the first idle connection, else wait for our round-robin one.
             for i in 0..readers.len() {
-                if let Ok(c) = readers[(start + i) % readers.len()].try_lock() {
-                    return f(&c);
+                match readers[(start + i) % readers.len()].try_lock() {
+                    Ok(c) => return f(&c),
+                    Err(std::sync::TryLockError::Poisoned(p)) => return f(&p.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => {}
                 }
             }
-            let c = readers[start % readers.len()].lock().map_err(query_err)?;
-            f(&c)
+            f(&unpoisoned(&readers[start % readers.len()]))
         })
         .await
         .map_err(query_err)?
@@ -186,7 +189,7 @@ impl Store for SqliteStore {
         }
         let writer = self.writer.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = writer.lock().map_err(query_err)?;
+            let mut c = unpoisoned(&writer);
             let tx = c.transaction().map_err(query_err)?;
             {
                 let mut insert_event = tx
@@ -505,6 +508,57 @@ mod tests {
                 .unwrap(),
             vec![e]
         );
+    }
+
+    #[tokio::test]
+    async fn a_panic_inside_a_write_leaves_nothing_of_it_and_the_store_writing_and_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let event = |id: &str| {
+            crate::events::Event::from_json(
+                format!(
+                    r#"{{"event_id":"{id}","user_id":"u","type":"view","product_id":"p","ts":1}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        // A bug panics halfway through a write, holding the writer and a reader.
+        let (writer, readers) = (store.writer.clone(), store.readers.clone());
+        let e = event("half-written");
+        let panicked = std::thread::spawn(move || {
+            let _reader = readers[0].lock().unwrap();
+            let mut c = writer.lock().unwrap();
+            let tx = c.transaction().unwrap();
+            tx.execute(
+                "INSERT INTO events (user_id, ts, event_id, body) VALUES (?1, ?2, ?3, ?4)",
+                params![e.user_id, e.ts, e.event_id, encode(&e).unwrap()],
+            )
+            .unwrap();
+            panic!("a bug in the middle of a write");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(store.writer.is_poisoned() && store.readers[0].is_poisoned());
+
+        store
+            .write(WriteBatch {
+                events: vec![event("e2")],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        // Every reader, the poisoned one among them, reads what was committed.
+        for _ in 0..READERS {
+            let ids: Vec<String> = store
+                .user_events("u", 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.event_id)
+                .collect();
+            assert_eq!(ids, ["e2"]);
+        }
     }
 
     #[tokio::test]
