@@ -2,7 +2,8 @@
 //! commits nothing and reports not ready; when the store returns it catches up, and no
 //! record is lost, and none is counted twice (impressions of a retried batch). A batch's
 //! write runs on while the next batch is read: when it fails, it is written again before
-//! anything else, and its offsets stay held until then.
+//! anything else, and its offsets stay held until then, a stop included: what was not
+//! stored is read again by the next run.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -314,4 +315,78 @@ async fn a_write_that_panics_is_a_failed_write_its_batch_written_again_and_held_
     assert_eq!(stored, ["e1"]);
     assert_eq!(worker.held_offsets(), vec![]);
     assert_eq!(flaky.attempts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_stop_while_the_store_is_down_commits_nothing_unstored_and_the_next_run_stores_it() {
+    let env = TestEnv::start().await;
+    let inner = store::open(&env.settings.store.url).await.unwrap();
+    let down = Arc::new(FlakyStore {
+        inner: inner.clone(),
+        panics: AtomicUsize::new(0),
+        failures: AtomicUsize::new(usize::MAX),
+        attempts: AtomicUsize::new(0),
+    });
+    for i in 0..5 {
+        let e = event(
+            &format!("e{i}"),
+            "u1",
+            EventType::View,
+            "p-00001",
+            1_700_000_000_000 + i,
+        );
+        produce(
+            &env.broker.brokers(),
+            &env.settings.kafka.topics.events,
+            &e.user_id,
+            &serde_json::to_vec(&e).unwrap(),
+        )
+        .await;
+    }
+    let run = |store: Arc<dyn Store>, health: Arc<Health>, shutdown: CancellationToken| {
+        let worker = SaveWorker::new(store, env.settings.kafka.topics.clone());
+        let kafka = env.settings.kafka.clone();
+        tokio::spawn(async move {
+            framework::run_with_health(&kafka, worker, shutdown, health)
+                .await
+                .unwrap()
+        })
+    };
+
+    // The store is down: the batch's write fails, and the worker is stopped meanwhile.
+    let health = Health::new();
+    let shutdown = CancellationToken::new();
+    let first = run(down.clone(), health.clone(), shutdown.clone());
+    eventually(
+        Duration::from_secs(30),
+        "not ready during the outage",
+        || {
+            let problem = (!health.is_ready()).then(|| health.problem()).flatten();
+            async move { problem }
+        },
+    )
+    .await;
+    shutdown.cancel();
+    let stopped = first.await.unwrap();
+    assert_eq!(stopped.records, 5);
+    assert!(inner.user_events("u1", 10).await.unwrap().is_empty());
+
+    // The next run (the store back) reads the records again and stores every one.
+    let shutdown = CancellationToken::new();
+    let second = run(inner.clone(), Health::new(), shutdown.clone());
+    let stored = eventually(Duration::from_secs(60), "the 5 events stored", || {
+        let inner = inner.clone();
+        async move {
+            let n = inner.user_events("u1", 10).await.unwrap().len();
+            (n == 5).then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(stored, 5);
+    shutdown.cancel();
+    assert_eq!(
+        second.await.unwrap().records,
+        5,
+        "read again: nothing of them was committed at the stop"
+    );
 }
