@@ -28,6 +28,36 @@ struct FlakyStore {
     attempts: AtomicUsize,
 }
 
+impl FlakyStore {
+    fn over(inner: Arc<dyn Store>, panics: usize, failures: usize) -> Arc<FlakyStore> {
+        Arc::new(FlakyStore {
+            inner,
+            panics: AtomicUsize::new(panics),
+            failures: AtomicUsize::new(failures),
+            attempts: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// Waits until the worker reports not ready; returns the problem it reports.
+async fn not_ready(health: &Health) -> String {
+    eventually(
+        Duration::from_secs(30),
+        "not ready during the outage",
+        || {
+            let problem = (!health.is_ready()).then(|| health.problem()).flatten();
+            async move { problem }
+        },
+    )
+    .await
+}
+
+/// The embedded store in a new file of `dir`.
+async fn store_in(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    store::open(&url).await.unwrap()
+}
+
 #[async_trait]
 impl Store for FlakyStore {
     async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
@@ -90,28 +120,20 @@ impl Store for FlakyStore {
 async fn a_store_outage_is_retried_reported_and_caught_up_without_loss() {
     let env = TestEnv::start().await;
     let inner = store::open(&env.settings.store.url).await.unwrap();
-    let flaky = Arc::new(FlakyStore {
-        inner: inner.clone(),
-        panics: AtomicUsize::new(0),
-        failures: AtomicUsize::new(4),
-        attempts: AtomicUsize::new(0),
-    });
-    for i in 0..20 {
-        let e = event(
-            &format!("e{i}"),
-            &format!("u{}", i % 4),
-            EventType::View,
-            "p-00001",
-            1_700_000_000_000 + i,
-        );
-        produce(
-            &env.broker.brokers(),
-            &env.settings.kafka.topics.events,
-            &e.user_id,
-            &serde_json::to_vec(&e).unwrap(),
-        )
-        .await;
-    }
+    let flaky = FlakyStore::over(inner.clone(), 0, 4);
+    let events: Vec<Event> = (0..20)
+        .map(|i| {
+            let user = format!("u{}", i % 4);
+            event(
+                &format!("e{i}"),
+                &user,
+                EventType::View,
+                "p-00001",
+                1_700_000_000_000 + i,
+            )
+        })
+        .collect();
+    env.send_events(&events).await;
     // Impressions in the same outage: a retried batch must count each once.
     let ts = 1_700_000_000_000i64;
     for i in 0..30 {
@@ -141,15 +163,7 @@ async fn a_store_outage_is_retried_reported_and_caught_up_without_loss() {
             .unwrap()
     });
 
-    let problem = eventually(
-        Duration::from_secs(30),
-        "not ready during the outage",
-        || {
-            let problem = (!health.is_ready()).then(|| health.problem()).flatten();
-            async move { problem }
-        },
-    )
-    .await;
+    let problem = not_ready(&health).await;
     assert!(problem.contains("injected outage"), "{problem}");
 
     let stored = eventually(Duration::from_secs(60), "all 20 events stored", || {
@@ -211,14 +225,8 @@ fn decoded(worker: &SaveWorker, offset: i64, e: &Event) -> Decoded<save_worker::
 #[tokio::test]
 async fn a_failed_write_keeps_its_offsets_held_and_is_written_again_before_the_next_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let inner = store::open(&url).await.unwrap();
-    let flaky = Arc::new(FlakyStore {
-        inner: inner.clone(),
-        panics: AtomicUsize::new(0),
-        failures: AtomicUsize::new(2),
-        attempts: AtomicUsize::new(0),
-    });
+    let inner = store_in(&dir).await;
+    let flaky = FlakyStore::over(inner.clone(), 0, 2);
     let mut worker = SaveWorker::new(flaky.clone(), Topics::default());
     let ts = 1_700_000_000_000;
     let first = event("e1", "u1", EventType::View, "p-00001", ts);
@@ -280,14 +288,8 @@ async fn a_failed_write_keeps_its_offsets_held_and_is_written_again_before_the_n
 #[tokio::test]
 async fn a_write_that_panics_is_a_failed_write_its_batch_written_again_and_held_until_then() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let inner = store::open(&url).await.unwrap();
-    let flaky = Arc::new(FlakyStore {
-        inner: inner.clone(),
-        panics: AtomicUsize::new(1),
-        failures: AtomicUsize::new(0),
-        attempts: AtomicUsize::new(0),
-    });
+    let inner = store_in(&dir).await;
+    let flaky = FlakyStore::over(inner.clone(), 1, 0);
     let mut worker = SaveWorker::new(flaky.clone(), Topics::default());
     let e = event("e1", "u1", EventType::View, "p-00001", 1_700_000_000_000);
     worker.process(vec![decoded(&worker, 7, &e)]).await.unwrap();
@@ -321,28 +323,19 @@ async fn a_write_that_panics_is_a_failed_write_its_batch_written_again_and_held_
 async fn a_stop_while_the_store_is_down_commits_nothing_unstored_and_the_next_run_stores_it() {
     let env = TestEnv::start().await;
     let inner = store::open(&env.settings.store.url).await.unwrap();
-    let down = Arc::new(FlakyStore {
-        inner: inner.clone(),
-        panics: AtomicUsize::new(0),
-        failures: AtomicUsize::new(usize::MAX),
-        attempts: AtomicUsize::new(0),
-    });
-    for i in 0..5 {
-        let e = event(
-            &format!("e{i}"),
-            "u1",
-            EventType::View,
-            "p-00001",
-            1_700_000_000_000 + i,
-        );
-        produce(
-            &env.broker.brokers(),
-            &env.settings.kafka.topics.events,
-            &e.user_id,
-            &serde_json::to_vec(&e).unwrap(),
-        )
-        .await;
-    }
+    let down = FlakyStore::over(inner.clone(), 0, usize::MAX);
+    let events: Vec<Event> = (0..5)
+        .map(|i| {
+            event(
+                &format!("e{i}"),
+                "u1",
+                EventType::View,
+                "p-00001",
+                1_700_000_000_000 + i,
+            )
+        })
+        .collect();
+    env.send_events(&events).await;
     let run = |store: Arc<dyn Store>, health: Arc<Health>, shutdown: CancellationToken| {
         let worker = SaveWorker::new(store, env.settings.kafka.topics.clone());
         let kafka = env.settings.kafka.clone();
@@ -357,15 +350,8 @@ async fn a_stop_while_the_store_is_down_commits_nothing_unstored_and_the_next_ru
     let health = Health::new();
     let shutdown = CancellationToken::new();
     let first = run(down.clone(), health.clone(), shutdown.clone());
-    eventually(
-        Duration::from_secs(30),
-        "not ready during the outage",
-        || {
-            let problem = (!health.is_ready()).then(|| health.problem()).flatten();
-            async move { problem }
-        },
-    )
-    .await;
+    let problem = not_ready(&health).await;
+    assert!(problem.contains("injected outage"), "{problem}");
     shutdown.cancel();
     let stopped = first.await.unwrap();
     assert_eq!(stopped.records, 5);
