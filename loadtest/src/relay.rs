@@ -226,28 +226,35 @@ impl ListsWatch {
         self.waiting.len()
     }
 
+    fn stalled(&self, stall_limit: Duration) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{} users never got a list for their last event (none came in {} s; one waiting \
+             is {}): see the services' logs and the dead-letters topic",
+            self.waiting(),
+            stall_limit.as_secs(),
+            self.waiting
+                .keys()
+                .next()
+                .map(String::as_str)
+                .unwrap_or_default()
+        )
+    }
+
     /// Reads lists until none is waiting; fails when none has arrived for `stall_limit`
     /// (a state or list may have been dead-lettered), naming one user still waiting.
     pub async fn wait(&mut self, stall_limit: Duration) -> anyhow::Result<()> {
         let mut progressed = Instant::now();
         while !self.waiting.is_empty() {
             let left = stall_limit.saturating_sub(progressed.elapsed());
-            let record =
-                match tokio::time::timeout(left, self.sink.recv()).await {
-                    Ok(Ok(record)) => record,
-                    // Transient client errors (a broker away for a moment) come through here;
-                    // the stall limit catches one that lasts.
-                    Ok(Err(_)) => continue,
-                    Err(_) => {
-                        anyhow::bail!(
-                    "{} users never got a list for their last event (none came in {} s; one \
-                     waiting is {}): see the services' logs and the dead-letters topic",
-                    self.waiting(),
-                    stall_limit.as_secs(),
-                    self.waiting.keys().next().map(String::as_str).unwrap_or_default()
-                )
-                    }
-                };
+            let Ok(received) = tokio::time::timeout(left, self.sink.recv()).await else {
+                return Err(self.stalled(stall_limit));
+            };
+            // Transient client errors (a broker away for a moment) come as errors; the
+            // stall limit catches one that lasts.
+            let Ok(record) = received else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
             // Another writer's record on the topic is not a list this run waits for.
             let Some(list) = record
                 .payload()
