@@ -8,9 +8,9 @@ pub mod scylla;
 mod sqlite;
 
 /// A SQLite connection whose last user may have panicked while holding it. It is still
-/// sound: SQLite keeps its own state, and a transaction a panic left open was rolled
-/// back as the panic dropped it. A poisoned lock would otherwise fail every later call
-/// until a restart.
+/// sound: SQLite keeps its own state, and a transaction held in a rusqlite
+/// `Transaction` was rolled back as the panic dropped it. A poisoned lock would
+/// otherwise fail every later call until a restart.
 pub(crate) fn unpoisoned(
     connection: &std::sync::Mutex<rusqlite::Connection>,
 ) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
