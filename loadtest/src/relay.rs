@@ -67,6 +67,19 @@ fn partitions_of(consumer: &BaseConsumer, topics: &[String]) -> anyhow::Result<V
     Ok(partitions)
 }
 
+/// Where each of `partitions` ends now, as the broker reports it. Blocking.
+fn ends_of(
+    consumer: &BaseConsumer,
+    partitions: &[(String, i32)],
+) -> anyhow::Result<TopicPartitionList> {
+    let mut ends = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, *partition, Duration::from_secs(5))?;
+        ends.add_partition_offset(topic, *partition, Offset::Offset(high))?;
+    }
+    Ok(ends)
+}
+
 /// The partitions that save-worker's group has not committed up to the end, as the
 /// broker reports it now: "topic/partition at committed of end". Blocking.
 fn not_stored(
@@ -74,11 +87,7 @@ fn not_stored(
     partitions: &[(String, i32)],
 ) -> anyhow::Result<Vec<String>> {
     let timeout = Duration::from_secs(5);
-    let mut ends = TopicPartitionList::new();
-    for (topic, partition) in partitions {
-        let (_, high) = consumer.fetch_watermarks(topic, *partition, timeout)?;
-        ends.add_partition_offset(topic, *partition, Offset::Offset(high))?;
-    }
+    let ends = ends_of(consumer, partitions)?;
     let committed = consumer.committed_offsets(ends.clone(), timeout)?;
     Ok(ends
         .elements()
@@ -194,14 +203,8 @@ impl ListsWatch {
     ) -> anyhow::Result<ListsWatch> {
         let probe: BaseConsumer = recpipe_shared::kafka::client_config(kafka).create()?;
         let topic_name = topic.to_string();
-        let ends = tokio::task::spawn_blocking(move || -> anyhow::Result<TopicPartitionList> {
-            let mut ends = TopicPartitionList::new();
-            for (topic, partition) in partitions_of(&probe, &[topic_name])? {
-                let (_, high) =
-                    probe.fetch_watermarks(&topic, partition, Duration::from_secs(5))?;
-                ends.add_partition_offset(&topic, partition, Offset::Offset(high))?;
-            }
-            Ok(ends)
+        let ends = tokio::task::spawn_blocking(move || {
+            ends_of(&probe, &partitions_of(&probe, &[topic_name])?)
         })
         .await??;
         anyhow::ensure!(

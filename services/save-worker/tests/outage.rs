@@ -39,6 +39,11 @@ impl FlakyStore {
     }
 }
 
+/// The ids of `events`, in order.
+fn ids(events: Vec<Event>) -> Vec<String> {
+    events.into_iter().map(|e| e.event_id).collect()
+}
+
 /// Waits until the worker reports not ready; returns the problem it reports.
 async fn not_ready(health: &Health) -> String {
     eventually(
@@ -265,7 +270,6 @@ async fn a_failed_write_keeps_its_offsets_held_and_is_written_again_before_the_n
         .process(vec![decoded(&worker, 11, &second)])
         .await
         .unwrap();
-    let ids = |events: Vec<Event>| events.into_iter().map(|e| e.event_id).collect::<Vec<_>>();
     assert_eq!(ids(inner.user_events("u1", 10).await.unwrap()), ["e1"]);
     assert_eq!(
         worker.held_offsets(),
@@ -307,14 +311,7 @@ async fn a_write_that_panics_is_a_failed_write_its_batch_written_again_and_held_
     );
 
     worker.settle().await.unwrap();
-    let stored: Vec<String> = inner
-        .user_events("u1", 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event_id)
-        .collect();
-    assert_eq!(stored, ["e1"]);
+    assert_eq!(ids(inner.user_events("u1", 10).await.unwrap()), ["e1"]);
     assert_eq!(worker.held_offsets(), vec![]);
     assert_eq!(flaky.attempts.load(Ordering::SeqCst), 2);
 }

@@ -35,10 +35,8 @@ pub const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
 /// Settings every consumer gets: [`client_config`]'s and a short fetch queue backoff
 /// ([`FETCH_QUEUE_BACKOFF_MS`]), which the pass-through properties can override.
 pub fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &settings.brokers)
-        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string());
+    let mut config = client_config(settings);
+    config.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string());
     with_overrides(config, settings)
 }
 

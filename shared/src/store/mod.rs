@@ -7,6 +7,14 @@
 pub mod scylla;
 mod sqlite;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::events::{Event, EventType, RecommendationRecord, UserVectorRecord};
+
+pub use sqlite::SqliteStore;
+
 /// A SQLite connection whose last user may have panicked while holding it. It is still
 /// sound: SQLite keeps its own state, and a transaction held in a rusqlite
 /// `Transaction` was rolled back as the panic dropped it. A poisoned lock would
@@ -18,14 +26,6 @@ pub(crate) fn unpoisoned(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-
-use std::sync::Arc;
-
-use async_trait::async_trait;
-
-use crate::events::{Event, EventType, RecommendationRecord, UserVectorRecord};
-
-pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
