@@ -1,0 +1,8 @@
+-- Schema version 6: a list's `body` in `recommendations` may be a BLOB, the list's JSON
+-- (schemas/recommendation.v1.schema.json) compressed as one LZ4 block with its length
+-- first (4 bytes, little-endian), as lz4_flex's compress_prepend_size writes it. A list
+-- is about 1.8 KB of JSON that repeats its keys and packs to about 650 bytes, so
+-- save-worker writes that much less through the WAL and its checkpoints.
+-- Rows written before stay TEXT (JSON) and are read as they are; nothing is rewritten.
+-- No table changes: the version is set so that an older binary, which cannot read a
+-- BLOB body, refuses the file rather than failing on every list.
