@@ -24,15 +24,15 @@ use recpipe_shared::kafka::framework::{
 };
 use recpipe_shared::settings::{Settings, Topics};
 use recpipe_shared::store::{
-    self, day_of, ExperimentEvent, ExperimentKind, ImpressionTally, Store, StoreError, StoredList,
-    StoredUserState, WriteBatch,
+    self, day_of, ExperimentEvent, ExperimentKind, ImpressionTally, Store, StoreError, StoredEvent,
+    StoredList, StoredUserState, WriteBatch,
 };
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "save-worker";
 
 pub enum Record {
-    Event(Event),
+    Event(StoredEvent),
     UserState(StoredUserState),
     Recommendation(ConsumedList),
     /// The impressions of one record: one (schemas/impression.v1), or the API's batch of
@@ -378,7 +378,7 @@ impl Processor for SaveWorker {
     fn decode(&self, meta: &RecordMeta, payload: &[u8]) -> Result<Record, String> {
         let t = &meta.topic;
         if *t == self.topics.events {
-            Event::from_json(payload)
+            StoredEvent::from_json(payload)
                 .map(Record::Event)
                 .map_err(|e| format!("invalid event: {e}"))
         } else if *t == self.topics.user_vectors {
@@ -625,14 +625,14 @@ impl SaveWorker {
     /// batch (those whose list is still unknown and whose wait is not over).
     async fn attribute(
         &self,
-        events: &[Event],
+        events: &[StoredEvent],
         positions: &[(i32, i64)],
         lists: &[StoredList],
     ) -> Result<(Vec<ExperimentEvent>, VecDeque<AwaitingList>), StoreError> {
         use tracing::Instrument;
         // Looked up by id: up to MAX_AWAITING actions against a batch's lists.
         let lists: HashMap<&str, &StoredList> =
-            if self.awaiting.is_empty() && !events.iter().any(is_action) {
+            if self.awaiting.is_empty() && !events.iter().any(|e| is_action(&e.event)) {
                 HashMap::new()
             } else {
                 lists
@@ -669,7 +669,7 @@ impl SaveWorker {
         let mut waiting_ids: HashSet<&str> =
             awaiting.iter().map(|w| w.event.event_id.as_str()).collect();
         let mut newly_awaiting = Vec::new();
-        for (e, &(partition, offset)) in events.iter().zip(positions) {
+        for (e, &(partition, offset)) in events.iter().map(|e| &e.event).zip(positions) {
             // Log lines of this step (debug ones) name the event and the user.
             let span =
                 tracing::debug_span!("attribution", event_id = %e.event_id, user_id = %e.user_id);

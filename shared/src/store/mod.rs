@@ -150,7 +150,7 @@ pub struct ImpressionTally {
 /// leaves the store as it was.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct WriteBatch {
-    pub events: Vec<Event>,
+    pub events: Vec<StoredEvent>,
     pub user_states: Vec<StoredUserState>,
     pub recommendations: Vec<StoredList>,
     pub experiment: Vec<ExperimentEvent>,
@@ -190,6 +190,33 @@ impl StoredUserState {
             version: state.version,
             body: serde_json::to_string(state).expect("a user state serialises"),
         }
+    }
+}
+
+/// An event as the store keeps it: the event (its key, and what save-worker attributes)
+/// and its JSON as it was consumed, stored as it came rather than encoded again in the
+/// store's writer (a valid event has only the schema's fields).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub event: Event,
+    /// The event as JSON (schemas/event.v1.schema.json).
+    pub body: String,
+}
+
+impl StoredEvent {
+    pub fn of(event: &Event) -> StoredEvent {
+        StoredEvent {
+            event: event.clone(),
+            body: serde_json::to_string(event).expect("an event serialises"),
+        }
+    }
+
+    /// Decodes and validates an event ([`Event::from_json`]), keeping its JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<StoredEvent, crate::events::InvalidEvent> {
+        let event = Event::from_json(bytes)?;
+        // Valid JSON is UTF-8: from_json has just checked it.
+        let body = String::from_utf8(bytes.to_vec()).expect("an event's JSON is UTF-8");
+        Ok(StoredEvent { event, body })
     }
 }
 
@@ -372,13 +399,19 @@ pub mod suite {
         assert_eq!(store.user_state("nobody").await.unwrap(), None);
         assert!(store.user_events("nobody", 10).await.unwrap().is_empty());
 
-        // Events: newest first, a replayed event stored once, users kept apart.
+        // Events: newest first, a replayed event stored once, users kept apart. One is
+        // stored as a producer wrote it (spaces, a null), and reads back as the event.
+        let as_produced = StoredEvent::from_json(
+            br#"{ "event_id": "e1", "user_id": "b", "type": "view", "product_id": "p-1",
+                  "query": null, "ts": 5 }"#,
+        )
+        .unwrap();
         let batch = WriteBatch {
             events: vec![
-                event("a", "e1", 10),
-                event("a", "e2", 30),
-                event("a", "e3", 20),
-                event("b", "e1", 5),
+                StoredEvent::of(&event("a", "e1", 10)),
+                StoredEvent::of(&event("a", "e2", 30)),
+                StoredEvent::of(&event("a", "e3", 20)),
+                as_produced,
             ],
             ..Default::default()
         };

@@ -281,10 +281,6 @@ fn decode<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, StoreError> {
     serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(query_err)
-}
-
 #[async_trait]
 impl Store for ScyllaStore {
     async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
@@ -293,8 +289,16 @@ impl Store for ScyllaStore {
         let events: Vec<_> = batch
             .events
             .iter()
-            .map(|e| Ok((e.user_id.as_str(), e.ts, e.event_id.as_str(), encode(e)?)))
-            .collect::<Result<_, StoreError>>()?;
+            .map(|e| {
+                let (stored, e) = (&e.body, &e.event);
+                (
+                    e.user_id.as_str(),
+                    e.ts,
+                    e.event_id.as_str(),
+                    stored.as_str(),
+                )
+            })
+            .collect();
         let lists: Vec<_> = batch
             .recommendations
             .iter()

@@ -186,10 +186,6 @@ fn decode<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, StoreError> {
     serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(query_err)
-}
-
 /// A list's JSON as the `recommendations` table keeps it since schema version 6: one LZ4
 /// block with the JSON's length first (schemas/sqlite/V6__list_bodies_compressed.sql).
 /// Storing a backlog of 200,000 events took save-worker about a fifth less time, in a
@@ -262,9 +258,10 @@ fn write_events_and_states(
             "INSERT OR IGNORE INTO events (user_id, ts, event_id, body) VALUES (?1, ?2, ?3, ?4)",
         )
         .map_err(query_err)?;
-    for e in &batch.events {
+    for stored in &batch.events {
+        let e = &stored.event;
         insert_event
-            .execute(params![e.user_id, e.ts, e.event_id, encode(e)?])
+            .execute(params![e.user_id, e.ts, e.event_id, stored.body])
             .map_err(query_err)?;
     }
     let mut upsert_state = tx
@@ -500,7 +497,11 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoredList;
+    use crate::store::{StoredEvent, StoredList};
+
+    fn encode<T: serde::Serialize>(value: &T) -> String {
+        serde_json::to_string(value).unwrap()
+    }
 
     /// A database file as a binary of schema `version` left it.
     fn file_at_version(path: &Path, version: usize) -> Connection {
@@ -573,7 +574,7 @@ mod tests {
         .unwrap();
         writer
             .write(WriteBatch {
-                events: vec![e.clone()],
+                events: vec![StoredEvent::of(&e)],
                 ..Default::default()
             })
             .await
@@ -618,7 +619,7 @@ mod tests {
             let tx = c.transaction().unwrap();
             tx.execute(
                 "INSERT INTO events (user_id, ts, event_id, body) VALUES (?1, ?2, ?3, ?4)",
-                params![e.user_id, e.ts, e.event_id, encode(&e).unwrap()],
+                params![e.user_id, e.ts, e.event_id, encode(&e)],
             )
             .unwrap();
             panic!("a bug in the middle of a write");
@@ -629,7 +630,7 @@ mod tests {
 
         store
             .write(WriteBatch {
-                events: vec![event("e2")],
+                events: vec![StoredEvent::of(&event("e2"))],
                 ..Default::default()
             })
             .await
@@ -657,7 +658,7 @@ mod tests {
             c.execute(
                 "INSERT INTO recommendations (user_id, recommendation_id, user_version, generated_at, body)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![old.user_id, old.recommendation_id, 1, old.generated_at, encode(&old).unwrap()],
+                params![old.user_id, old.recommendation_id, 1, old.generated_at, encode(&old)],
             )
             .unwrap();
         }
@@ -720,7 +721,7 @@ mod tests {
             for e in [&older, &newer] {
                 c.execute(
                     "INSERT INTO events (user_id, event_id, ts, body) VALUES (?1, ?2, ?3, ?4)",
-                    params![e.user_id, e.event_id, e.ts, encode(e).unwrap()],
+                    params![e.user_id, e.event_id, e.ts, encode(e)],
                 )
                 .unwrap();
             }
@@ -750,7 +751,7 @@ mod tests {
         let newest = event("e3", 30);
         store
             .write(WriteBatch {
-                events: vec![older.clone(), newest.clone()],
+                events: vec![StoredEvent::of(&older), StoredEvent::of(&newest)],
                 ..Default::default()
             })
             .await
@@ -786,7 +787,7 @@ mod tests {
             .execute(
                 "INSERT INTO recommendations (user_id, recommendation_id, user_version, generated_at, body)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![old.user_id, old.recommendation_id, 1, old.generated_at, encode(&old).unwrap()],
+                params![old.user_id, old.recommendation_id, 1, old.generated_at, encode(&old)],
             )
             .unwrap();
         let store = SqliteStore::open(&path).unwrap();
@@ -805,12 +806,12 @@ mod tests {
         let many: Vec<_> = (0..400)
             .map(|i| crate::testkit::list(&format!("user-{i}"), 3, &products))
             .collect();
-        let json_bytes: usize = many.iter().map(|l| encode(l).unwrap().len()).sum();
+        let json_bytes: usize = many.iter().map(|l| encode(l).len()).sum();
         assert!(json_bytes > PACK_ON_A_THREAD_BYTES, "{json_bytes}");
         for lists in [&small, &many] {
             store
                 .write(WriteBatch {
-                    events: vec![Event::from_json(
+                    events: vec![StoredEvent::from_json(
                         br#"{"event_id":"e","user_id":"u","type":"view","product_id":"p","ts":1}"#,
                     )
                     .unwrap()],
@@ -834,7 +835,7 @@ mod tests {
                 Some(list)
             );
             let (kind, stored) = body_of(&store, list);
-            let json = encode(list).unwrap().len();
+            let json = encode(list).len();
             assert_eq!(kind, "blob");
             assert!(
                 stored * 3 < json,
@@ -881,7 +882,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let packed = pack_list(&encode(&list).unwrap());
+        let packed = pack_list(&encode(&list));
         let mut wrong_length = packed.clone();
         wrong_length[0] = wrong_length[0].wrapping_add(1);
         let damaged: [(&str, Vec<u8>); 4] = [
