@@ -214,8 +214,9 @@ impl StoredEvent {
     /// Decodes and validates an event ([`Event::from_json`]), keeping its JSON.
     pub fn from_json(bytes: &[u8]) -> Result<StoredEvent, crate::events::InvalidEvent> {
         let event = Event::from_json(bytes)?;
-        // Valid JSON is UTF-8: from_json has just checked it.
-        let body = String::from_utf8(bytes.to_vec()).expect("an event's JSON is UTF-8");
+        // JSON that decoded is UTF-8; checked again rather than trusted, as it is cheap.
+        let body = String::from_utf8(bytes.to_vec())
+            .map_err(|e| crate::events::InvalidEvent::Malformed(e.to_string()))?;
         Ok(StoredEvent { event, body })
     }
 }

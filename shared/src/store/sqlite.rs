@@ -188,8 +188,9 @@ fn decode<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, StoreError> {
 
 /// A list's JSON as the `recommendations` table keeps it since schema version 6: one LZ4
 /// block with the JSON's length first (schemas/sqlite/V6__list_bodies_compressed.sql).
-/// Storing a backlog of 200,000 events took save-worker about a fifth less time, in a
-/// file half the size (BENCHMARKS.md, twenty-sixth session).
+/// save-worker writes a third of the bytes through the WAL and its checkpoints, and a
+/// backlog of 200,000 events leaves a file half the size (BENCHMARKS.md, twenty-sixth
+/// session).
 fn pack_list(json: &str) -> Vec<u8> {
     lz4_flex::compress_prepend_size(json.as_bytes())
 }
@@ -197,24 +198,24 @@ fn pack_list(json: &str) -> Vec<u8> {
 /// Each list's packed body, in order. Many lists are packed on a scoped thread while
 /// `meanwhile` runs (writing the rest of the batch): on two cores the writer's
 /// transaction is what a backlog waits for.
-fn pack_lists_beside<T>(
+fn pack_lists_beside(
     lists: &[super::StoredList],
-    meanwhile: impl FnOnce() -> Result<T, StoreError>,
-) -> Result<(T, Vec<Vec<u8>>), StoreError> {
+    meanwhile: impl FnOnce() -> Result<(), StoreError>,
+) -> Result<Vec<Vec<u8>>, StoreError> {
     let pack_all = || lists.iter().map(|r| pack_list(&r.body)).collect::<Vec<_>>();
     let bytes: usize = lists.iter().map(|r| r.body.len()).sum();
     if bytes <= PACK_ON_A_THREAD_BYTES {
-        let done = meanwhile()?;
-        return Ok((done, pack_all()));
+        meanwhile()?;
+        return Ok(pack_all());
     }
     std::thread::scope(|scope| {
         let packing = scope.spawn(pack_all);
-        let done = meanwhile();
+        let written = meanwhile();
         // Joined before `?`: the scope would join it anyway, and its panic is the news.
         let packed = packing
             .join()
             .map_err(|_| StoreError::Query("packing lists panicked".to_string()))?;
-        Ok((done?, packed))
+        written.map(|()| packed)
     })
 }
 
@@ -290,7 +291,7 @@ impl Store for SqliteStore {
             let mut c = unpoisoned(&writer);
             let tx = c.transaction().map_err(query_err)?;
             {
-                let ((), packed_lists) = pack_lists_beside(&batch.recommendations, || {
+                let packed_lists = pack_lists_beside(&batch.recommendations, || {
                     write_events_and_states(&tx, &batch)
                 })?;
                 let mut insert_list = tx
