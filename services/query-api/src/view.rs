@@ -34,6 +34,7 @@ use dashmap::DashMap;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use recpipe_shared::events::RecommendationRecord;
+use recpipe_shared::kafka::EndOfPartitionIsNoError;
 use recpipe_shared::model::ServedModel;
 use recpipe_shared::settings::Settings;
 use tokio_util::sync::CancellationToken;
@@ -332,13 +333,16 @@ pub fn follow(
 ) -> anyhow::Result<()> {
     let kafka = &settings.kafka;
     let topic = kafka.topics.recommendations.clone();
-    let consumer: BaseConsumer = recpipe_shared::kafka::consumer_config(kafka)
-        // Assigned, never subscribed: the group is only a label, and nothing is committed.
-        .set("group.id", format!("{}-query-api-view", kafka.group_prefix))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
-        .create()?;
+    let consumer: BaseConsumer<EndOfPartitionIsNoError> =
+        recpipe_shared::kafka::consumer_config(kafka)
+            // Assigned, never subscribed: the group is only a label, and nothing is committed.
+            .set("group.id", format!("{}-query-api-view", kafka.group_prefix))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", kafka.fetch_wait_max_ms.to_string())
+            .create_with_context(EndOfPartitionIsNoError {
+                reader: "list view",
+            })?;
     let partitions: Vec<i32> = consumer
         .fetch_metadata(Some(&topic), Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("cannot reach Kafka at {}: {e}", kafka.brokers))?
@@ -412,7 +416,11 @@ pub fn follow(
 const PARTITION_CHECK: Duration = Duration::from_secs(30);
 
 /// Assigns, from their beginning, the partitions of `topic` not yet in `followed`.
-fn follow_new_partitions(consumer: &BaseConsumer, topic: &str, followed: &mut Vec<i32>) {
+fn follow_new_partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    followed: &mut Vec<i32>,
+) {
     let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
         return; // the next check tries again
     };

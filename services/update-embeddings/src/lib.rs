@@ -28,7 +28,7 @@ use recpipe_shared::events::{now_ms, Event, LastEvent, SourcePosition, UserVecto
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
-use recpipe_shared::kafka::{client_config, consumer_config};
+use recpipe_shared::kafka::{client_config, consumer_config, EndOfPartitionIsNoError};
 use recpipe_shared::model::{
     IndexKind, ModelRegistry, Restorer, Serving, StateError, UserModel, UserStates,
 };
@@ -305,25 +305,6 @@ impl Processor for UpdateEmbeddings {
     }
 }
 
-/// Client context for the restore consumer: reaching the end of a partition is how a
-/// restore ends, not an error worth logging.
-struct RestoreContext;
-
-impl rdkafka::ClientContext for RestoreContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        let end_of_partition = matches!(
-            error,
-            KafkaError::PartitionEOF(_)
-                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
-        );
-        if !end_of_partition {
-            tracing::error!(%error, reason, "restore consumer error");
-        }
-    }
-}
-
-impl rdkafka::consumer::ConsumerContext for RestoreContext {}
-
 /// Reads the given partitions of `user-vectors` from the start to their end into the
 /// state file: the latest state of every user whose events live on them. Returns the
 /// records read.
@@ -339,7 +320,7 @@ fn restore_partitions(
         RetryableError(format!("restoring partitions {partitions:?}: {e}"))
     };
     let topic = &kafka.topics.user_vectors;
-    let consumer: BaseConsumer<RestoreContext> = consumer_config(kafka)
+    let consumer: BaseConsumer<EndOfPartitionIsNoError> = consumer_config(kafka)
         .set(
             "group.id",
             format!("{}-{SERVICE}-restore", kafka.group_prefix),
@@ -347,7 +328,9 @@ fn restore_partitions(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
-        .create_with_context(RestoreContext)
+        .create_with_context(EndOfPartitionIsNoError {
+            reader: "state restore",
+        })
         .map_err(|e| err(&e))?;
     // Assigned before its leader is known, a partition waits out librdkafka's offset
     // query timer (half a second, for an empty changelog too); known first, it does not

@@ -75,6 +75,33 @@ pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// Whether `e` only says a consumer reached the end of a partition, which readers that
+/// ask for it (`enable.partition.eof`) take as "caught up".
+pub fn is_end_of_partition(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+    )
+}
+
+/// The client context of a consumer that reads to the end of its partitions. librdkafka
+/// reports each end also as a client error, which rdkafka's default context logs at
+/// ERROR ("librdkafka: Global error: PartitionEOF"): a line in the log each time such a
+/// reader caught up, for nothing wrong. Other errors are logged with the reader's name.
+pub struct EndOfPartitionIsNoError {
+    pub reader: &'static str,
+}
+
+impl rdkafka::ClientContext for EndOfPartitionIsNoError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !is_end_of_partition(&error) {
+            tracing::warn!(reader = self.reader, %error, reason, "kafka consumer error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EndOfPartitionIsNoError {}
+
 /// A record's time from its production (its CreateTime) to `now_ms`, in seconds: the
 /// broker and queueing time of a hop. None when the record carries no timestamp.
 pub fn record_wait_seconds(m: &impl rdkafka::Message, now_ms: i64) -> Option<f64> {
@@ -140,6 +167,59 @@ pub async fn ensure_topics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `f` logs, as text.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_reader_at_the_end_of_a_partition_logs_nothing_and_another_error_names_the_reader() {
+        use rdkafka::ClientContext;
+        let context = EndOfPartitionIsNoError {
+            reader: "list view",
+        };
+        let at_end = logged(|| {
+            // Both ways librdkafka reports it (the first is what query-api logged).
+            context.error(
+                KafkaError::Global(RDKafkaErrorCode::PartitionEOF),
+                "Fetch from broker 111 reached end of partition at offset 0 (HighwaterMark 0)",
+            );
+            context.error(KafkaError::PartitionEOF(3), "end");
+        });
+        assert_eq!(at_end, "");
+        let down = logged(|| {
+            context.error(
+                KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+                "127.0.0.1:9092/bootstrap: Connection refused",
+            )
+        });
+        assert!(
+            down.contains("WARN")
+                && down.contains("reader=\"list view\"")
+                && down.contains("Connection refused"),
+            "{down}"
+        );
+    }
 
     #[test]
     fn consumers_fetch_again_soon_after_a_full_queue_unless_told_otherwise() {

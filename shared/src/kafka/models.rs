@@ -11,6 +11,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use super::{is_end_of_partition, EndOfPartitionIsNoError};
 use crate::events::ModelAssignment;
 use crate::model::registry::{configured_assignment, IndexKind, ModelRegistry, Serving};
 use crate::settings::{KafkaSettings, Settings};
@@ -44,27 +45,6 @@ pub async fn publish(kafka: &KafkaSettings, assignment: &ModelAssignment) -> any
             )
         })?;
     Ok(())
-}
-
-/// Quiet about reaching the end of the partition, which is how the start-up read ends.
-struct ModelsContext;
-
-impl rdkafka::ClientContext for ModelsContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !is_eof(&error) {
-            tracing::warn!(%error, reason, "models topic consumer error");
-        }
-    }
-}
-
-impl rdkafka::consumer::ConsumerContext for ModelsContext {}
-
-fn is_eof(e: &KafkaError) -> bool {
-    matches!(
-        e,
-        KafkaError::PartitionEOF(_)
-            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
-    )
 }
 
 fn decode(payload: Option<&[u8]>) -> Result<ModelAssignment, String> {
@@ -139,7 +119,7 @@ fn start_blocking(
                     }
                 }
             }
-            Some(Err(e)) if is_eof(&e) => break,
+            Some(Err(e)) if is_end_of_partition(&e) => break,
             Some(Err(e)) => return Err(e.into()),
             None => {}
         }
@@ -197,20 +177,20 @@ fn start_blocking(
 fn models_consumer(
     kafka: &KafkaSettings,
     fetch_wait_max_ms: u32,
-) -> Result<BaseConsumer<ModelsContext>, KafkaError> {
+) -> Result<BaseConsumer<EndOfPartitionIsNoError>, KafkaError> {
     super::consumer_config(kafka)
         // Partitions are assigned, never subscribed, so the group is only a label.
         .set("group.id", format!("{}-models-reader", kafka.group_prefix))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", fetch_wait_max_ms.to_string())
-        .create_with_context(ModelsContext)
+        .create_with_context(EndOfPartitionIsNoError { reader: "models" })
 }
 
 /// Loads each newly published assignment (in this thread, so serving goes on meanwhile)
 /// and swaps it in. One that cannot be loaded is logged and counted; the current one stays.
 fn follow(
-    consumer: BaseConsumer<ModelsContext>,
+    consumer: BaseConsumer<EndOfPartitionIsNoError>,
     registry: Arc<ModelRegistry>,
     hnsw: &crate::settings::HnswSettings,
     index: IndexKind,
@@ -219,7 +199,7 @@ fn follow(
     while !shutdown.is_cancelled() {
         let message = match consumer.poll(Duration::from_millis(250)) {
             Some(Ok(m)) => m,
-            Some(Err(e)) if is_eof(&e) => continue,
+            Some(Err(e)) if is_end_of_partition(&e) => continue,
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "models topic read failed; retrying");
                 std::thread::sleep(Duration::from_secs(1));
