@@ -86,10 +86,15 @@ fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), Invalid
 impl Event {
     /// Decodes and validates one event from JSON bytes.
     pub fn from_json(bytes: &[u8]) -> Result<Event, InvalidEvent> {
-        let event: Event =
-            serde_json::from_slice(bytes).map_err(|e| InvalidEvent::Malformed(e.to_string()))?;
+        Self::from_json_with_text(bytes).map(|(event, _)| event)
+    }
+
+    /// [`Self::from_json`], with the bytes as the text they were checked to be.
+    pub fn from_json_with_text(bytes: &[u8]) -> Result<(Event, &str), InvalidEvent> {
+        let (event, text): (Event, &str) =
+            crate::json::decode(bytes).map_err(|e| InvalidEvent::Malformed(e.to_string()))?;
         event.validate()?;
-        Ok(event)
+        Ok((event, text))
     }
 
     /// The rules of the schema that serde's types do not already enforce.
@@ -362,6 +367,11 @@ mod tests {
         assert!(err.to_string().contains("user_id"), "{err}");
         let err = Event::from_json(b"\xff\xfe").unwrap_err();
         assert!(matches!(err, InvalidEvent::Malformed(_)));
+        let err = Event::from_json(
+            b"{\"event_id\":\"e\xff\",\"user_id\":\"u\",\"type\":\"view\",\"product_id\":\"p\",\"ts\":1}",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
         let err = Event::from_json(
             br#"{"event_id":"e","user_id":"u","type":"teleport","product_id":"p","ts":1}"#,
         )

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod catalog;
 pub mod events;
+pub mod json;
 pub mod kafka;
 pub mod model;
 pub mod schema;

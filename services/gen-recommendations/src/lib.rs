@@ -18,6 +18,7 @@ use recpipe_shared::events::{
     now_ms, Fallback, RecommendationRecord, ScoredProduct, SourcePosition, UserVectorRecord,
     POPULAR_USER_ID,
 };
+use recpipe_shared::json;
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
@@ -183,8 +184,8 @@ impl Processor for GenRecommendations {
     }
 
     fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<UserVectorRecord, String> {
-        let state: UserVectorRecord =
-            serde_json::from_slice(payload).map_err(|e| format!("invalid user vector: {e}"))?;
+        let (state, _): (UserVectorRecord, _) =
+            json::decode(payload).map_err(|e| format!("invalid user vector: {e}"))?;
         if state.vector.iter().any(|v| !v.is_finite()) {
             return Err("user vector has a non-finite value".into());
         }

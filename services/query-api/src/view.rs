@@ -34,6 +34,7 @@ use dashmap::DashMap;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use recpipe_shared::events::RecommendationRecord;
+use recpipe_shared::json;
 use recpipe_shared::kafka::EndOfPartitionIsNoError;
 use recpipe_shared::model::ServedModel;
 use recpipe_shared::settings::Settings;
@@ -145,7 +146,7 @@ impl ViewEntry {
     /// only the user and the list's order are read now. Fails when even those are not
     /// there; a list whose other fields are wrong fails when first used ([`Self::list`]).
     pub fn from_json(encoded: &[u8]) -> Result<Arc<ViewEntry>, serde_json::Error> {
-        let header: ListHeader = serde_json::from_slice(encoded)?;
+        let (header, _): (ListHeader, _) = json::decode(encoded)?;
         Ok(Arc::new(ViewEntry {
             user_id: header.user_id.into_owned(),
             user_version: header.user_version,
@@ -171,8 +172,8 @@ impl ViewEntry {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .take()
                     .unwrap_or_default();
-                serde_json::from_slice::<RecommendationRecord>(&encoded)
-                    .map(Arc::new)
+                json::decode::<RecommendationRecord>(&encoded)
+                    .map(|(list, _)| Arc::new(list))
                     .inspect_err(|e| {
                         tracing::warn!(user_id = self.user_id, error = %e, "a list in the view cannot be decoded; the store answers for it");
                     })

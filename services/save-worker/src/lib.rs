@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use recpipe_shared::events::{
     arm, now_ms, Event, EventType, Fallback, RecommendationRecord, SourcePosition, POPULAR_USER_ID,
 };
+use recpipe_shared::json::{self, AnyNumber};
 use recpipe_shared::kafka::framework::{
     Decoded, HeldOffset, Outcome, Processor, RecordMeta, RetryableError, RunStats,
 };
@@ -89,7 +90,7 @@ impl<'de> serde::Deserialize<'de> for AnyString {
 #[allow(dead_code)] // fields read only to check them
 struct UserStateShape {
     user_id: String,
-    vector: Vec<f32>,
+    vector: Vec<AnyNumber>,
     anchor_ts: i64,
     version: u64,
     recent_products: Vec<AnyString>,
@@ -119,13 +120,11 @@ struct LastEventShape {
 
 /// A `user-vectors` record as the store keeps it, its shape checked.
 pub fn stored_user_state(payload: &[u8]) -> Result<StoredUserState, String> {
-    let shape: UserStateShape = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-    // Valid JSON is valid UTF-8.
-    let body = String::from_utf8(payload.to_vec()).map_err(|e| e.to_string())?;
+    let (shape, text): (UserStateShape, &str) = json::decode(payload).map_err(|e| e.to_string())?;
     Ok(StoredUserState {
         user_id: shape.user_id,
         version: shape.version,
-        body,
+        body: text.to_owned(),
     })
 }
 
@@ -161,7 +160,7 @@ struct ListShape {
 #[allow(dead_code)]
 struct ItemShape {
     product_id: AnyString,
-    score: f32,
+    score: AnyNumber,
     #[serde(default)]
     because: Option<AnyString>,
 }
@@ -175,16 +174,14 @@ pub struct ConsumedList {
 
 /// A `recommendations` record, its shape checked.
 pub fn consumed_list(payload: &[u8]) -> Result<ConsumedList, String> {
-    let shape: ListShape = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-    // Valid JSON is valid UTF-8.
-    let body = String::from_utf8(payload.to_vec()).map_err(|e| e.to_string())?;
+    let (shape, text): (ListShape, &str) = json::decode(payload).map_err(|e| e.to_string())?;
     Ok(ConsumedList {
         stored: StoredList {
             user_id: shape.user_id,
             recommendation_id: shape.recommendation_id,
             user_version: shape.user_version,
             generated_at: shape.generated_at,
-            body,
+            body: text.to_owned(),
         },
         source_event_ts: shape.source_event_ts,
     })
@@ -894,6 +891,16 @@ mod tests {
         let mut v = good.clone();
         v["version"] = (-1).into();
         bad.push(v);
+        // The vector's numbers are checked, not converted (`AnyNumber`).
+        for element in [
+            serde_json::json!("0.5"),
+            serde_json::Value::Null,
+            serde_json::json!([1]),
+        ] {
+            let mut v = good.clone();
+            v["vector"][0] = element;
+            bad.push(v);
+        }
         for v in bad {
             let json = serde_json::to_vec(&v).unwrap();
             assert!(
@@ -902,6 +909,18 @@ mod tests {
             );
             assert!(stored_user_state(&json).is_err(), "accepted: {v}");
         }
+        // A number beyond f64, which serde_json cannot write: refused by both.
+        let json = serde_json::to_string(&state("a", 1)).unwrap();
+        let (head, tail) = json.split_once("\"vector\":[").unwrap();
+        let overflowing = format!("{head}\"vector\":[1e999,{tail}");
+        assert!(serde_json::from_str::<UserVectorRecord>(&overflowing).is_err());
+        assert!(stored_user_state(overflowing.as_bytes()).is_err());
+        // A byte that is not UTF-8, in a string (outside one it is no JSON either).
+        let mut bytes = json.replacen("\"a\"", "\"a?\"", 1).into_bytes();
+        let at = bytes.iter().position(|&b| b == b'?').unwrap();
+        bytes[at] = 0xff;
+        assert!(serde_json::from_slice::<UserVectorRecord>(&bytes).is_err());
+        assert!(stored_user_state(&bytes).is_err());
     }
 
     #[test]

@@ -347,8 +347,8 @@ impl Restorer {
     /// newer version of its user. An unreadable record is [`StateError::Unreadable`]:
     /// the whole record is decoded here, so that what the file holds always decodes.
     pub fn put(&mut self, payload: &[u8]) -> Result<(), StateError> {
-        let state: UserVectorRecord =
-            serde_json::from_slice(payload).map_err(StateError::Unreadable)?;
+        let (state, _): (UserVectorRecord, _) =
+            crate::json::decode(payload).map_err(StateError::Unreadable)?;
         unpoisoned(&self.conn)
             .prepare_cached(UPSERT_NEWEST)?
             .execute(params![

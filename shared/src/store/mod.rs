@@ -213,11 +213,11 @@ impl StoredEvent {
 
     /// Decodes and validates an event ([`Event::from_json`]), keeping its JSON.
     pub fn from_json(bytes: &[u8]) -> Result<StoredEvent, crate::events::InvalidEvent> {
-        let event = Event::from_json(bytes)?;
-        // JSON that decoded is UTF-8; checked again rather than trusted, as it is cheap.
-        let body = String::from_utf8(bytes.to_vec())
-            .map_err(|e| crate::events::InvalidEvent::Malformed(e.to_string()))?;
-        Ok(StoredEvent { event, body })
+        let (event, text) = Event::from_json_with_text(bytes)?;
+        Ok(StoredEvent {
+            event,
+            body: text.to_owned(),
+        })
     }
 }
 
