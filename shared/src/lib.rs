@@ -11,6 +11,7 @@ pub mod schema;
 pub mod settings;
 pub mod shutdown;
 pub mod stable_hash;
+pub mod state_record;
 pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testkit")]

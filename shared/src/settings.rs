@@ -40,6 +40,10 @@ pub struct StateSettings {
     /// A batch holds its users' encoded states until it is produced, and room for them is
     /// made in memory first, so `hot_users` still bounds the states kept.
     pub events_batch_max: usize,
+    /// How update-embeddings writes the states it produces to `user-vectors`: `binary`
+    /// (schemas/user-vector.binary.md) or `json` (schemas/user-vector.v1.schema.json).
+    /// recpipe's readers take either.
+    pub encoding: crate::state_record::StateEncoding,
 }
 
 impl Default for StateSettings {
@@ -48,6 +52,7 @@ impl Default for StateSettings {
             hot_users: 10_000,
             dir: None,
             events_batch_max: 20_000,
+            encoding: crate::state_record::StateEncoding::Binary,
         }
     }
 }
@@ -586,7 +591,9 @@ mod tests {
         std::env::set_var("RECPIPE_CONFIG_DIR", dir.path());
         std::env::set_var("RECPIPE_API__API_KEYS", "k1,k2");
         std::env::set_var("RECPIPE_KAFKA__CLIENT__SASL_PASSWORD", "Secret.Pw");
+        std::env::set_var("RECPIPE_STATE__ENCODING", "json");
         let s = Settings::load_from(dir.path(), "query-api").unwrap();
+        std::env::remove_var("RECPIPE_STATE__ENCODING");
         std::env::remove_var("RECPIPE_KAFKA__CLIENT__SASL_PASSWORD");
         std::env::remove_var("RECPIPE_API__API_KEYS");
         std::env::remove_var("RECPIPE_KAFKA__BROKERS");
@@ -595,6 +602,7 @@ mod tests {
         assert_eq!(s.kafka.partitions, 8);
         assert_eq!(s.api.port, 9100);
         assert_eq!(s.api.api_keys, vec!["k1", "k2"]);
+        assert_eq!(s.state.encoding, crate::state_record::StateEncoding::Json);
         assert_eq!(s.model, ModelSettings::default());
         // A dotted name from a file and an underscored one from the environment both
         // reach librdkafka dotted, values untouched.
@@ -627,7 +635,8 @@ mod tests {
             "save-worker",
             "query-api",
         ] {
-            Settings::load_from(&dir, service).unwrap();
+            let s = Settings::load_from(&dir, service).unwrap();
+            assert_eq!(s.state, StateSettings::default(), "{service}");
         }
     }
 }

@@ -2,7 +2,8 @@
 //! freshness benchmark's rate gives it (about 54 states of different users, each with a
 //! full history: 50 products, 50 event ids, 32 dims): decode each record, make its list
 //! from the 2,000-product catalog (searched exactly, as below `model.hnsw.exact_below`)
-//! and encode it for `recommendations`. Also one list alone, without the Kafka framing.
+//! and encode it for `recommendations`, with the states in JSON and in the binary form.
+//! Also one list alone, without the Kafka framing.
 //! Run: `cargo bench -p gen-recommendations --bench lists` (compare builds with
 //! criterion's `--save-baseline NAME` and `--baseline NAME`).
 
@@ -15,6 +16,7 @@ use recpipe_shared::events::{EventType, LastEvent, SourcePosition, UserVectorRec
 use recpipe_shared::kafka::framework::{Decoded, Processor, RecordMeta};
 use recpipe_shared::model::{IndexKind, ModelRegistry};
 use recpipe_shared::settings::Settings;
+use recpipe_shared::state_record::{self, StateEncoding};
 
 // The service's allocator, so the figures are the service's.
 #[global_allocator]
@@ -61,9 +63,18 @@ fn lists(c: &mut Criterion) {
     recpipe_shared::testkit::write_catalog(&settings.catalog.dir, PRODUCTS, DIM);
     let models = Arc::new(ModelRegistry::from_settings(&settings, IndexKind::Hnsw).unwrap());
     let catalog = models.current().primary().catalog().clone();
-    let payloads: Vec<Vec<u8>> = (0..BATCH)
-        .map(|u| serde_json::to_vec(&state(u, catalog.dim(), catalog.embeddings_id())).unwrap())
-        .collect();
+    let payloads_in = |encoding| -> Vec<Vec<u8>> {
+        (0..BATCH)
+            .map(|u| {
+                let state = state(u, catalog.dim(), catalog.embeddings_id());
+                state_record::encode(&state, encoding)
+            })
+            .collect()
+    };
+    let (json, binary) = (
+        payloads_in(StateEncoding::Json),
+        payloads_in(StateEncoding::Binary),
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -73,12 +84,24 @@ fn lists(c: &mut Criterion) {
     let mut one_thread = settings.clone();
     one_thread.model.search_threads = 1;
     let mut group = c.benchmark_group("gen_recommendations");
-    for (name, settings) in [
+    // The states in JSON (these two names are the figures of earlier sessions), then in
+    // the binary form that update-embeddings writes by default.
+    for (name, settings, payloads) in [
         (
             format!("batch_of_{BATCH}_states_decoded_listed_encoded"),
             &settings,
+            &json,
         ),
-        (format!("batch_of_{BATCH}_on_one_thread"), &one_thread),
+        (
+            format!("batch_of_{BATCH}_on_one_thread"),
+            &one_thread,
+            &json,
+        ),
+        (
+            format!("batch_of_{BATCH}_on_one_thread_binary_states"),
+            &one_thread,
+            &binary,
+        ),
     ] {
         let mut generator = GenRecommendations::new(models.clone(), settings);
         group.bench_function(name, |b| {

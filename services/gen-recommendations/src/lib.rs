@@ -18,7 +18,6 @@ use recpipe_shared::events::{
     now_ms, Fallback, RecommendationRecord, ScoredProduct, SourcePosition, UserVectorRecord,
     POPULAR_USER_ID,
 };
-use recpipe_shared::json;
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
@@ -26,6 +25,7 @@ use recpipe_shared::model::{
     recommendation_id, vector_from_history, IndexKind, ModelRegistry, Popularity, ServedModel,
 };
 use recpipe_shared::settings::{Settings, Topics};
+use recpipe_shared::state_record;
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "gen-recommendations";
@@ -184,12 +184,7 @@ impl Processor for GenRecommendations {
     }
 
     fn decode(&self, _meta: &RecordMeta, payload: &[u8]) -> Result<UserVectorRecord, String> {
-        let (state, _): (UserVectorRecord, _) =
-            json::decode(payload).map_err(|e| format!("invalid user vector: {e}"))?;
-        if state.vector.iter().any(|v| !v.is_finite()) {
-            return Err("user vector has a non-finite value".into());
-        }
-        Ok(state)
+        state_record::decode(payload).map_err(|e| format!("invalid user vector: {e}"))
     }
 
     async fn process(

@@ -1,7 +1,8 @@
 //! What save-worker does with one `user-vectors` record of a full history (50 products,
 //! 50 event ids), and with one `recommendations` record (20 products, each with the
 //! product that explains it, and 50 input event ids), against what it did before in the
-//! same run: decode the whole record and encode it again for the store.
+//! same run: decode the whole record and encode it again for the store. The state is
+//! timed in both of its encodings (JSON and the binary form).
 //! Run: `cargo bench -p save-worker --bench user_state`
 
 use std::hint::black_box;
@@ -10,10 +11,11 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use recpipe_shared::events::{
     EventType, LastEvent, RecommendationRecord, ScoredProduct, SourcePosition, UserVectorRecord,
 };
+use recpipe_shared::state_record::{self, StateEncoding};
 use recpipe_shared::store::{StoredList, StoredUserState};
 
-fn full_history() -> Vec<u8> {
-    let record = UserVectorRecord {
+fn full_history() -> UserVectorRecord {
+    UserVectorRecord {
         user_id: "user-0001234".into(),
         vector: (0..32).map(|i| (i as f32 * 0.37).sin() * 0.2).collect(),
         anchor_ts: 1_764_000_000_000,
@@ -36,21 +38,41 @@ fn full_history() -> Vec<u8> {
             .map(|i| format!("user-0001234-e{:04}", 59 - i))
             .collect(),
         folded_events: Vec::new(),
-    };
-    serde_json::to_vec(&record).unwrap()
+    }
 }
 
 fn user_state(c: &mut Criterion) {
-    let payload = full_history();
+    let record = full_history();
+    let payload = state_record::encode(&record, StateEncoding::Json);
+    let binary = state_record::encode(&record, StateEncoding::Binary);
     let mut group = c.benchmark_group("user_state_record_to_store_row");
     group.bench_function("decode_whole_and_encode_again", |b| {
         b.iter(|| {
             let record: UserVectorRecord = serde_json::from_slice(black_box(&payload)).unwrap();
-            black_box(StoredUserState::of(&record))
+            black_box(StoredUserState::of(&record, StateEncoding::Json))
         })
     });
     group.bench_function("check_shape_and_pass_through", |b| {
         b.iter(|| black_box(save_worker::stored_user_state(black_box(&payload)).unwrap()))
+    });
+    group.bench_function("binary_decode_and_pass_through", |b| {
+        b.iter(|| black_box(save_worker::stored_user_state(black_box(&binary)).unwrap()))
+    });
+    group.finish();
+    // What update-embeddings writes and gen-recommendations reads, in each encoding.
+    let mut group = c.benchmark_group("user_state_record");
+    let mut out = Vec::new();
+    group.bench_function("encode_json", |b| {
+        b.iter(|| state_record::encode_into(black_box(&record), StateEncoding::Json, &mut out))
+    });
+    group.bench_function("encode_binary", |b| {
+        b.iter(|| state_record::encode_into(black_box(&record), StateEncoding::Binary, &mut out))
+    });
+    group.bench_function("decode_json", |b| {
+        b.iter(|| black_box(state_record::decode(black_box(&payload)).unwrap()))
+    });
+    group.bench_function("decode_binary", |b| {
+        b.iter(|| black_box(state_record::decode(black_box(&binary)).unwrap()))
     });
     group.finish();
 }

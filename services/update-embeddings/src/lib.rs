@@ -33,6 +33,7 @@ use recpipe_shared::model::{
     IndexKind, ModelRegistry, Restorer, Serving, StateError, UserModel, UserStates,
 };
 use recpipe_shared::settings::{EventRules, KafkaSettings, ModelSettings, Settings};
+use recpipe_shared::state_record::{self, StateEncoding};
 use tokio_util::sync::CancellationToken;
 
 pub const SERVICE: &str = "update-embeddings";
@@ -56,6 +57,8 @@ pub struct UpdateEmbeddings {
     rules: EventRules,
     users: UserStates,
     kafka: KafkaSettings,
+    /// How the states produced are written (`state.encoding`).
+    encoding: StateEncoding,
 }
 
 impl UpdateEmbeddings {
@@ -70,6 +73,7 @@ impl UpdateEmbeddings {
             rules: settings.events,
             users: UserStates::open(&settings.state)?,
             kafka: settings.kafka.clone(),
+            encoding: settings.state.encoding,
         })
     }
 
@@ -197,7 +201,7 @@ impl UpdateEmbeddings {
                 let Some(mut state) = newest[i].take() else {
                     continue;
                 };
-                let payload = serde_json::to_vec(&state).expect("a user state serialises");
+                let payload = state_record::encode(&state, self.encoding);
                 state.folded_events.clear();
                 self.users.insert(&state);
                 outcomes[i] = Outcome::Emit(vec![Output {

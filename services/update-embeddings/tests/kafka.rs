@@ -35,7 +35,7 @@ fn start(settings: &Settings) -> (CancellationToken, tokio::task::JoinHandle<Run
 }
 
 fn decode(m: &OwnedMessage) -> UserVectorRecord {
-    serde_json::from_slice(m.payload().unwrap()).unwrap()
+    recpipe_shared::state_record::decode(m.payload().unwrap()).unwrap()
 }
 
 /// The events a state stands for, oldest first: those folded into it, then its last.
@@ -476,7 +476,7 @@ async fn a_batch_makes_one_state_per_user_and_partition_with_the_earlier_events_
             Outcome::Emit(out) if out.is_empty() => None,
             Outcome::Emit(out) => {
                 assert_eq!(out.len(), 1);
-                Some(serde_json::from_slice(&out[0].payload).unwrap())
+                Some(recpipe_shared::state_record::decode(&out[0].payload).unwrap())
             }
             Outcome::Reject(reason) => panic!("rejected: {reason}"),
         })
@@ -570,7 +570,7 @@ async fn a_hot_users_batch_is_split_into_states_that_each_fold_a_bounded_number_
                 );
                 states.push((
                     i,
-                    serde_json::from_slice::<UserVectorRecord>(&out[0].payload).unwrap(),
+                    recpipe_shared::state_record::decode(&out[0].payload).unwrap(),
                 ));
             }
             Outcome::Reject(reason) => panic!("rejected: {reason}"),

@@ -13,8 +13,9 @@
 //! the changelog JSON at a full history of sequential ids, 0.5 of UUIDs, and a tenth of
 //! the decoded struct, whose 100 small strings of history are each an allocation. It is
 //! decoded again on the user's next event; spilling writes the bytes as they are. The
-//! form lives only in this process (the file is made anew at every start), so it needs
-//! no versioning; the changelog stays JSON (schemas/user-vector.v1).
+//! same form, followed by the folded events, is the body of the changelog's binary
+//! records ([`crate::state_record`], schemas/user-vector.binary.md), so its layout is
+//! versioned there: a change to it is a new version of that form.
 //!
 //! Only the two ends of a batch touch the file: [`UserStates::load`] before anything
 //! changes (a failure leaves the batch to be retried whole) and [`UserStates::spill`]
@@ -47,7 +48,7 @@ pub enum StateError {
         source: postcard::Error,
     },
     #[error("unreadable changelog record: {0}")]
-    Unreadable(serde_json::Error),
+    Unreadable(crate::state_record::StateRecordError),
 }
 
 struct Hot {
@@ -343,12 +344,12 @@ impl Drop for Restorer {
 }
 
 impl Restorer {
-    /// Keeps one changelog record (the state's JSON, as produced) unless the file has a
-    /// newer version of its user. An unreadable record is [`StateError::Unreadable`]:
-    /// the whole record is decoded here, so that what the file holds always decodes.
+    /// Keeps one changelog record (a state in either encoding, as produced) unless the
+    /// file has a newer version of its user. An unreadable record is
+    /// [`StateError::Unreadable`]: the whole record is decoded here, so that what the
+    /// file holds always decodes.
     pub fn put(&mut self, payload: &[u8]) -> Result<(), StateError> {
-        let (state, _): (UserVectorRecord, _) =
-            crate::json::decode(payload).map_err(StateError::Unreadable)?;
+        let state = crate::state_record::decode(payload).map_err(StateError::Unreadable)?;
         unpoisoned(&self.conn)
             .prepare_cached(UPSERT_NEWEST)?
             .execute(params![
@@ -545,6 +546,11 @@ pub mod compact {
     /// Encodes `state` into `out`, which is cleared first (a buffer kept for reuse).
     pub fn encode_into(state: &UserVectorRecord, out: &mut Vec<u8>) {
         out.clear();
+        append(state, out);
+    }
+
+    /// Writes `state` after what `out` holds.
+    fn append(state: &UserVectorRecord, out: &mut Vec<u8>) {
         let buffer = std::mem::take(out);
         *out = postcard::to_extend(
             &Borrowed {
@@ -577,18 +583,71 @@ pub mod compact {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<UserVectorRecord, postcard::Error> {
-        let (e, rest): (Encoded, _) = postcard::take_from_bytes(bytes)?;
+        let (state, rest) = decode_prefix(bytes)?;
         if !rest.is_empty() {
             // Not a state this module wrote: it ends where a state ends.
             return Err(postcard::Error::DeserializeBadEncoding);
         }
+        Ok(state)
+    }
+
+    /// One folded event as [`append_with_folded`] writes it.
+    #[derive(Serialize, Deserialize)]
+    struct Folded<'a> {
+        event_id: &'a str,
+        event_type: EventType,
+        product_id: Option<&'a str>,
+        ts: i64,
+    }
+
+    /// Writes `state` after what `out` holds, followed by its folded events, which the
+    /// in-process form leaves out: the body of the `user-vectors` record's binary form
+    /// ([`crate::state_record`], schemas/user-vector.binary.md).
+    pub fn append_with_folded(state: &UserVectorRecord, out: &mut Vec<u8>) {
+        append(state, out);
+        let folded: Vec<Folded> = state
+            .folded_events
+            .iter()
+            .map(|e| Folded {
+                event_id: &e.event_id,
+                event_type: e.event_type,
+                product_id: e.product_id.as_deref(),
+                ts: e.ts,
+            })
+            .collect();
+        let buffer = std::mem::take(out);
+        *out = postcard::to_extend(&folded, buffer).expect("folded events encode");
+    }
+
+    /// Reads what [`append_with_folded`] wrote, and nothing after it.
+    pub fn decode_with_folded(bytes: &[u8]) -> Result<UserVectorRecord, postcard::Error> {
+        let (mut state, rest) = decode_prefix(bytes)?;
+        let (folded, rest): (Vec<Folded>, _) = postcard::take_from_bytes(rest)?;
+        if !rest.is_empty() {
+            return Err(postcard::Error::DeserializeBadEncoding);
+        }
+        state.folded_events = folded
+            .into_iter()
+            .map(|e| LastEvent {
+                event_id: e.event_id.to_string(),
+                event_type: e.event_type,
+                product_id: e.product_id.map(str::to_string),
+                ts: e.ts,
+            })
+            .collect();
+        Ok(state)
+    }
+
+    /// A state from the start of `bytes`, and the bytes after it.
+    fn decode_prefix(bytes: &[u8]) -> Result<(UserVectorRecord, &[u8]), postcard::Error> {
+        let (e, rest): (Encoded, _) = postcard::take_from_bytes(bytes)?;
         let recent_products = expand(e.recent_products)?;
         let recent_event_ids = expand(e.recent_event_ids)?;
         let event_id = e
             .last_event_id
             .expand(&recent_event_ids)?
             .ok_or(postcard::Error::DeserializeBadEncoding)?;
-        Ok(UserVectorRecord {
+        let state = UserVectorRecord {
             user_id: e.user_id,
             vector: e.vector,
             anchor_ts: e.anchor_ts,
@@ -609,7 +668,8 @@ pub mod compact {
             embeddings: e.embeddings,
             recent_event_ids,
             folded_events: Vec::new(),
-        })
+        };
+        Ok((state, rest))
     }
 }
 
@@ -903,14 +963,24 @@ mod tests {
     fn a_restore_keeps_the_newest_version_of_each_user_and_skips_unreadable_records() {
         let (_dir, mut s) = states(4);
         let mut r = s.restorer().unwrap();
-        for (u, v) in [("a", 1), ("a", 3), ("b", 2), ("a", 2)] {
-            r.put(&serde_json::to_vec(&state(u, 0, v)).unwrap())
-                .unwrap();
+        // A changelog written in either encoding, or in both after a change of
+        // `state.encoding`.
+        use crate::state_record::{encode, StateEncoding::*};
+        for (u, v, encoding) in [
+            ("a", 1, Json),
+            ("a", 3, Binary),
+            ("b", 2, Json),
+            ("a", 2, Binary),
+        ] {
+            r.put(&encode(&state(u, 0, v), encoding)).unwrap();
         }
         assert!(matches!(
             r.put(b"{not json"),
             Err(StateError::Unreadable(_))
         ));
+        let mut cut = encode(&state("c", 0, 9), Binary);
+        cut.pop();
+        assert!(matches!(r.put(&cut), Err(StateError::Unreadable(_))));
         assert_eq!(r.finish().unwrap(), 4);
         assert_eq!(fetch(&mut s, "a"), Some(state("a", 0, 3)));
         assert_eq!(fetch(&mut s, "b"), Some(state("b", 0, 2)));

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::events::{Event, EventType, RecommendationRecord, UserVectorRecord};
+use crate::state_record::StateEncoding;
 
 pub use sqlite::SqliteStore;
 
@@ -171,24 +172,61 @@ impl WriteBatch {
     }
 }
 
-/// A user state as the store keeps it: key, version and the record's JSON. save-worker
-/// passes the JSON through as it was consumed (it checks the record's shape, but reads
-/// only these two fields: decoding the whole record and encoding it again was a fifth of
-/// its work).
+/// A user state as the store keeps it: key, version and the record as it was consumed, in
+/// either of its encodings ([`crate::state_record`]). save-worker passes the record through
+/// (it checks it, but reads only these two fields: decoding the whole record and encoding
+/// it again was a fifth of its work).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredUserState {
     pub user_id: String,
     pub version: u64,
-    /// A `UserVectorRecord` as JSON (schemas/user-vector.v1.schema.json).
-    pub body: String,
+    pub body: StateBody,
+}
+
+/// A `user-vectors` record's bytes, in the encoding they came in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateBody {
+    /// schemas/user-vector.v1.schema.json
+    Json(String),
+    /// schemas/user-vector.binary.md
+    Binary(Vec<u8>),
+}
+
+impl StateBody {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            StateBody::Json(text) => text.as_bytes(),
+            StateBody::Binary(bytes) => bytes,
+        }
+    }
+
+    /// The state as JSON, for a store that keeps text: JSON as it came, the binary form
+    /// decoded and written as JSON.
+    pub fn to_json(&self) -> Result<std::borrow::Cow<'_, str>, StoreError> {
+        match self {
+            StateBody::Json(text) => Ok(std::borrow::Cow::Borrowed(text)),
+            StateBody::Binary(bytes) => crate::state_record::to_json(bytes)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| StoreError::Corrupt(e.to_string())),
+        }
+    }
 }
 
 impl StoredUserState {
-    pub fn of(state: &UserVectorRecord) -> StoredUserState {
+    /// `state` as the store keeps it, encoded as `encoding`.
+    pub fn of(state: &UserVectorRecord, encoding: StateEncoding) -> StoredUserState {
+        let body = match encoding {
+            StateEncoding::Json => {
+                StateBody::Json(serde_json::to_string(state).expect("a user state serialises"))
+            }
+            StateEncoding::Binary => {
+                StateBody::Binary(crate::state_record::encode(state, encoding))
+            }
+        };
         StoredUserState {
             user_id: state.user_id.clone(),
             version: state.version,
-            body: serde_json::to_string(state).expect("a user state serialises"),
+            body,
         }
     }
 }
@@ -432,30 +470,24 @@ pub mod suite {
             vec![event("b", "e1", 5)]
         );
 
-        // User state: a replayed older version never overwrites a newer one.
-        store
-            .write(WriteBatch {
-                user_states: vec![StoredUserState::of(&state("a", 2))],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        store
-            .write(WriteBatch {
-                user_states: vec![StoredUserState::of(&state("a", 1))],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(store.user_state("a").await.unwrap(), Some(state("a", 2)));
-        store
-            .write(WriteBatch {
-                user_states: vec![StoredUserState::of(&state("a", 3))],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(store.user_state("a").await.unwrap(), Some(state("a", 3)));
+        // User state: a replayed older version never overwrites a newer one, and a
+        // state reads back whichever encoding it came in and the one before it had.
+        use crate::state_record::StateEncoding::{Binary, Json};
+        for (version, encoding, newest) in
+            [(2, Json, 2), (1, Binary, 2), (3, Binary, 3), (4, Json, 4)]
+        {
+            store
+                .write(WriteBatch {
+                    user_states: vec![StoredUserState::of(&state("a", version), encoding)],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                store.user_state("a").await.unwrap(),
+                Some(state("a", newest))
+            );
+        }
 
         // Recommendations: the newest user version wins, whatever the write order, and a
         // replay changes nothing.

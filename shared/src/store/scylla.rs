@@ -312,15 +312,22 @@ impl Store for ScyllaStore {
                 )
             })
             .collect();
-        // The version is also the write timestamp: an older state never wins.
+        // The version is also the write timestamp: an older state never wins. The column
+        // is text, so a state in the binary form is kept as its JSON.
+        let state_bodies = batch
+            .user_states
+            .iter()
+            .map(|s| s.body.to_json())
+            .collect::<Result<Vec<_>, _>>()?;
         let states: Vec<_> = batch
             .user_states
             .iter()
-            .map(|s| {
+            .zip(&state_bodies)
+            .map(|(s, body)| {
                 (
                     s.user_id.as_str(),
                     s.version as i64,
-                    s.body.as_str(),
+                    body.as_ref(),
                     s.version as i64,
                 )
             })

@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use rusqlite::types::ValueRef;
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    unpoisoned, ArmCounts, ExperimentKind, ImpressionTally, Store, StoreError, WriteBatch,
+    unpoisoned, ArmCounts, ExperimentKind, ImpressionTally, StateBody, Store, StoreError,
+    WriteBatch,
 };
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 
@@ -273,8 +274,13 @@ fn write_events_and_states(
         )
         .map_err(query_err)?;
     for s in &batch.user_states {
+        // JSON as TEXT (readable in the sqlite3 shell), the binary form as a BLOB.
+        let body = ToSqlOutput::Borrowed(match &s.body {
+            StateBody::Json(text) => ValueRef::Text(text.as_bytes()),
+            StateBody::Binary(bytes) => ValueRef::Blob(bytes),
+        });
         upsert_state
-            .execute(params![s.user_id, s.version as i64, s.body])
+            .execute(params![s.user_id, s.version as i64, body])
             .map_err(query_err)?;
     }
     Ok(())
@@ -386,13 +392,22 @@ impl Store for SqliteStore {
     async fn user_state(&self, user_id: &str) -> Result<Option<UserVectorRecord>, StoreError> {
         let user_id = user_id.to_string();
         self.read(move |c| {
-            let body: Option<String> = c
-                .prepare_cached("SELECT body FROM user_state WHERE user_id = ?1")
+            c.prepare_cached("SELECT body FROM user_state WHERE user_id = ?1")
                 .map_err(query_err)?
-                .query_row([&user_id], |r| r.get(0))
+                .query_row([&user_id], |r| {
+                    // TEXT or BLOB: the encoding tells itself by its first byte.
+                    Ok(match r.get_ref(0)? {
+                        ValueRef::Text(b) | ValueRef::Blob(b) => crate::state_record::decode(b)
+                            .map_err(|e| StoreError::Corrupt(e.to_string())),
+                        other => Err(StoreError::Corrupt(format!(
+                            "a user state of type {:?}",
+                            other.data_type()
+                        ))),
+                    })
+                })
                 .optional()
-                .map_err(query_err)?;
-            body.as_deref().map(decode).transpose()
+                .map_err(query_err)?
+                .transpose()
         })
         .await
     }
