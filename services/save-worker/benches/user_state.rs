@@ -55,7 +55,7 @@ fn user_state(c: &mut Criterion) {
     group.bench_function("check_shape_and_pass_through", |b| {
         b.iter(|| black_box(save_worker::stored_user_state(black_box(&payload)).unwrap()))
     });
-    group.bench_function("binary_decode_and_pass_through", |b| {
+    group.bench_function("binary_check_and_pass_through", |b| {
         b.iter(|| black_box(save_worker::stored_user_state(black_box(&binary)).unwrap()))
     });
     group.finish();

@@ -120,13 +120,13 @@ struct LastEventShape {
 }
 
 /// A `user-vectors` record as the store keeps it, checked: JSON for its shape, the
-/// binary form by decoding it whole (which costs less than the JSON's shape check).
+/// binary form by [`state_record::check`].
 pub fn stored_user_state(payload: &[u8]) -> Result<StoredUserState, String> {
     if state_record::is_binary(payload) {
-        let state = state_record::decode(payload).map_err(|e| e.to_string())?;
+        let (user_id, version) = state_record::check(payload).map_err(|e| e.to_string())?;
         return Ok(StoredUserState {
-            user_id: state.user_id,
-            version: state.version,
+            user_id,
+            version,
             body: StateBody::Binary(payload.to_vec()),
         });
     }

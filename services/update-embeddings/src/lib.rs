@@ -201,9 +201,24 @@ impl UpdateEmbeddings {
                 let Some(mut state) = newest[i].take() else {
                     continue;
                 };
-                let payload = state_record::encode(&state, self.encoding);
-                state.folded_events.clear();
-                self.users.insert(&state);
+                let payload = match self.encoding {
+                    // The record starts with the form the state is kept in: encoded once.
+                    StateEncoding::Binary => {
+                        let (payload, end) = state_record::encode_binary(&state);
+                        state.folded_events.clear();
+                        self.users.insert_encoded(
+                            &state,
+                            &payload[state_record::BINARY_MAGIC.len()..end],
+                        );
+                        payload
+                    }
+                    StateEncoding::Json => {
+                        let payload = state_record::encode(&state, StateEncoding::Json);
+                        state.folded_events.clear();
+                        self.users.insert(&state);
+                        payload
+                    }
+                };
                 outcomes[i] = Outcome::Emit(vec![Output {
                     topic: topic.clone(),
                     key: state.user_id,

@@ -241,14 +241,28 @@ impl UserStates {
 
     /// Keeps `state` as its user's newest, in memory until it is spilled.
     pub fn insert(&mut self, state: &UserVectorRecord) {
-        compact::encode_into(state, &mut self.scratch);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        compact::encode_into(state, &mut scratch);
+        self.insert_encoded(state, &scratch);
+        self.scratch = scratch;
+    }
+
+    /// As [`UserStates::insert`], for a caller that has `state` in its [`compact`] form
+    /// already: the binary `user-vectors` record starts with it
+    /// ([`crate::state_record::encode_binary`]).
+    pub fn insert_encoded(&mut self, state: &UserVectorRecord, encoded: &[u8]) {
+        debug_assert_eq!(
+            encoded,
+            compact::encode(state),
+            "not the state's compact form"
+        );
         self.hot.insert(
             state.user_id.clone(),
             Hot {
                 // A copy of exactly its length. A grown Vec's spare room would stay with
                 // it: mimalloc shrinks a block in place when the new size is at least half,
                 // so `into_boxed_slice` kept 2 KiB for a 1.3 KB state.
-                encoded: Box::from(&self.scratch[..]),
+                encoded: Box::from(encoded),
                 partition: state.source.partition,
                 version: state.version,
                 dirty: true,
@@ -550,7 +564,7 @@ pub mod compact {
     }
 
     /// Writes `state` after what `out` holds.
-    fn append(state: &UserVectorRecord, out: &mut Vec<u8>) {
+    pub fn append(state: &UserVectorRecord, out: &mut Vec<u8>) {
         let buffer = std::mem::take(out);
         *out = postcard::to_extend(
             &Borrowed {
@@ -591,7 +605,7 @@ pub mod compact {
         Ok(state)
     }
 
-    /// One folded event as [`append_with_folded`] writes it.
+    /// One folded event as [`append_folded`] writes it.
     #[derive(Serialize, Deserialize)]
     struct Folded<'a> {
         event_id: &'a str,
@@ -600,11 +614,10 @@ pub mod compact {
         ts: i64,
     }
 
-    /// Writes `state` after what `out` holds, followed by its folded events, which the
-    /// in-process form leaves out: the body of the `user-vectors` record's binary form
+    /// Writes the state's folded events after what `out` holds, which the in-process form
+    /// leaves out: after [`append`], the body of the `user-vectors` record's binary form
     /// ([`crate::state_record`], schemas/user-vector.binary.md).
-    pub fn append_with_folded(state: &UserVectorRecord, out: &mut Vec<u8>) {
-        append(state, out);
+    pub fn append_folded(state: &UserVectorRecord, out: &mut Vec<u8>) {
         let folded: Vec<Folded> = state
             .folded_events
             .iter()
@@ -619,7 +632,7 @@ pub mod compact {
         *out = postcard::to_extend(&folded, buffer).expect("folded events encode");
     }
 
-    /// Reads what [`append_with_folded`] wrote, and nothing after it.
+    /// Reads what [`append`] then [`append_folded`] wrote, and nothing after it.
     pub fn decode_with_folded(bytes: &[u8]) -> Result<UserVectorRecord, postcard::Error> {
         let (mut state, rest) = decode_prefix(bytes)?;
         let (folded, rest): (Vec<Folded>, _) = postcard::take_from_bytes(rest)?;
@@ -636,6 +649,170 @@ pub mod compact {
             })
             .collect();
         Ok(state)
+    }
+
+    /// What checking a state yields: its key and version, and the index of its vector's
+    /// first value that is not finite, if any.
+    pub struct Checked {
+        pub user_id: String,
+        pub version: u64,
+        pub first_not_finite: Option<usize>,
+    }
+
+    /// Checks what [`append`] then [`append_folded`] wrote, accepting exactly what
+    /// [`decode_with_folded`] accepts, without building the state: its ids are checked
+    /// against a buffer rather than each made a `String` (a hundred allocations at a full
+    /// history). save-worker stores the record as it came and needs only the key and
+    /// version.
+    pub fn check_with_folded(bytes: &[u8]) -> Result<Checked, postcard::Error> {
+        let (c, rest): (Checking, _) = postcard::take_from_bytes(bytes)?;
+        let (_, rest): (Each<Folded>, _) = postcard::take_from_bytes(rest)?;
+        if !rest.is_empty() {
+            return Err(postcard::Error::DeserializeBadEncoding);
+        }
+        let newest_ok = |newest: &Newest, list: &CheckedIds| match newest {
+            Newest::None => true,
+            Newest::First => list.count > 0,
+            Newest::Other(_) => true,
+        };
+        let event_id_ok = !matches!(c.last_event_id, Newest::None)
+            && newest_ok(&c.last_event_id, &c.recent_event_ids);
+        if !event_id_ok || !newest_ok(&c.last_event_product, &c.recent_products) {
+            return Err(postcard::Error::DeserializeBadEncoding);
+        }
+        Ok(Checked {
+            user_id: c.user_id.to_string(),
+            version: c.version,
+            first_not_finite: c.vector.first_not_finite,
+        })
+    }
+
+    /// [`Encoded`]'s fields, checked and not kept.
+    #[derive(Deserialize)]
+    #[allow(dead_code)] // fields read only to check them
+    struct Checking<'a> {
+        user_id: &'a str,
+        vector: CheckedFloats,
+        anchor_ts: i64,
+        version: u64,
+        recent_products: CheckedIds,
+        purchased: CheckedIds,
+        recent_event_ids: CheckedIds,
+        #[serde(borrow)]
+        last_event_id: Newest<'a>,
+        last_event_type: EventType,
+        #[serde(borrow)]
+        last_event_product: Newest<'a>,
+        last_event_ts: i64,
+        partition: i32,
+        offset: i64,
+        updated_at: i64,
+        embeddings: Option<&'a str>,
+    }
+
+    /// A list of floats, read and not kept.
+    struct CheckedFloats {
+        first_not_finite: Option<usize>,
+    }
+
+    impl<'de> Deserialize<'de> for CheckedFloats {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl<'de> serde::de::Visitor<'de> for Visitor {
+                type Value = CheckedFloats;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a list of floats")
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<CheckedFloats, A::Error> {
+                    let mut first_not_finite = None;
+                    let mut at = 0;
+                    while let Some(v) = seq.next_element::<f32>()? {
+                        if !v.is_finite() && first_not_finite.is_none() {
+                            first_not_finite = Some(at);
+                        }
+                        at += 1;
+                    }
+                    Ok(CheckedFloats { first_not_finite })
+                }
+            }
+            d.deserialize_seq(Visitor)
+        }
+    }
+
+    /// A list of ids, each checked as [`expand`] would expand it, into one buffer.
+    struct CheckedIds {
+        count: usize,
+    }
+
+    impl<'de> Deserialize<'de> for CheckedIds {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl<'de> serde::de::Visitor<'de> for Visitor {
+                type Value = CheckedIds;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a list of ids")
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<CheckedIds, A::Error> {
+                    // The previous id, as expand() would have made it.
+                    let mut previous = String::new();
+                    let mut count = 0;
+                    while let Some(id) = seq.next_element::<Id<'de>>()? {
+                        match id {
+                            Id::Uuid(bytes) => {
+                                previous.clear();
+                                let mut text = [0u8; 36];
+                                previous.push_str(
+                                    uuid::Uuid::from_bytes(bytes)
+                                        .hyphenated()
+                                        .encode_lower(&mut text),
+                                );
+                            }
+                            Id::Text { shared, rest } => {
+                                if previous.get(..shared as usize).is_none() {
+                                    return Err(serde::de::Error::custom(
+                                        "an id's shared prefix is not in the id before it",
+                                    ));
+                                }
+                                previous.truncate(shared as usize);
+                                previous.push_str(rest);
+                            }
+                        }
+                        count += 1;
+                    }
+                    Ok(CheckedIds { count })
+                }
+            }
+            d.deserialize_seq(Visitor)
+        }
+    }
+
+    /// A list whose elements are read and dropped.
+    struct Each<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Each<T> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+                type Value = Each<T>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a list")
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<Each<T>, A::Error> {
+                    while seq.next_element::<T>()?.is_some() {}
+                    Ok(Each(std::marker::PhantomData))
+                }
+            }
+            d.deserialize_seq(Visitor(std::marker::PhantomData))
+        }
     }
 
     /// A state from the start of `bytes`, and the bytes after it.
