@@ -100,7 +100,9 @@ mod tests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().to_string();
-            if name.starts_with(prefix) {
+            // JSON examples; user-vector.folded.bin is the binary form's, checked in
+            // state_record.
+            if name.starts_with(prefix) && name.ends_with(".json") {
                 let doc = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
                 out.push((name, doc));
             }
