@@ -666,38 +666,40 @@ pub mod compact {
     /// version.
     pub fn check_with_folded(bytes: &[u8]) -> Result<Checked, postcard::Error> {
         let (c, rest): (Checking, _) = postcard::take_from_bytes(bytes)?;
-        let (_, rest): (Each<Folded>, _) = postcard::take_from_bytes(rest)?;
+        let (_, rest): (Folding<Each<Folded>>, _) = postcard::take_from_bytes(rest)?;
         if !rest.is_empty() {
             return Err(postcard::Error::DeserializeBadEncoding);
         }
+        let (recent_products, recent_event_ids) = (&c.recent_products.0, &c.recent_event_ids.0);
         let newest_ok = |newest: &Newest, list: &CheckedIds| match newest {
             Newest::None => true,
             Newest::First => list.count > 0,
             Newest::Other(_) => true,
         };
         let event_id_ok = !matches!(c.last_event_id, Newest::None)
-            && newest_ok(&c.last_event_id, &c.recent_event_ids);
-        if !event_id_ok || !newest_ok(&c.last_event_product, &c.recent_products) {
+            && newest_ok(&c.last_event_id, recent_event_ids);
+        if !event_id_ok || !newest_ok(&c.last_event_product, recent_products) {
             return Err(postcard::Error::DeserializeBadEncoding);
         }
         Ok(Checked {
             user_id: c.user_id.to_string(),
             version: c.version,
-            first_not_finite: c.vector.first_not_finite,
+            first_not_finite: c.vector.0.first_not_finite,
         })
     }
 
-    /// [`Encoded`]'s fields, checked and not kept.
+    /// [`Encoded`]'s fields, checked and not kept: the same fields in the same order,
+    /// which `the_check_refuses_exactly_what_the_decoder_refuses` keeps in step.
     #[derive(Deserialize)]
     #[allow(dead_code)] // fields read only to check them
     struct Checking<'a> {
         user_id: &'a str,
-        vector: CheckedFloats,
+        vector: Folding<CheckedFloats>,
         anchor_ts: i64,
         version: u64,
-        recent_products: CheckedIds,
-        purchased: CheckedIds,
-        recent_event_ids: CheckedIds,
+        recent_products: Folding<CheckedIds>,
+        purchased: Folding<CheckedIds>,
+        recent_event_ids: Folding<CheckedIds>,
         #[serde(borrow)]
         last_event_id: Newest<'a>,
         last_event_type: EventType,
@@ -710,108 +712,102 @@ pub mod compact {
         embeddings: Option<&'a str>,
     }
 
-    /// A list of floats, read and not kept.
-    struct CheckedFloats {
-        first_not_finite: Option<usize>,
+    /// A list read one element at a time into a running check, nothing kept.
+    trait Fold<'de>: Default {
+        type Item: Deserialize<'de>;
+        fn take(&mut self, item: Self::Item) -> Result<(), &'static str>;
     }
 
-    impl<'de> Deserialize<'de> for CheckedFloats {
+    impl<'de, F: Fold<'de>> Deserialize<'de> for Folding<F> {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct Visitor;
-            impl<'de> serde::de::Visitor<'de> for Visitor {
-                type Value = CheckedFloats;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("a list of floats")
-                }
-                fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                    self,
-                    mut seq: A,
-                ) -> Result<CheckedFloats, A::Error> {
-                    let mut first_not_finite = None;
-                    let mut at = 0;
-                    while let Some(v) = seq.next_element::<f32>()? {
-                        if !v.is_finite() && first_not_finite.is_none() {
-                            first_not_finite = Some(at);
-                        }
-                        at += 1;
-                    }
-                    Ok(CheckedFloats { first_not_finite })
-                }
-            }
-            d.deserialize_seq(Visitor)
-        }
-    }
-
-    /// A list of ids, each checked as [`expand`] would expand it, into one buffer.
-    struct CheckedIds {
-        count: usize,
-    }
-
-    impl<'de> Deserialize<'de> for CheckedIds {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct Visitor;
-            impl<'de> serde::de::Visitor<'de> for Visitor {
-                type Value = CheckedIds;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("a list of ids")
-                }
-                fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                    self,
-                    mut seq: A,
-                ) -> Result<CheckedIds, A::Error> {
-                    // The previous id, as expand() would have made it.
-                    let mut previous = String::new();
-                    let mut count = 0;
-                    while let Some(id) = seq.next_element::<Id<'de>>()? {
-                        match id {
-                            Id::Uuid(bytes) => {
-                                previous.clear();
-                                let mut text = [0u8; 36];
-                                previous.push_str(
-                                    uuid::Uuid::from_bytes(bytes)
-                                        .hyphenated()
-                                        .encode_lower(&mut text),
-                                );
-                            }
-                            Id::Text { shared, rest } => {
-                                if previous.get(..shared as usize).is_none() {
-                                    return Err(serde::de::Error::custom(
-                                        "an id's shared prefix is not in the id before it",
-                                    ));
-                                }
-                                previous.truncate(shared as usize);
-                                previous.push_str(rest);
-                            }
-                        }
-                        count += 1;
-                    }
-                    Ok(CheckedIds { count })
-                }
-            }
-            d.deserialize_seq(Visitor)
-        }
-    }
-
-    /// A list whose elements are read and dropped.
-    struct Each<T>(std::marker::PhantomData<T>);
-
-    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Each<T> {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct Visitor<T>(std::marker::PhantomData<T>);
-            impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
-                type Value = Each<T>;
+            struct Visitor<F>(std::marker::PhantomData<F>);
+            impl<'de, F: Fold<'de>> serde::de::Visitor<'de> for Visitor<F> {
+                type Value = Folding<F>;
                 fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                     f.write_str("a list")
                 }
                 fn visit_seq<A: serde::de::SeqAccess<'de>>(
                     self,
                     mut seq: A,
-                ) -> Result<Each<T>, A::Error> {
-                    while seq.next_element::<T>()?.is_some() {}
-                    Ok(Each(std::marker::PhantomData))
+                ) -> Result<Folding<F>, A::Error> {
+                    let mut fold = F::default();
+                    while let Some(item) = seq.next_element::<F::Item>()? {
+                        fold.take(item).map_err(serde::de::Error::custom)?;
+                    }
+                    Ok(Folding(fold))
                 }
             }
             d.deserialize_seq(Visitor(std::marker::PhantomData))
+        }
+    }
+
+    struct Folding<F>(F);
+
+    /// A vector's floats: where the first that is not finite is.
+    #[derive(Default)]
+    struct CheckedFloats {
+        count: usize,
+        first_not_finite: Option<usize>,
+    }
+
+    impl Fold<'_> for CheckedFloats {
+        type Item = f32;
+        fn take(&mut self, v: f32) -> Result<(), &'static str> {
+            if !v.is_finite() && self.first_not_finite.is_none() {
+                self.first_not_finite = Some(self.count);
+            }
+            self.count += 1;
+            Ok(())
+        }
+    }
+
+    /// A list of ids, each checked as [`expand`] would expand it, into one buffer.
+    #[derive(Default)]
+    struct CheckedIds {
+        count: usize,
+        /// The previous id, as expand() would have made it.
+        previous: String,
+    }
+
+    impl<'de> Fold<'de> for CheckedIds {
+        type Item = Id<'de>;
+        fn take(&mut self, id: Id<'de>) -> Result<(), &'static str> {
+            match id {
+                Id::Uuid(bytes) => {
+                    let mut text = [0u8; 36];
+                    self.previous.clear();
+                    self.previous.push_str(
+                        uuid::Uuid::from_bytes(bytes)
+                            .hyphenated()
+                            .encode_lower(&mut text),
+                    );
+                }
+                Id::Text { shared, rest } => {
+                    if self.previous.get(..shared as usize).is_none() {
+                        return Err("an id's shared prefix is not in the id before it");
+                    }
+                    self.previous.truncate(shared as usize);
+                    self.previous.push_str(rest);
+                }
+            }
+            self.count += 1;
+            Ok(())
+        }
+    }
+
+    /// A list whose elements are read and dropped.
+    struct Each<T>(std::marker::PhantomData<T>);
+
+    impl<T> Default for Each<T> {
+        fn default() -> Self {
+            Each(std::marker::PhantomData)
+        }
+    }
+
+    impl<'de, T: Deserialize<'de>> Fold<'de> for Each<T> {
+        type Item = T;
+        fn take(&mut self, _: T) -> Result<(), &'static str> {
+            Ok(())
         }
     }
 
