@@ -94,7 +94,7 @@ pub fn decode(bytes: &[u8]) -> Result<UserVectorRecord, StateRecordError> {
 }
 
 /// A state's key and version, the record refused exactly where [`decode`] refuses it.
-/// A binary record is checked without building the state (a fifth of the cost of
+/// A binary record is checked without building the state (a third of the cost of
 /// decoding it); JSON is decoded.
 pub fn check(bytes: &[u8]) -> Result<(String, u64), StateRecordError> {
     if !is_binary(bytes) {
