@@ -887,6 +887,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_damaged_user_state_is_reported_as_corrupt_naming_its_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let state = crate::events::UserVectorRecord {
+            user_id: "u".into(),
+            vector: vec![0.5],
+            anchor_ts: 1,
+            version: 1,
+            recent_products: vec![],
+            purchased: vec![],
+            last_event: crate::events::LastEvent {
+                event_id: "e".into(),
+                event_type: crate::events::EventType::View,
+                product_id: None,
+                ts: 1,
+            },
+            source: crate::events::SourcePosition {
+                partition: 0,
+                offset: 0,
+            },
+            updated_at: 1,
+            embeddings: None,
+            recent_event_ids: vec![],
+            folded_events: vec![],
+        };
+        let binary =
+            crate::state_record::encode(&state, crate::state_record::StateEncoding::Binary);
+        store
+            .write(WriteBatch {
+                user_states: vec![super::super::StoredUserState::of(
+                    &state,
+                    crate::state_record::StateEncoding::Binary,
+                )],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.user_state("u").await.unwrap(), Some(state));
+        let damaged: [(&str, rusqlite::types::Value); 3] = [
+            ("binary form", binary[..binary.len() - 1].to_vec().into()),
+            ("version 7", [&[0u8, 7][..], &binary[2..]].concat().into()),
+            ("JSON", "{\"user_id\":".to_string().into()),
+        ];
+        for (says, body) in damaged {
+            store
+                .writer
+                .lock()
+                .unwrap()
+                .execute("UPDATE user_state SET body = ?1", [&body])
+                .unwrap();
+            match store.user_state("u").await {
+                Err(StoreError::Corrupt(e)) => assert!(e.contains(says), "{e}"),
+                other => panic!("{body:?} read as {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn a_damaged_packed_list_is_reported_as_such_and_nothing_huge_is_allocated() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
