@@ -79,7 +79,7 @@ async fn lists(env: &TestEnv) -> Vec<RecommendationRecord> {
     )
     .await
     .iter()
-    .map(|m| serde_json::from_slice::<RecommendationRecord>(m.payload().unwrap()).unwrap())
+    .map(|m| recpipe_shared::list_record::decode(m.payload().unwrap()).unwrap())
     .filter(|l| l.source_event_id.is_some())
     .collect()
 }

@@ -20,8 +20,9 @@ use recpipe_shared::catalog::Catalog;
 use recpipe_shared::events::Event;
 use recpipe_shared::kafka::framework;
 use recpipe_shared::kafka::relay::Relay;
+use recpipe_shared::list_record;
 use recpipe_shared::settings::KafkaSettings;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::traffic::Clickstream;
@@ -177,14 +178,6 @@ async fn produce_all(
     Ok(())
 }
 
-/// What of a list record the watch reads; the rest is skipped.
-#[derive(Deserialize)]
-struct ListSource {
-    user_id: String,
-    #[serde(default)]
-    source_event_id: Option<String>,
-}
-
 /// Watches a recommendations topic, from where it ends when the watch starts, until
 /// every user has a list made from their last event.
 pub struct ListsWatch {
@@ -258,17 +251,16 @@ impl ListsWatch {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
-            // Another writer's record on the topic is not a list this run waits for.
-            let Some(list) = record
-                .payload()
-                .and_then(|p| serde_json::from_slice::<ListSource>(p).ok())
-            else {
+            // Another writer's record on the topic is not a list this run waits for. Only
+            // whose list it is and its event are read (in either encoding: list_record).
+            let Some(list) = record.payload().and_then(|p| list_record::summary(p).ok()) else {
                 continue;
             };
             if list.source_event_id.is_some()
-                && self.waiting.get(&list.user_id) == list.source_event_id.as_ref()
+                && self.waiting.get(list.user_id.as_ref()).map(String::as_str)
+                    == list.source_event_id.as_deref()
             {
-                self.waiting.remove(&list.user_id);
+                self.waiting.remove(list.user_id.as_ref());
                 progressed = Instant::now();
             }
         }

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod events;
 pub mod json;
 pub mod kafka;
+pub mod list_record;
 pub mod model;
 pub mod schema;
 pub mod settings;

@@ -407,6 +407,8 @@ pub struct ModelSettings {
     /// that a newer one of the same user replaces anyway. It keeps no state per user, so
     /// a big batch costs only its records' memory.
     pub lists_batch_max: usize,
+    /// How gen-recommendations writes lists to `recommendations`.
+    pub list_encoding: crate::list_record::ListEncoding,
 }
 
 impl Default for ModelSettings {
@@ -424,6 +426,7 @@ impl Default for ModelSettings {
             popularity_publish_ms: 2_000,
             search_threads: 0,
             lists_batch_max: 20_000,
+            list_encoding: crate::list_record::ListEncoding::Binary,
         }
     }
 }
@@ -592,7 +595,9 @@ mod tests {
         std::env::set_var("RECPIPE_API__API_KEYS", "k1,k2");
         std::env::set_var("RECPIPE_KAFKA__CLIENT__SASL_PASSWORD", "Secret.Pw");
         std::env::set_var("RECPIPE_STATE__ENCODING", "json");
+        std::env::set_var("RECPIPE_MODEL__LIST_ENCODING", "json");
         let s = Settings::load_from(dir.path(), "query-api").unwrap();
+        std::env::remove_var("RECPIPE_MODEL__LIST_ENCODING");
         std::env::remove_var("RECPIPE_STATE__ENCODING");
         std::env::remove_var("RECPIPE_KAFKA__CLIENT__SASL_PASSWORD");
         std::env::remove_var("RECPIPE_API__API_KEYS");
@@ -603,7 +608,13 @@ mod tests {
         assert_eq!(s.api.port, 9100);
         assert_eq!(s.api.api_keys, vec!["k1", "k2"]);
         assert_eq!(s.state.encoding, crate::state_record::StateEncoding::Json);
-        assert_eq!(s.model, ModelSettings::default());
+        assert_eq!(
+            s.model,
+            ModelSettings {
+                list_encoding: crate::list_record::ListEncoding::Json,
+                ..ModelSettings::default()
+            }
+        );
         // A dotted name from a file and an underscored one from the environment both
         // reach librdkafka dotted, values untouched.
         let client: Vec<(String, &str)> = s.kafka.client_properties().collect();

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use recpipe_shared::events::{
-    now_ms, Fallback, RecommendationRecord, ScoredProduct, SourcePosition, UserVectorRecord,
-    POPULAR_USER_ID,
+    now_ms, Fallback, RecommendationRecord, UserVectorRecord, POPULAR_USER_ID,
 };
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
+use recpipe_shared::list_record::{self, ListEncoding, ListRef};
 use recpipe_shared::model::{
     recommendation_id, vector_from_history, IndexKind, ModelRegistry, Popularity, ServedModel,
 };
@@ -40,6 +40,7 @@ pub struct GenRecommendations {
     popularity_changed: bool,
     /// Threads a batch's lists are made on (`model.search_threads`, 0: one per core).
     search_threads: usize,
+    list_encoding: ListEncoding,
 }
 
 impl GenRecommendations {
@@ -58,6 +59,7 @@ impl GenRecommendations {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,
             },
+            list_encoding: settings.model.list_encoding,
             models,
         }
     }
@@ -131,16 +133,22 @@ impl GenRecommendations {
         Output {
             topic: self.topics.recommendations.clone(),
             key: user.user_id.clone(),
-            payload: serde_json::to_vec(&list).expect("recommendation serialises"),
+            payload: self.encode(&list),
             partition: None,
         }
+    }
+
+    fn encode(&self, list: &ListRef) -> Vec<u8> {
+        let mut payload = Vec::new();
+        list_record::encode_into(list, self.list_encoding, &mut payload);
+        payload
     }
 
     fn output(&self, list: &RecommendationRecord) -> Output {
         Output {
             topic: self.topics.recommendations.clone(),
             key: list.user_id.clone(),
-            payload: serde_json::to_vec(list).expect("recommendation serialises"),
+            payload: self.encode(&ListRef::of(list)),
             partition: None,
         }
     }
@@ -246,30 +254,6 @@ impl Processor for GenRecommendations {
     }
 }
 
-/// A list as [`RecommendationRecord`] encodes it (the same fields in the same order, the
-/// same omissions), borrowing the user's strings from their state instead of copying
-/// them: a list is made only to be encoded, and copying its 50 input event ids and its
-/// ids was most of the allocations of a list. A test keeps the two in step.
-#[derive(serde::Serialize)]
-struct ListRef<'a> {
-    recommendation_id: &'a str,
-    user_id: &'a str,
-    model_version: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fallback: Option<Fallback>,
-    items: &'a [ScoredProduct],
-    user_version: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source_event_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source_event_ts: Option<i64>,
-    generated_at: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source: Option<SourcePosition>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    input_event_ids: &'a [String],
-}
-
 /// Fewest lists a batch needs before they are made on several threads: below it, starting
 /// the threads costs more than it saves, and a batch of a few lists (ordinary rates) is
 /// made at once on the consumer's thread.
@@ -326,75 +310,6 @@ mod tests {
             event_type,
             product_id: Some(product.into()),
             ts: 1_700_000_000_000,
-        }
-    }
-
-    #[test]
-    fn a_borrowed_list_encodes_as_the_record_does() {
-        let items = vec![
-            ScoredProduct {
-                product_id: "p-1".into(),
-                score: 0.5,
-                because: Some("p-2".into()),
-            },
-            ScoredProduct {
-                product_id: "p-3".into(),
-                score: -0.25,
-                because: None,
-            },
-        ];
-        let ids = ["e-2".to_string(), "e-\"1\"".to_string()];
-        let at = Some(SourcePosition {
-            partition: 1,
-            offset: 9,
-        });
-        for (fallback, source_event_id, source_event_ts, source, input_event_ids) in [
-            (None, Some("e-2"), Some(5), at, &ids[..]),
-            (Some(Fallback::Popularity), None, None, None, &[][..]),
-            (
-                Some(Fallback::Catalog),
-                Some("ü"),
-                Some(-1),
-                None,
-                &ids[..1],
-            ),
-        ] {
-            let borrowed = ListRef {
-                recommendation_id: "r",
-                user_id: "u \"x\"",
-                model_version: "v1",
-                fallback,
-                items: &items,
-                user_version: 7,
-                source_event_id,
-                source_event_ts,
-                generated_at: 123,
-                source,
-                input_event_ids,
-            };
-            // Every field named: a field added to the record fails to compile here.
-            let owned = RecommendationRecord {
-                recommendation_id: "r".into(),
-                user_id: "u \"x\"".into(),
-                model_version: "v1".into(),
-                fallback,
-                items: items.clone(),
-                user_version: 7,
-                source_event_id: source_event_id.map(Into::into),
-                source_event_ts,
-                generated_at: 123,
-                source,
-                input_event_ids: input_event_ids.to_vec(),
-            };
-            let bytes = serde_json::to_vec(&borrowed).unwrap();
-            assert_eq!(
-                String::from_utf8(bytes.clone()).unwrap(),
-                serde_json::to_string(&owned).unwrap()
-            );
-            assert_eq!(
-                serde_json::from_slice::<RecommendationRecord>(&bytes).unwrap(),
-                owned
-            );
         }
     }
 
@@ -485,7 +400,7 @@ mod tests {
                             .into_iter()
                             .map(|o| {
                                 let mut list: RecommendationRecord =
-                                    serde_json::from_slice(&o.payload).unwrap();
+                                    list_record::decode(&o.payload).unwrap();
                                 list.generated_at = 0;
                                 (o.key, list)
                             })
@@ -555,7 +470,7 @@ mod tests {
             .unwrap();
         assert!(matches!(&outcomes[..], [Outcome::Emit(out)] if out.len() == 1));
         let published = generator.tick();
-        let popular: RecommendationRecord = serde_json::from_slice(&published[0].payload).unwrap();
+        let popular = list_record::decode(&published[0].payload).unwrap();
         assert_eq!(popular.user_id, POPULAR_USER_ID);
         let ids: Vec<&str> = popular
             .items

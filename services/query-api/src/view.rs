@@ -34,8 +34,8 @@ use dashmap::DashMap;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use recpipe_shared::events::RecommendationRecord;
-use recpipe_shared::json;
 use recpipe_shared::kafka::EndOfPartitionIsNoError;
+use recpipe_shared::list_record::{self, ListRecordError};
 use recpipe_shared::model::ServedModel;
 use recpipe_shared::settings::Settings;
 use tokio_util::sync::CancellationToken;
@@ -52,16 +52,6 @@ pub struct ViewEntry {
     /// The decoded list, or `None` if it could not be decoded (logged when found).
     list: OnceLock<Option<Arc<RecommendationRecord>>>,
     rendered: ArcSwapOption<Rendered>,
-}
-
-/// The fields of a list that say whose it is and how new: the rest is skipped, not
-/// decoded (serde ignores unknown fields unless told otherwise).
-#[derive(serde::Deserialize)]
-struct ListHeader<'a> {
-    #[serde(borrow)]
-    user_id: std::borrow::Cow<'a, str>,
-    user_version: u64,
-    generated_at: i64,
 }
 
 /// An answer as sent, and what it was made for.
@@ -142,11 +132,12 @@ impl ViewEntry {
         })
     }
 
-    /// An entry for a list as JSON (schemas/recommendation.v1.schema.json), of which
-    /// only the user and the list's order are read now. Fails when even those are not
-    /// there; a list whose other fields are wrong fails when first used ([`Self::list`]).
-    pub fn from_json(encoded: &[u8]) -> Result<Arc<ViewEntry>, serde_json::Error> {
-        let (header, _): (ListHeader, _) = json::decode(encoded)?;
+    /// An entry for a list as the topic has it (either encoding: list_record), of which
+    /// only the user and the list's order are read now ([`list_record::summary`]: the
+    /// binary form has them first, JSON is scanned). Fails when even those are not there;
+    /// a list whose other fields are wrong fails when first used ([`Self::list`]).
+    pub fn from_record(encoded: &[u8]) -> Result<Arc<ViewEntry>, ListRecordError> {
+        let header = list_record::summary(encoded)?;
         Ok(Arc::new(ViewEntry {
             user_id: header.user_id.into_owned(),
             user_version: header.user_version,
@@ -172,8 +163,8 @@ impl ViewEntry {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .take()
                     .unwrap_or_default();
-                json::decode::<RecommendationRecord>(&encoded)
-                    .map(|(list, _)| Arc::new(list))
+                list_record::decode(&encoded)
+                    .map(Arc::new)
                     .inspect_err(|e| {
                         tracing::warn!(user_id = self.user_id, error = %e, "a list in the view cannot be decoded; the store answers for it");
                     })
@@ -386,7 +377,7 @@ pub fn follow(
                             record_wait_seconds.record(waited);
                         }
                         let Some(payload) = m.payload() else { continue };
-                        match ViewEntry::from_json(payload) {
+                        match ViewEntry::from_record(payload) {
                             Ok(entry) => {
                                 view.offer(entry);
                                 view.applied.fetch_add(1, Ordering::Relaxed);
@@ -486,6 +477,7 @@ const SAVE_WORKER: &str = "save-worker";
 mod tests {
     use super::*;
     use recpipe_shared::events::ScoredProduct;
+    use recpipe_shared::list_record::ListEncoding;
 
     fn list(user: &str, version: u64, generated_at: i64) -> Arc<ViewEntry> {
         ViewEntry::new(Arc::new(RecommendationRecord {
@@ -534,13 +526,16 @@ mod tests {
         let mut full = (**made.list().unwrap()).clone();
         full.input_event_ids = vec!["e-1".into(), "e-2".into()];
         let json = serde_json::to_vec(&full).unwrap();
-        let entry = ViewEntry::from_json(&json).unwrap();
-        assert_eq!(entry.user_id(), "u \"q\" ü", "an escaped id is read whole");
-        assert!(entry.list.get().is_none(), "nothing decoded on arrival");
-        assert_eq!(**entry.list().unwrap(), full);
+        for encoding in [ListEncoding::Json, ListEncoding::Binary] {
+            let entry = ViewEntry::from_record(&list_record::encode(&full, encoding)).unwrap();
+            assert_eq!(entry.user_id(), "u \"q\" ü", "an escaped id is read whole");
+            assert_eq!((entry.user_version, entry.generated_at), (4, 9));
+            assert!(entry.list.get().is_none(), "nothing decoded on arrival");
+            assert_eq!(**entry.list().unwrap(), full);
+        }
 
         let view = ListView::new(10);
-        assert!(view.offer(ViewEntry::from_json(&json).unwrap()));
+        assert!(view.offer(ViewEntry::from_record(&json).unwrap()));
         let older = list("u \"q\" ü", 4, 8);
         assert!(
             !view.offer(older),
@@ -548,18 +543,23 @@ mod tests {
         );
         let mut newer = full.clone();
         newer.generated_at = 10;
-        assert!(view.offer(ViewEntry::from_json(&serde_json::to_vec(&newer).unwrap()).unwrap()));
+        assert!(view.offer(ViewEntry::from_record(&serde_json::to_vec(&newer).unwrap()).unwrap()));
 
         let mut bad = serde_json::to_value(&full).unwrap();
         bad["items"] = 7.into();
-        let bad = ViewEntry::from_json(&serde_json::to_vec(&bad).unwrap()).unwrap();
+        let bad = ViewEntry::from_record(&serde_json::to_vec(&bad).unwrap()).unwrap();
         assert!(bad.list().is_none(), "decoding fails when first asked");
         assert!(bad.list().is_none(), "and stays failed");
+        // A binary list damaged after its header: taken, and refused when first asked.
+        let binary = list_record::encode(&full, ListEncoding::Binary);
+        let bad = ViewEntry::from_record(&binary[..binary.len() - 1]).unwrap();
+        assert!(bad.list().is_none());
+        assert!(ViewEntry::from_record(&binary[..4]).is_err(), "no header");
         for missing in ["user_id", "user_version", "generated_at"] {
             let mut partial = serde_json::to_value(&full).unwrap();
             partial.as_object_mut().unwrap().remove(missing);
             assert!(
-                ViewEntry::from_json(&serde_json::to_vec(&partial).unwrap()).is_err(),
+                ViewEntry::from_record(&serde_json::to_vec(&partial).unwrap()).is_err(),
                 "{missing}"
             );
         }

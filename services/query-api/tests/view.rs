@@ -34,7 +34,10 @@ async fn get_serves_the_newest_list_from_the_topic_or_the_store() {
     // ...and one only the store has (as after the topic's retention dropped it).
     store
         .write(WriteBatch {
-            recommendations: vec![StoredList::of(&list("store-only", 5, &["p-00005"]))],
+            recommendations: vec![StoredList::of(
+                &list("store-only", 5, &["p-00005"]),
+                recpipe_shared::list_record::ListEncoding::Binary,
+            )],
             ..Default::default()
         })
         .await

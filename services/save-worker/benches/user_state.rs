@@ -1,8 +1,8 @@
 //! What save-worker does with one `user-vectors` record of a full history (50 products,
 //! 50 event ids), and with one `recommendations` record (20 products, each with the
 //! product that explains it, and 50 input event ids), against what it did before in the
-//! same run: decode the whole record and encode it again for the store. The state is
-//! timed in both of its encodings (JSON and the binary form).
+//! same run: decode the whole record and encode it again for the store. The state and
+//! the list are timed in both of their encodings (JSON and the binary form).
 //! Run: `cargo bench -p save-worker --bench user_state`
 
 use std::hint::black_box;
@@ -11,6 +11,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use recpipe_shared::events::{
     EventType, LastEvent, RecommendationRecord, ScoredProduct, SourcePosition, UserVectorRecord,
 };
+use recpipe_shared::list_record::{self, ListEncoding};
 use recpipe_shared::state_record::{self, StateEncoding};
 use recpipe_shared::store::{StoredList, StoredUserState};
 
@@ -77,8 +78,8 @@ fn user_state(c: &mut Criterion) {
     group.finish();
 }
 
-fn full_list() -> Vec<u8> {
-    let record = RecommendationRecord {
+fn full_list() -> RecommendationRecord {
+    RecommendationRecord {
         recommendation_id: "6f1c2a9e-3b7d-5e10-9c4f-8a2b6d0e1f37".into(),
         user_id: "user-0001234".into(),
         model_version: "synthetic-v1".into(),
@@ -101,23 +102,53 @@ fn full_list() -> Vec<u8> {
         input_event_ids: (0..50)
             .map(|i| format!("user-0001234-e{:04}", 59 - i))
             .collect(),
-    };
-    serde_json::to_vec(&record).unwrap()
+    }
 }
 
 fn list(c: &mut Criterion) {
-    let payload = full_list();
+    let record = full_list();
+    let json = list_record::encode(&record, ListEncoding::Json);
+    let binary = list_record::encode(&record, ListEncoding::Binary);
     let mut group = c.benchmark_group("list_record_to_store_row");
     group.bench_function("decode_whole_and_encode_again", |b| {
         b.iter(|| {
-            let record: RecommendationRecord = serde_json::from_slice(black_box(&payload)).unwrap();
-            black_box(StoredList::of(&record))
+            let record: RecommendationRecord = serde_json::from_slice(black_box(&json)).unwrap();
+            black_box(StoredList::of(&record, ListEncoding::Json))
         })
     });
     group.bench_function("check_shape_and_pass_through", |b| {
-        b.iter(|| black_box(save_worker::consumed_list(black_box(&payload)).unwrap()))
+        b.iter(|| black_box(save_worker::consumed_list(black_box(&json)).unwrap()))
+    });
+    group.bench_function("binary_check_and_pass_through", |b| {
+        b.iter(|| black_box(save_worker::consumed_list(black_box(&binary)).unwrap()))
     });
     group.finish();
+    // What the other readers do with each list: the API's view and the load tester's
+    // watch read whose it is; gen-recommendations encodes it.
+    let mut group = c.benchmark_group("list_record");
+    for (name, bytes) in [("json", &json), ("binary", &binary)] {
+        group.bench_function(format!("summary_{name}"), |b| {
+            b.iter(|| black_box(list_record::summary(black_box(bytes)).unwrap().user_version))
+        });
+        group.bench_function(format!("decode_{name}"), |b| {
+            b.iter(|| black_box(list_record::decode(black_box(bytes)).unwrap()))
+        });
+    }
+    for (name, encoding) in [
+        ("json", ListEncoding::Json),
+        ("binary", ListEncoding::Binary),
+    ] {
+        let mut out = Vec::new();
+        let list = list_record::ListRef::of(&record);
+        group.bench_function(format!("encode_{name}"), |b| {
+            b.iter(|| {
+                list_record::encode_into(black_box(&list), encoding, &mut out);
+                black_box(out.len())
+            })
+        });
+    }
+    group.finish();
+    println!("list bytes: JSON {}, binary {}", json.len(), binary.len());
 }
 
 criterion_group!(benches, user_state, list);

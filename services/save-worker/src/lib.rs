@@ -23,10 +23,11 @@ use recpipe_shared::json::{self, AnyNumber};
 use recpipe_shared::kafka::framework::{
     Decoded, HeldOffset, Outcome, Processor, RecordMeta, RetryableError, RunStats,
 };
+use recpipe_shared::list_record;
 use recpipe_shared::settings::{Settings, Topics};
 use recpipe_shared::state_record;
 use recpipe_shared::store::{
-    self, day_of, ExperimentEvent, ExperimentKind, ImpressionTally, StateBody, Store, StoreError,
+    self, day_of, ExperimentEvent, ExperimentKind, ImpressionTally, RecordBody, Store, StoreError,
     StoredEvent, StoredList, StoredUserState, WriteBatch,
 };
 use tokio_util::sync::CancellationToken;
@@ -127,14 +128,14 @@ pub fn stored_user_state(payload: &[u8]) -> Result<StoredUserState, String> {
         return Ok(StoredUserState {
             user_id,
             version,
-            body: StateBody::Binary(payload.to_vec()),
+            body: RecordBody::Binary(payload.to_vec()),
         });
     }
     let (shape, text): (UserStateShape, &str) = json::decode(payload).map_err(|e| e.to_string())?;
     Ok(StoredUserState {
         user_id: shape.user_id,
         version: shape.version,
-        body: StateBody::Json(text.to_owned()),
+        body: RecordBody::Json(text.to_owned()),
     })
 }
 
@@ -182,8 +183,22 @@ pub struct ConsumedList {
     pub source_event_ts: Option<i64>,
 }
 
-/// A `recommendations` record, its shape checked.
+/// A `recommendations` record, checked: JSON for its shape, the binary form by
+/// [`list_record::check_binary`].
 pub fn consumed_list(payload: &[u8]) -> Result<ConsumedList, String> {
+    if list_record::is_binary(payload) {
+        let list = list_record::check_binary(payload).map_err(|e| e.to_string())?;
+        return Ok(ConsumedList {
+            stored: StoredList {
+                user_id: list.user_id,
+                recommendation_id: list.recommendation_id,
+                user_version: list.user_version,
+                generated_at: list.generated_at,
+                body: RecordBody::Binary(payload.to_vec()),
+            },
+            source_event_ts: list.source_event_ts,
+        });
+    }
     let (shape, text): (ListShape, &str) = json::decode(payload).map_err(|e| e.to_string())?;
     Ok(ConsumedList {
         stored: StoredList {
@@ -191,7 +206,7 @@ pub fn consumed_list(payload: &[u8]) -> Result<ConsumedList, String> {
             recommendation_id: shape.recommendation_id,
             user_version: shape.user_version,
             generated_at: shape.generated_at,
-            body: text.to_owned(),
+            body: RecordBody::Json(text.to_owned()),
         },
         source_event_ts: shape.source_event_ts,
     })
@@ -803,6 +818,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
 mod tests {
     use super::*;
     use recpipe_shared::events::{LastEvent, UserVectorRecord};
+    use recpipe_shared::list_record::ListEncoding;
     use recpipe_shared::state_record::StateEncoding;
 
     fn state(user: &str, version: u64) -> UserVectorRecord {
@@ -970,13 +986,31 @@ mod tests {
         let mut bare = recpipe_shared::testkit::list("b", 0, &[]);
         (bare.source_event_id, bare.source_event_ts) = (None, None);
         for record in [bare, full] {
-            let json = serde_json::to_vec(&record).unwrap();
-            let consumed = consumed_list(&json).unwrap();
-            assert_eq!(consumed.stored, StoredList::of(&record));
-            assert_eq!(consumed.source_event_ts, record.source_event_ts);
-            // The body is the record itself.
-            assert_eq!(consumed.stored.record().unwrap(), record);
+            for encoding in [ListEncoding::Json, ListEncoding::Binary] {
+                let payload = list_record::encode(&record, encoding);
+                let consumed = consumed_list(&payload).unwrap();
+                assert_eq!(consumed.stored, StoredList::of(&record, encoding));
+                assert_eq!(consumed.stored.body.bytes(), payload, "stored as it came");
+                assert_eq!(consumed.source_event_ts, record.source_event_ts);
+                // The body is the record itself.
+                assert_eq!(consumed.stored.record().unwrap(), record);
+            }
         }
+        // A binary list is refused as its decoder refuses it (list_record's tests try
+        // every cut and many flips), saying why.
+        let binary = list_record::encode(
+            &recpipe_shared::testkit::list("a", 1, &["p-1"]),
+            ListEncoding::Binary,
+        );
+        let cut = consumed_list(&binary[..binary.len() - 1]).err().unwrap();
+        assert!(cut.contains("binary form"), "{cut}");
+        let mut newer = binary.clone();
+        newer[1] = 2;
+        let newer = consumed_list(&newer).err().unwrap();
+        assert!(
+            newer.contains("version 2") && newer.contains("upgrade"),
+            "{newer}"
+        );
         // What the full decode refuses, the check refuses too.
         let good = serde_json::to_value(recpipe_shared::testkit::list("a", 1, &["p-1"])).unwrap();
         let mut bad = Vec::new();
@@ -1251,7 +1285,7 @@ mod tests {
     async fn stored_by_another_worker(store: &dyn Store, list: RecommendationRecord) {
         store
             .write(WriteBatch {
-                recommendations: vec![StoredList::of(&list)],
+                recommendations: vec![StoredList::of(&list, ListEncoding::Binary)],
                 ..WriteBatch::default()
             })
             .await

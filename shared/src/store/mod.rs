@@ -12,6 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::events::{Event, EventType, RecommendationRecord, UserVectorRecord};
+use crate::list_record::ListEncoding;
 use crate::state_record::StateEncoding;
 
 pub use sqlite::SqliteStore;
@@ -180,32 +181,35 @@ impl WriteBatch {
 pub struct StoredUserState {
     pub user_id: String,
     pub version: u64,
-    pub body: StateBody,
+    pub body: RecordBody,
 }
 
-/// A `user-vectors` record's bytes, in the encoding they came in.
+/// A `user-vectors` or `recommendations` record's bytes, in the encoding they came in.
 #[derive(Debug, Clone, PartialEq)]
-pub enum StateBody {
-    /// schemas/user-vector.v1.schema.json
+pub enum RecordBody {
+    /// schemas/user-vector.v1.schema.json, schemas/recommendation.v1.schema.json
     Json(String),
-    /// schemas/user-vector.binary.md
+    /// schemas/user-vector.binary.md, schemas/recommendation.binary.md
     Binary(Vec<u8>),
 }
 
-impl StateBody {
+impl RecordBody {
     pub fn bytes(&self) -> &[u8] {
         match self {
-            StateBody::Json(text) => text.as_bytes(),
-            StateBody::Binary(bytes) => bytes,
+            RecordBody::Json(text) => text.as_bytes(),
+            RecordBody::Binary(bytes) => bytes,
         }
     }
 
-    /// The state as JSON, for a store that keeps text: JSON as it came, the binary form
-    /// decoded and written as JSON.
-    pub fn to_json(&self) -> Result<std::borrow::Cow<'_, str>, StoreError> {
+    /// The record as JSON, for a store that keeps text: JSON as it came, the binary form
+    /// decoded and written as JSON by `binary_to_json`.
+    fn to_json<E: std::fmt::Display>(
+        &self,
+        binary_to_json: impl FnOnce(&[u8]) -> Result<String, E>,
+    ) -> Result<std::borrow::Cow<'_, str>, StoreError> {
         match self {
-            StateBody::Json(text) => Ok(std::borrow::Cow::Borrowed(text)),
-            StateBody::Binary(bytes) => crate::state_record::to_json(bytes)
+            RecordBody::Json(text) => Ok(std::borrow::Cow::Borrowed(text)),
+            RecordBody::Binary(bytes) => binary_to_json(bytes)
                 .map(std::borrow::Cow::Owned)
                 .map_err(|e| StoreError::Corrupt(e.to_string())),
         }
@@ -213,14 +217,19 @@ impl StateBody {
 }
 
 impl StoredUserState {
+    /// The state as JSON (see [`RecordBody::to_json`]).
+    pub fn json(&self) -> Result<std::borrow::Cow<'_, str>, StoreError> {
+        self.body.to_json(crate::state_record::to_json)
+    }
+
     /// `state` as the store keeps it, encoded as `encoding`.
     pub fn of(state: &UserVectorRecord, encoding: StateEncoding) -> StoredUserState {
         let body = match encoding {
             StateEncoding::Json => {
-                StateBody::Json(serde_json::to_string(state).expect("a user state serialises"))
+                RecordBody::Json(serde_json::to_string(state).expect("a user state serialises"))
             }
             StateEncoding::Binary => {
-                StateBody::Binary(crate::state_record::encode(state, encoding))
+                RecordBody::Binary(crate::state_record::encode(state, encoding))
             }
         };
         StoredUserState {
@@ -259,33 +268,46 @@ impl StoredEvent {
     }
 }
 
-/// A recommendation list as the store keeps it: its key and the record's JSON. save-worker
-/// passes the JSON through as it was consumed (it checks the record's shape), as it does
-/// user states: decoding each list whole and encoding it again was most of its JSON work.
+/// A recommendation list as the store keeps it: its key and the record as it was
+/// consumed, in either encoding. save-worker passes the record through (it checks it), as
+/// it does user states: decoding each list whole and encoding it again was most of its
+/// JSON work.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredList {
     pub user_id: String,
     pub recommendation_id: String,
     pub user_version: u64,
     pub generated_at: i64,
-    /// A `RecommendationRecord` as JSON (schemas/recommendation.v1.schema.json).
-    pub body: String,
+    pub body: RecordBody,
 }
 
 impl StoredList {
-    pub fn of(list: &RecommendationRecord) -> StoredList {
+    /// `list` as the store keeps it, encoded as `encoding`.
+    pub fn of(list: &RecommendationRecord, encoding: ListEncoding) -> StoredList {
+        let bytes = crate::list_record::encode(list, encoding);
         StoredList {
             user_id: list.user_id.clone(),
             recommendation_id: list.recommendation_id.clone(),
             user_version: list.user_version,
             generated_at: list.generated_at,
-            body: serde_json::to_string(list).expect("a list serialises"),
+            body: match encoding {
+                ListEncoding::Json => {
+                    RecordBody::Json(String::from_utf8(bytes).expect("JSON is UTF-8"))
+                }
+                ListEncoding::Binary => RecordBody::Binary(bytes),
+            },
         }
     }
 
     /// The list itself.
     pub fn record(&self) -> Result<RecommendationRecord, StoreError> {
-        serde_json::from_str(&self.body).map_err(|e| StoreError::Corrupt(e.to_string()))
+        crate::list_record::decode(self.body.bytes())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// The list as JSON (see [`RecordBody::to_json`]).
+    pub fn json(&self) -> Result<std::borrow::Cow<'_, str>, StoreError> {
+        self.body.to_json(crate::list_record::to_json)
     }
 }
 
@@ -490,18 +512,19 @@ pub mod suite {
         }
 
         // Recommendations: the newest user version wins, whatever the write order, and a
-        // replay changes nothing.
+        // replay changes nothing. Either encoding reads back, beside the other.
         let (l1, l2) = (list("a", 1, 100), list("a", 2, 50));
+        let (binary, json) = (ListEncoding::Binary, ListEncoding::Json);
         store
             .write(WriteBatch {
-                recommendations: vec![StoredList::of(&l2), StoredList::of(&l1)],
+                recommendations: vec![StoredList::of(&l2, binary), StoredList::of(&l1, json)],
                 ..Default::default()
             })
             .await
             .unwrap();
         store
             .write(WriteBatch {
-                recommendations: vec![StoredList::of(&l1)],
+                recommendations: vec![StoredList::of(&l1, binary)],
                 ..Default::default()
             })
             .await
@@ -518,7 +541,7 @@ pub mod suite {
         p2.generated_at = 20;
         store
             .write(WriteBatch {
-                recommendations: vec![StoredList::of(&p2), StoredList::of(&p1)],
+                recommendations: vec![StoredList::of(&p2, json), StoredList::of(&p1, binary)],
                 ..Default::default()
             })
             .await

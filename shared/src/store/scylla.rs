@@ -299,25 +299,32 @@ impl Store for ScyllaStore {
                 )
             })
             .collect();
+        // The body columns are text, so a list or a state in the binary form is kept as
+        // its JSON.
+        let list_bodies = batch
+            .recommendations
+            .iter()
+            .map(|r| r.json())
+            .collect::<Result<Vec<_>, _>>()?;
         let lists: Vec<_> = batch
             .recommendations
             .iter()
-            .map(|r| {
+            .zip(&list_bodies)
+            .map(|(r, body)| {
                 (
                     r.user_id.as_str(),
                     r.user_version as i64,
                     r.generated_at,
                     r.recommendation_id.as_str(),
-                    r.body.as_str(),
+                    body.as_ref(),
                 )
             })
             .collect();
-        // The version is also the write timestamp: an older state never wins. The column
-        // is text, so a state in the binary form is kept as its JSON.
+        // The version is also the write timestamp: an older state never wins.
         let state_bodies = batch
             .user_states
             .iter()
-            .map(|s| s.body.to_json())
+            .map(|s| s.json())
             .collect::<Result<Vec<_>, _>>()?;
         let states: Vec<_> = batch
             .user_states

@@ -10,19 +10,20 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    unpoisoned, ArmCounts, ExperimentKind, ImpressionTally, StateBody, Store, StoreError,
+    unpoisoned, ArmCounts, ExperimentKind, ImpressionTally, RecordBody, Store, StoreError,
     WriteBatch,
 };
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 
 /// Migrations in order; the database's `user_version` counts those applied.
-const MIGRATIONS: [&str; 6] = [
+const MIGRATIONS: [&str; 7] = [
     include_str!("../../../schemas/sqlite/V1__init.sql"),
     include_str!("../../../schemas/sqlite/V2__experiments.sql"),
     include_str!("../../../schemas/sqlite/V3__impression_tallies.sql"),
     include_str!("../../../schemas/sqlite/V4__recommendations_rowid.sql"),
     include_str!("../../../schemas/sqlite/V5__events_by_time.sql"),
     include_str!("../../../schemas/sqlite/V6__list_bodies_compressed.sql"),
+    include_str!("../../../schemas/sqlite/V7__list_bodies_binary.sql"),
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Read connections; GETs take whichever is free.
@@ -36,6 +37,9 @@ const PAGE_SIZE: usize = 8 * 1024;
 /// WAL pages after which a commit checkpoints them into the database (128 MiB of WAL in
 /// a new file, 64 MiB in one made with 4 KiB pages).
 const CHECKPOINT_PAGES: usize = 16 * 1024;
+/// `recommendations.body_encoding` (schemas/sqlite/V7__list_bodies_binary.sql).
+const LIST_JSON: i64 = 0;
+const LIST_BINARY: i64 = 1;
 /// A batch whose lists come to more JSON than this has them compressed on a thread of
 /// its own while its events and states are written; a smaller one compresses them in
 /// line, where a thread would cost more than it saves.
@@ -196,15 +200,27 @@ fn pack_list(json: &str) -> Vec<u8> {
     lz4_flex::compress_prepend_size(json.as_bytes())
 }
 
-/// Each list's packed body, in order. Many lists are packed on a scoped thread while
-/// `meanwhile` runs (writing the rest of the batch): on two cores the writer's
-/// transaction is what a backlog waits for.
+/// Each list's body as stored, in order: a JSON list packed, a binary one as it came
+/// (`None`). Many JSON lists are packed on a scoped thread while `meanwhile` runs (writing
+/// the rest of the batch): on two cores the writer's transaction is what a backlog waits
+/// for.
 fn pack_lists_beside(
     lists: &[super::StoredList],
     meanwhile: impl FnOnce() -> Result<(), StoreError>,
-) -> Result<Vec<Vec<u8>>, StoreError> {
-    let pack_all = || lists.iter().map(|r| pack_list(&r.body)).collect::<Vec<_>>();
-    let bytes: usize = lists.iter().map(|r| r.body.len()).sum();
+) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    fn json(r: &super::StoredList) -> Option<&str> {
+        match &r.body {
+            RecordBody::Json(text) => Some(text),
+            RecordBody::Binary(_) => None,
+        }
+    }
+    let pack_all = || {
+        lists
+            .iter()
+            .map(|r| json(r).map(pack_list))
+            .collect::<Vec<_>>()
+    };
+    let bytes: usize = lists.iter().filter_map(json).map(str::len).sum();
     if bytes <= PACK_ON_A_THREAD_BYTES {
         meanwhile()?;
         return Ok(pack_all());
@@ -220,8 +236,22 @@ fn pack_lists_beside(
     })
 }
 
-/// A stored list: JSON text as rows before schema version 6 have it, or a packed BLOB.
-fn unpack_list(body: ValueRef<'_>) -> Result<RecommendationRecord, StoreError> {
+/// A stored list: JSON text as rows before schema version 6 have it, a packed BLOB, or
+/// (`body_encoding` 1) the binary form.
+fn unpack_list(body: ValueRef<'_>, encoding: i64) -> Result<RecommendationRecord, StoreError> {
+    if encoding == LIST_BINARY {
+        let bytes = body.as_blob().map_err(|e| {
+            StoreError::Corrupt(format!(
+                "a list in the binary form not stored as a BLOB: {e}"
+            ))
+        })?;
+        return crate::list_record::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()));
+    }
+    if encoding != LIST_JSON {
+        return Err(StoreError::Corrupt(format!(
+            "a list of body_encoding {encoding}, which this build cannot read: upgrade recpipe"
+        )));
+    }
     match body {
         ValueRef::Text(json) => {
             serde_json::from_slice(json).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -276,8 +306,8 @@ fn write_events_and_states(
     for s in &batch.user_states {
         // JSON as TEXT (readable in the sqlite3 shell), the binary form as a BLOB.
         let body = ToSqlOutput::Borrowed(match &s.body {
-            StateBody::Json(text) => ValueRef::Text(text.as_bytes()),
-            StateBody::Binary(bytes) => ValueRef::Blob(bytes),
+            RecordBody::Json(text) => ValueRef::Text(text.as_bytes()),
+            RecordBody::Binary(bytes) => ValueRef::Blob(bytes),
         });
         upsert_state
             .execute(params![s.user_id, s.version as i64, body])
@@ -302,13 +332,24 @@ impl Store for SqliteStore {
                 })?;
                 let mut insert_list = tx
                     .prepare_cached(
-                        "INSERT OR REPLACE INTO recommendations (user_id, recommendation_id, user_version, generated_at, body)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        "INSERT OR REPLACE INTO recommendations (user_id, recommendation_id, user_version, generated_at, body, body_encoding)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     )
                     .map_err(query_err)?;
-                for (r, body) in batch.recommendations.iter().zip(packed_lists) {
+                for (r, packed) in batch.recommendations.iter().zip(packed_lists) {
+                    let (body, encoding) = match &packed {
+                        Some(packed) => (ValueRef::Blob(packed), LIST_JSON),
+                        None => (ValueRef::Blob(r.body.bytes()), LIST_BINARY),
+                    };
                     insert_list
-                        .execute(params![r.user_id, r.recommendation_id, r.user_version as i64, r.generated_at, body])
+                        .execute(params![
+                            r.user_id,
+                            r.recommendation_id,
+                            r.user_version as i64,
+                            r.generated_at,
+                            ToSqlOutput::Borrowed(body),
+                            encoding
+                        ])
                         .map_err(query_err)?;
                 }
                 let mut count = tx
@@ -347,11 +388,11 @@ impl Store for SqliteStore {
         let user_id = user_id.to_string();
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT body FROM recommendations WHERE user_id = ?1
+                "SELECT body, body_encoding FROM recommendations WHERE user_id = ?1
                  ORDER BY user_version DESC, generated_at DESC LIMIT 1",
             )
             .map_err(query_err)?
-            .query_row([&user_id], |r| Ok(unpack_list(r.get_ref(0)?)))
+            .query_row([&user_id], |r| Ok(unpack_list(r.get_ref(0)?, r.get(1)?)))
             .optional()
             .map_err(query_err)?
             .transpose()
@@ -420,10 +461,10 @@ impl Store for SqliteStore {
         let (user_id, id) = (user_id.to_string(), recommendation_id.to_string());
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT body FROM recommendations WHERE user_id = ?1 AND recommendation_id = ?2",
+                "SELECT body, body_encoding FROM recommendations WHERE user_id = ?1 AND recommendation_id = ?2",
             )
             .map_err(query_err)?
-            .query_row([&user_id, &id], |r| Ok(unpack_list(r.get_ref(0)?)))
+            .query_row([&user_id, &id], |r| Ok(unpack_list(r.get_ref(0)?, r.get(1)?)))
             .optional()
             .map_err(query_err)?
             .transpose()
@@ -513,6 +554,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::list_record::ListEncoding;
     use crate::store::{StoredEvent, StoredList};
 
     fn encode<T: serde::Serialize>(value: &T) -> String {
@@ -701,7 +743,10 @@ mod tests {
         let new = crate::testkit::list("u", 2, &["p-3"]);
         store
             .write(WriteBatch {
-                recommendations: vec![StoredList::of(&old), StoredList::of(&new)],
+                recommendations: vec![
+                    StoredList::of(&old, ListEncoding::Json),
+                    StoredList::of(&new, ListEncoding::Binary),
+                ],
                 ..Default::default()
             })
             .await
@@ -780,83 +825,128 @@ mod tests {
         assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
     }
 
-    fn body_of(store: &SqliteStore, list: &RecommendationRecord) -> (String, usize) {
+    /// A stored list's body: its SQLite type, its length and its `body_encoding`.
+    fn body_of(store: &SqliteStore, list: &RecommendationRecord) -> (String, usize, i64) {
         store
             .writer
             .lock()
             .unwrap()
             .query_row(
-                "SELECT typeof(body), length(body) FROM recommendations
+                "SELECT typeof(body), length(body), body_encoding FROM recommendations
                  WHERE user_id = ?1 AND recommendation_id = ?2",
                 [&list.user_id, &list.recommendation_id],
-                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)),
+                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize, r.get(2)?)),
             )
             .unwrap()
     }
 
     #[tokio::test]
-    async fn lists_are_stored_packed_and_a_text_one_from_before_version_6_still_reads() {
+    async fn json_lists_are_stored_packed_binary_ones_as_they_came_and_older_rows_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
+        // Rows of a version-6 file: a text one (from before version 6) and a packed one.
         let old = crate::testkit::list("u", 1, &["p-1", "p-2"]);
-        file_at_version(&path, 5)
-            .execute(
-                "INSERT INTO recommendations (user_id, recommendation_id, user_version, generated_at, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![old.user_id, old.recommendation_id, 1, old.generated_at, encode(&old)],
-            )
-            .unwrap();
+        let old_packed = crate::testkit::list("v", 1, &["p-3"]);
+        let insert = "INSERT INTO recommendations (user_id, recommendation_id, user_version, generated_at, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5)";
+        let c = file_at_version(&path, 6);
+        c.execute(
+            insert,
+            params![
+                old.user_id,
+                old.recommendation_id,
+                1,
+                old.generated_at,
+                encode(&old)
+            ],
+        )
+        .unwrap();
+        let l = &old_packed;
+        c.execute(
+            insert,
+            params![
+                l.user_id,
+                l.recommendation_id,
+                1,
+                l.generated_at,
+                pack_list(&encode(l))
+            ],
+        )
+        .unwrap();
+        drop(c);
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
         assert_eq!(body_of(&store, &old).0, "text", "nothing is rewritten");
-        assert_eq!(
-            store.latest_recommendations("u").await.unwrap(),
-            Some(old.clone())
-        );
-
-        // A batch small enough to pack in line, and one packed on a thread of its own
-        // beside its events: every list reads back as it was, in its own row.
-        let products: Vec<String> = (0..40).map(|i| format!("p-{i:05}")).collect();
-        let products: Vec<&str> = products.iter().map(String::as_str).collect();
-        let small = vec![crate::testkit::list("u", 2, &products)];
-        let many: Vec<_> = (0..400)
-            .map(|i| crate::testkit::list(&format!("user-{i}"), 3, &products))
-            .collect();
-        let json_bytes: usize = many.iter().map(|l| encode(l).len()).sum();
-        assert!(json_bytes > PACK_ON_A_THREAD_BYTES, "{json_bytes}");
-        for lists in [&small, &many] {
-            store
-                .write(WriteBatch {
-                    events: vec![StoredEvent::from_json(
-                        br#"{"event_id":"e","user_id":"u","type":"view","product_id":"p","ts":1}"#,
-                    )
-                    .unwrap()],
-                    recommendations: lists.iter().map(StoredList::of).collect(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-        }
-        assert_eq!(
-            store.latest_recommendations("u").await.unwrap(),
-            Some(small[0].clone())
-        );
-        for list in small.iter().chain(&many) {
+        for l in [&old, &old_packed] {
             assert_eq!(
                 store
-                    .recommendation(&list.user_id, &list.recommendation_id)
+                    .latest_recommendations(&l.user_id)
                     .await
                     .unwrap()
                     .as_ref(),
-                Some(list)
+                Some(l)
             );
-            let (kind, stored) = body_of(&store, list);
-            let json = encode(list).len();
-            assert_eq!(kind, "blob");
-            assert!(
-                stored * 3 < json,
-                "{stored} bytes stored for {json} of JSON"
+        }
+
+        // A batch small enough to pack in line, and one packed on a thread of its own
+        // beside its events, in either encoding: every list reads back as it was, in its
+        // own row, JSON packed and the binary form as it came.
+        let products: Vec<String> = (0..40).map(|i| format!("p-{i:05}")).collect();
+        let products: Vec<&str> = products.iter().map(String::as_str).collect();
+        for (version, encoding) in [(2, ListEncoding::Json), (3, ListEncoding::Binary)] {
+            let small = vec![crate::testkit::list("u", version, &products)];
+            let many: Vec<_> = (0..400)
+                .map(|i| crate::testkit::list(&format!("user-{i}"), version, &products))
+                .collect();
+            let json_bytes: usize = many.iter().map(|l| encode(l).len()).sum();
+            assert!(json_bytes > PACK_ON_A_THREAD_BYTES, "{json_bytes}");
+            for lists in [&small, &many] {
+                store
+                    .write(WriteBatch {
+                        events: vec![StoredEvent::from_json(
+                            br#"{"event_id":"e","user_id":"u","type":"view","product_id":"p","ts":1}"#,
+                        )
+                        .unwrap()],
+                        recommendations: lists.iter().map(|l| StoredList::of(l, encoding)).collect(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(
+                store.latest_recommendations("u").await.unwrap(),
+                Some(small[0].clone())
             );
+            for list in small.iter().chain(&many) {
+                assert_eq!(
+                    store
+                        .recommendation(&list.user_id, &list.recommendation_id)
+                        .await
+                        .unwrap()
+                        .as_ref(),
+                    Some(list)
+                );
+                let (kind, stored, stored_encoding) = body_of(&store, list);
+                let json = encode(list).len();
+                assert_eq!(kind, "blob");
+                assert!(
+                    stored * 2 < json,
+                    "{stored} bytes stored for {json} of JSON"
+                );
+                match encoding {
+                    ListEncoding::Json => {
+                        assert_eq!(stored_encoding, LIST_JSON);
+                        assert!(
+                            stored * 3 < json,
+                            "{stored} bytes packed for {json} of JSON"
+                        );
+                    }
+                    ListEncoding::Binary => {
+                        assert_eq!(stored_encoding, LIST_BINARY);
+                        assert_eq!(stored, crate::list_record::encode(list, encoding).len());
+                    }
+                }
+            }
         }
         assert_eq!(
             store
@@ -945,13 +1035,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_damaged_binary_list_is_reported_as_corrupt_saying_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let list = crate::testkit::list("u", 1, &["p-1"]);
+        store
+            .write(WriteBatch {
+                recommendations: vec![StoredList::of(&list, ListEncoding::Binary)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let binary = crate::list_record::encode(&list, ListEncoding::Binary);
+        let blob = |b: &[u8]| rusqlite::types::Value::Blob(b.to_vec());
+        let damaged = [
+            (
+                "binary form",
+                blob(&binary[..binary.len() - 1]),
+                LIST_BINARY,
+            ),
+            (
+                "version 9",
+                blob(&[&[0u8, 9][..], &binary[2..]].concat()),
+                LIST_BINARY,
+            ),
+            (
+                "not stored as a BLOB",
+                "text".to_string().into(),
+                LIST_BINARY,
+            ),
+            ("body_encoding 2", blob(&binary), 2),
+        ];
+        for (says, body, encoding) in damaged {
+            store
+                .writer
+                .lock()
+                .unwrap()
+                .execute(
+                    "UPDATE recommendations SET body = ?1, body_encoding = ?2",
+                    params![body, encoding],
+                )
+                .unwrap();
+            for read in [
+                store.latest_recommendations("u").await,
+                store.recommendation("u", &list.recommendation_id).await,
+            ] {
+                match read {
+                    Err(StoreError::Corrupt(e)) => assert!(e.contains(says), "{says}: {e}"),
+                    other => panic!("{says}: read as {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn a_damaged_packed_list_is_reported_as_such_and_nothing_huge_is_allocated() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
         let list = crate::testkit::list("u", 1, &["p-1"]);
         store
             .write(WriteBatch {
-                recommendations: vec![StoredList::of(&list)],
+                recommendations: vec![StoredList::of(&list, ListEncoding::Json)],
                 ..Default::default()
             })
             .await
