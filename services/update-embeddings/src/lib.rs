@@ -30,7 +30,7 @@ use recpipe_shared::kafka::framework::{
 };
 use recpipe_shared::kafka::{client_config, consumer_config, EndOfPartitionIsNoError};
 use recpipe_shared::model::{
-    IndexKind, ModelRegistry, Restorer, Serving, StateError, UserModel, UserStates,
+    same_id, IndexKind, ModelRegistry, Restorer, Serving, StateError, UserModel, UserStates,
 };
 use recpipe_shared::settings::{EventRules, KafkaSettings, ModelSettings, Settings};
 use recpipe_shared::state_record::{self, StateEncoding};
@@ -104,7 +104,11 @@ impl UpdateEmbeddings {
         }
         // A producer's retry of an event already applied (same id, new offset): the ids
         // of the user's recent events are kept for exactly this.
-        if state.recent_event_ids.contains(&event.event_id) {
+        if state
+            .recent_event_ids
+            .iter()
+            .any(|id| same_id(id, &event.event_id))
+        {
             metrics::counter!("recpipe_duplicate_events_total").increment(1);
             tracing::debug!(user = %event.user_id, event = %event.event_id, "duplicate event skipped");
             return Ok(None);

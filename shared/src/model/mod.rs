@@ -12,7 +12,7 @@ pub use popularity::Popularity;
 pub use recommender::{recall, recommendation_id, Recommender};
 pub use registry::{IndexKind, ModelRegistry, ServedModel, Serving};
 pub use user_states::{Restorer, StateError, UserStates};
-pub use user_update::{vector_from_history, UpdateError, UserModel};
+pub use user_update::{same_id, vector_from_history, UpdateError, UserModel};
 
 /// Milliseconds in which a decayed quantity falls by a factor e, for a half-life in hours.
 pub(crate) fn decay_tau_ms(half_life_hours: f64) -> f64 {

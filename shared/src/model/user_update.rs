@@ -216,10 +216,21 @@ pub fn vector_from_history(catalog: &Catalog, recent_products: &[String]) -> Opt
     any.then(|| v.to_vec())
 }
 
+/// Whether two ids are the same, their last bytes compared before the rest: ids that
+/// differ mostly differ at their end (a sequence number, a UUID's random tail), and most
+/// of the comparisons made against a user's history are of different ids, which this
+/// settles without a call to `memcmp`. Those calls, 50 a list and two lists an event,
+/// were 8 % of update-embeddings' CPU in the relay benchmark.
+#[inline]
+pub fn same_id(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.last() == b.last() && a == b
+}
+
 /// Moves `item` to the front of `list` (no duplicates), keeping at most `limit`.
 fn push_front_bounded(list: &mut Vec<String>, item: &str, limit: usize) {
     // The item's own string is reused when it is already listed.
-    let own = match list.iter().position(|x| x == item) {
+    let own = match list.iter().position(|x| same_id(x, item)) {
         Some(at) => list.remove(at),
         None => item.to_string(),
     };
@@ -231,6 +242,24 @@ fn push_front_bounded(list: &mut Vec<String>, item: &str, limit: usize) {
 mod tests {
     use super::*;
     use crate::catalog::{generate, SyntheticCatalog};
+
+    #[test]
+    fn ids_are_the_same_exactly_when_equal() {
+        for (a, b) in [
+            ("e-1", "e-1"),
+            ("e-1", "e-2"),
+            ("e-1", "f-1"),
+            ("e-1", "e-10"),
+            ("", ""),
+            ("", "a"),
+            ("é", "é"),
+            ("pipe-1796488415239-148020", "pipe-1796488415239-148020"),
+            ("pipe-1796488415239-148020", "pipe-1796488415238-148020"),
+        ] {
+            assert_eq!(same_id(a, b), a == b, "{a:?} {b:?}");
+            assert_eq!(same_id(b, a), a == b, "{b:?} {a:?}");
+        }
+    }
 
     fn model() -> UserModel {
         let catalog = Arc::new(generate(SyntheticCatalog {
