@@ -2,6 +2,7 @@
 //! that the services and tools share, the store, configuration and telemetry.
 
 pub mod admin;
+pub mod binary_record;
 pub mod catalog;
 pub mod events;
 pub mod json;

@@ -17,6 +17,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::binary_record::{self, Framing};
 use crate::events::{Fallback, RecommendationRecord, ScoredProduct, SourcePosition};
 
 /// How gen-recommendations writes the lists it produces.
@@ -30,9 +31,8 @@ pub enum ListEncoding {
     Json,
 }
 
-/// The binary form's first two bytes: a zero byte, which no JSON text starts with, and
-/// the form's version.
-pub const BINARY_MAGIC: [u8; 2] = [0x00, 0x01];
+/// The binary form's first two bytes ([`crate::binary_record`]).
+pub const BINARY_MAGIC: [u8; 2] = binary_record::MAGIC;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListRecordError {
@@ -155,7 +155,7 @@ impl Serialize for ItemsOut<'_> {
 
 /// Whether `bytes` are in the binary form (else they are meant as JSON).
 pub fn is_binary(bytes: &[u8]) -> bool {
-    bytes.first() == Some(&BINARY_MAGIC[0])
+    binary_record::is_binary(bytes)
 }
 
 /// Encodes `list` into `out`, which is cleared first (a buffer kept for reuse).
@@ -192,13 +192,10 @@ pub fn encode(list: &RecommendationRecord, encoding: ListEncoding) -> Vec<u8> {
 
 /// The bytes after a binary record's magic, once its version is known.
 fn binary_body(bytes: &[u8]) -> Result<&[u8], ListRecordError> {
-    match bytes.get(1) {
-        Some(&version) if version == BINARY_MAGIC[1] => Ok(&bytes[2..]),
-        Some(&version) => Err(ListRecordError::UnknownVersion(version)),
-        None => Err(ListRecordError::Binary(
-            postcard::Error::DeserializeUnexpectedEnd,
-        )),
-    }
+    binary_record::body(bytes).map_err(|framing| match framing {
+        Framing::UnknownVersion(version) => ListRecordError::UnknownVersion(version),
+        Framing::Cut => ListRecordError::Binary(postcard::Error::DeserializeUnexpectedEnd),
+    })
 }
 
 /// A binary record read whole, refused where its JSON would be: bytes after it, a score
@@ -564,18 +561,8 @@ mod tests {
                 );
             }
         };
-        let mut refused = 0;
-        for end in 1..good.len() {
-            agree(&good[..end], &format!("cut at {end}"));
-        }
-        for at in 1..good.len() {
-            for flip in [0x01, 0x02, 0x10, 0x80, 0xff] {
-                let mut bytes = good.clone();
-                bytes[at] ^= flip;
-                agree(&bytes, &format!("byte {at} ^ {flip:#x}"));
-                refused += decode(&bytes).is_err() as usize;
-            }
-        }
+        let refused =
+            binary_record::each_cut_and_flip(&good, agree, |bytes| decode(bytes).is_err());
         // The corruptions tried both ways: some still decode (a changed digit of an id),
         // many do not.
         assert!(
@@ -589,21 +576,9 @@ mod tests {
         let good = encode(&list(), ListEncoding::Binary);
         let refused = |bytes: &[u8]| decode(bytes).unwrap_err().to_string();
 
-        for end in [1, 2, 3, good.len() / 2, good.len() - 1] {
-            let message = refused(&good[..end]);
-            assert!(message.contains("binary form"), "{end}: {message}");
-        }
-        let mut longer = good.clone();
-        longer.push(0);
-        assert!(refused(&longer).contains("binary form"));
-
+        binary_record::assert_framing_refused(&good, refused);
         let mut newer = good.clone();
         newer[1] = 2;
-        let message = refused(&newer);
-        assert!(
-            message.contains("version 2") && message.contains("upgrade"),
-            "{message}"
-        );
         assert!(summary(&newer)
             .unwrap_err()
             .to_string()

@@ -9,6 +9,7 @@
 
 use serde::Deserialize;
 
+use crate::binary_record::{self, Framing};
 use crate::events::UserVectorRecord;
 use crate::model::user_states::compact;
 
@@ -23,9 +24,8 @@ pub enum StateEncoding {
     Json,
 }
 
-/// The binary form's first two bytes: a zero byte, which no JSON text starts with, and
-/// the form's version.
-pub const BINARY_MAGIC: [u8; 2] = [0x00, 0x01];
+/// The binary form's first two bytes ([`crate::binary_record`]).
+pub const BINARY_MAGIC: [u8; 2] = binary_record::MAGIC;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateRecordError {
@@ -43,7 +43,7 @@ pub enum StateRecordError {
 
 /// Whether `bytes` are in the binary form (else they are meant as JSON).
 pub fn is_binary(bytes: &[u8]) -> bool {
-    bytes.first() == Some(&BINARY_MAGIC[0])
+    binary_record::is_binary(bytes)
 }
 
 /// Encodes `state` into `out`, which is cleared first (a buffer kept for reuse).
@@ -111,13 +111,10 @@ pub fn check(bytes: &[u8]) -> Result<(String, u64), StateRecordError> {
 
 /// The bytes after a binary record's magic, once its version is known.
 fn binary_body(bytes: &[u8]) -> Result<&[u8], StateRecordError> {
-    match bytes.get(1) {
-        Some(&version) if version == BINARY_MAGIC[1] => Ok(&bytes[2..]),
-        Some(&version) => Err(StateRecordError::UnknownVersion(version)),
-        None => Err(StateRecordError::Binary(
-            postcard::Error::DeserializeUnexpectedEnd,
-        )),
-    }
+    binary_record::body(bytes).map_err(|framing| match framing {
+        Framing::UnknownVersion(version) => StateRecordError::UnknownVersion(version),
+        Framing::Cut => StateRecordError::Binary(postcard::Error::DeserializeUnexpectedEnd),
+    })
 }
 
 /// The state as JSON, for a reader that keeps text (the Scylla store's column): JSON as
@@ -242,18 +239,8 @@ mod tests {
                 assert_eq!(c, (d.user_id, d.version), "{what}");
             }
         };
-        let mut refused = 0;
-        for end in 0..good.len() {
-            agree(&good[..end], &format!("cut at {end}"));
-        }
-        for at in 0..good.len() {
-            for flip in [0x01, 0x02, 0x10, 0x80, 0xff] {
-                let mut bytes = good.clone();
-                bytes[at] ^= flip;
-                agree(&bytes, &format!("byte {at} ^ {flip:#x}"));
-                refused += decode(&bytes).is_err() as usize;
-            }
-        }
+        let refused =
+            binary_record::each_cut_and_flip(&good, agree, |bytes| decode(bytes).is_err());
         // The corruptions tried both ways: some still decode (a changed digit of an id),
         // most do not.
         assert!(
@@ -275,23 +262,9 @@ mod tests {
         let good = encode(&state(), StateEncoding::Binary);
         let refused = |bytes: &[u8]| decode(bytes).unwrap_err().to_string();
 
-        // Cut anywhere, or followed by anything, it is not a state.
-        for end in [1, 2, 3, good.len() / 2, good.len() - 1] {
-            let message = refused(&good[..end]);
-            assert!(message.contains("binary form"), "{end}: {message}");
-        }
-        let mut longer = good.clone();
-        longer.push(0);
-        assert!(refused(&longer).contains("binary form"));
-
-        // A form this build does not know names its version and what to do.
-        let mut newer = good.clone();
-        newer[1] = 2;
-        let message = refused(&newer);
-        assert!(
-            message.contains("version 2") && message.contains("upgrade"),
-            "{message}"
-        );
+        // Cut anywhere, or followed by anything, it is not a state; a form this build
+        // does not know names its version and what to do.
+        binary_record::assert_framing_refused(&good, refused);
 
         // A vector value JSON could not write: NaN or an infinity.
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
