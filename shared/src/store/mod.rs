@@ -3,6 +3,7 @@
 //! the save-worker writes while the query-api reads); the ScyllaDB backend plugs in
 //! behind the same trait.
 
+mod checkpoints;
 #[cfg(feature = "scylla")]
 pub mod scylla;
 mod sqlite;

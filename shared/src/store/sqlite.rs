@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::checkpoints::{note_wal_pages, Checkpoints, Tuning};
 use super::{
     unpoisoned, ArmCounts, ExperimentKind, ImpressionTally, RecordBody, Store, StoreError,
     WriteBatch,
@@ -34,9 +35,12 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const CACHE_KIB: usize = 64 * 1024;
 /// Page size of a new database file, in bytes.
 const PAGE_SIZE: usize = 8 * 1024;
-/// WAL pages after which a commit checkpoints them into the database (128 MiB of WAL in
-/// a new file, 64 MiB in one made with 4 KiB pages).
+/// WAL pages after which a commit has them checkpointed into the database (128 MiB of WAL
+/// in a new file, 64 MiB in one made with 4 KiB pages), on a thread of their own
+/// (store/checkpoints.rs).
 const CHECKPOINT_PAGES: usize = 16 * 1024;
+/// WAL pages after which the writer waits for that thread and checkpoints the rest.
+const CHECKPOINT_WAIT_PAGES: usize = 4 * CHECKPOINT_PAGES;
 /// `recommendations.body_encoding` (schemas/sqlite/V7__list_bodies_binary.sql).
 const LIST_JSON: i64 = 0;
 const LIST_BINARY: i64 = 1;
@@ -51,6 +55,9 @@ const MAX_LIST_BYTES: usize = 16 * 1024 * 1024;
 pub struct SqliteStore {
     path: PathBuf,
     writer: Arc<Mutex<Connection>>,
+    /// Started by the first write: a store that only reads (query-api) has no thread.
+    checkpoints: Arc<std::sync::OnceLock<Checkpoints>>,
+    tuning: Tuning,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: AtomicUsize,
 }
@@ -59,9 +66,18 @@ fn query_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Query(e.to_string())
 }
 
+const TUNING: Tuning = Tuning {
+    background_pages: CHECKPOINT_PAGES,
+    wait_pages: CHECKPOINT_WAIT_PAGES,
+};
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies the schema.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_tuned(path, TUNING)
+    }
+
+    pub(super) fn open_tuned(path: &Path, tuning: Tuning) -> Result<SqliteStore, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
             location: path.display().to_string(),
             message: e.to_string(),
@@ -89,6 +105,8 @@ impl SqliteStore {
             // b-tree pages back from the file. The cache grows only as it is used.
             c.pragma_update(None, "cache_size", -(CACHE_KIB as i64))
                 .map_err(|e| open_err(&e))?;
+            // The migrations' checkpoints: after them the writer's WAL hook replaces
+            // SQLite's automatic checkpoint with store/checkpoints.rs.
             c.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES as i64)
                 .map_err(|e| open_err(&e))?;
             Ok(c)
@@ -108,9 +126,13 @@ impl SqliteStore {
         let readers = (0..READERS)
             .map(|_| connect().map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
+        // In place of SQLite's automatic checkpoint, which is a WAL hook too.
+        writer.wal_hook(Some(note_wal_pages));
         Ok(SqliteStore {
             path: path.to_path_buf(),
             writer: Arc::new(Mutex::new(writer)),
+            checkpoints: Default::default(),
+            tuning,
             readers: Arc::new(readers),
             next_reader: AtomicUsize::new(0),
         })
@@ -118,6 +140,11 @@ impl SqliteStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    #[cfg(test)]
+    pub(super) fn checkpoints(&self) -> Option<&Checkpoints> {
+        self.checkpoints.get()
     }
 
     /// Runs `f` on a free read connection on the blocking pool.
@@ -323,8 +350,15 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let writer = self.writer.clone();
+        let checkpoints = self.checkpoints.clone();
+        let (tuning, path) = (self.tuning, self.path.clone());
         tokio::task::spawn_blocking(move || {
             let mut c = unpoisoned(&writer);
+            if checkpoints.get().is_none() {
+                let connection = Connection::open(&path).map_err(query_err)?;
+                let started = Checkpoints::start(connection, tuning).map_err(query_err)?;
+                let _ = checkpoints.set(started);
+            }
             let tx = c.transaction().map_err(query_err)?;
             {
                 let packed_lists = pack_lists_beside(&batch.recommendations, || {
@@ -375,7 +409,11 @@ impl Store for SqliteStore {
                         .map_err(query_err)?;
                 }
             }
-            tx.commit().map_err(query_err)
+            tx.commit().map_err(query_err)?;
+            match checkpoints.get() {
+                Some(checkpoints) => checkpoints.after_commit(&c).map_err(query_err),
+                None => Ok(()),
+            }
         })
         .await
         .map_err(query_err)?

@@ -1,0 +1,331 @@
+//! Checkpoints of the embedded store's WAL, on a thread of their own.
+//!
+//! With SQLite's automatic checkpoint the writer checkpointed inside the commit that
+//! filled the WAL: it copied the WAL into the database and made two fsyncs, 0.5-1 s in
+//! which save-worker stored nothing (two fsyncs of 0.50 s and 0.16 s in a relay of
+//! 200,000 events, with both cores idle meanwhile). Here a commit that leaves the WAL
+//! long wakes a thread that checkpoints passively on a connection of its own while the
+//! writer goes on appending. The writer then checkpoints the few pages it appended
+//! meanwhile, so that its next transaction starts the WAL over: SQLite does that only
+//! once all of the WAL is in the database.
+
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+
+use rusqlite::Connection;
+
+/// When the WAL is checkpointed, in WAL pages (tests use small ones).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Tuning {
+    /// A commit leaving this many pages in the WAL wakes the checkpoint thread.
+    pub background_pages: usize,
+    /// A commit leaving this many waits for the thread's checkpoint to end and
+    /// checkpoints the rest itself: the bound on the WAL should the thread fall behind
+    /// (a slow disk).
+    pub wait_pages: usize,
+}
+
+std::thread_local! {
+    /// The WAL's length in pages after the last commit on this thread, from SQLite's WAL
+    /// hook: a plain function, which cannot reach the store.
+    static WAL_PAGES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+/// Registered on the writer's connection in place of SQLite's automatic checkpoint
+/// (which is a WAL hook too).
+pub(super) fn note_wal_pages(
+    _: &rusqlite::hooks::Wal,
+    pages: std::os::raw::c_int,
+) -> rusqlite::Result<()> {
+    WAL_PAGES.set(pages);
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    /// The thread was woken with `woken_at` pages in the WAL.
+    Running {
+        woken_at: usize,
+    },
+    /// The thread's checkpoint has ended; the writer checkpoints what came after it.
+    Done {
+        woken_at: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Nothing,
+    WakeTheThread,
+    Checkpoint,
+    WaitForTheThreadThenCheckpoint,
+}
+
+/// What the writer does after a commit that left `pages` in the WAL, and the phase after.
+fn next_step(phase: Phase, pages: usize, tuning: Tuning) -> (Phase, Step) {
+    match phase {
+        Phase::Running { .. } if pages >= tuning.wait_pages => {
+            (Phase::Idle, Step::WaitForTheThreadThenCheckpoint)
+        }
+        _ if pages >= tuning.wait_pages => (Phase::Idle, Step::Checkpoint),
+        Phase::Idle if pages >= tuning.background_pages => {
+            (Phase::Running { woken_at: pages }, Step::WakeTheThread)
+        }
+        // Fewer pages than when the thread was woken: the WAL has started over.
+        Phase::Done { woken_at } if pages >= woken_at => (Phase::Idle, Step::Checkpoint),
+        Phase::Done { .. } => (Phase::Idle, Step::Nothing),
+        Phase::Idle | Phase::Running { .. } => (phase, Step::Nothing),
+    }
+}
+
+pub(super) struct Checkpoints {
+    wake: SyncSender<()>,
+    phase: Arc<(Mutex<Phase>, Condvar)>,
+    tuning: Tuning,
+    /// The WAL's length after the last commit, for tests.
+    #[cfg(test)]
+    pub last_wal_pages: std::sync::atomic::AtomicUsize,
+}
+
+impl Checkpoints {
+    /// Starts the thread on `connection`, which it keeps until the returned value is
+    /// dropped.
+    pub(super) fn start(connection: Connection, tuning: Tuning) -> std::io::Result<Checkpoints> {
+        let (wake, woken) = sync_channel::<()>(1);
+        let phase = Arc::new((Mutex::new(Phase::Idle), Condvar::new()));
+        let ended = phase.clone();
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".to_string())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    if let Err(e) = checkpoint(&connection) {
+                        tracing::warn!(error = %e, "checkpointing the database's WAL failed; a later commit tries again");
+                    }
+                    let (phase, changed) = &*ended;
+                    let mut phase = phase.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Phase::Running { woken_at } = *phase {
+                        *phase = Phase::Done { woken_at };
+                    }
+                    changed.notify_all();
+                }
+            })?;
+        Ok(Checkpoints {
+            wake,
+            phase,
+            tuning,
+            #[cfg(test)]
+            last_wal_pages: Default::default(),
+        })
+    }
+
+    /// After each commit, on the writer's connection `c` and the thread that committed.
+    pub(super) fn after_commit(&self, c: &Connection) -> rusqlite::Result<()> {
+        let pages = WAL_PAGES.take().max(0) as usize;
+        #[cfg(test)]
+        self.last_wal_pages
+            .store(pages, std::sync::atomic::Ordering::Relaxed);
+        let (phase, changed) = &*self.phase;
+        let mut phase = phase.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, step) = next_step(*phase, pages, self.tuning);
+        if step == Step::WaitForTheThreadThenCheckpoint {
+            // Unlocked while waiting, so that the thread can say it is done.
+            while matches!(*phase, Phase::Running { .. }) {
+                phase = changed.wait(phase).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        *phase = next;
+        drop(phase);
+        match step {
+            Step::Nothing => Ok(()),
+            Step::WakeTheThread => {
+                // Full only if the thread is still to take the last wake-up.
+                let _ = self.wake.try_send(());
+                Ok(())
+            }
+            Step::Checkpoint | Step::WaitForTheThreadThenCheckpoint => checkpoint(c),
+        }
+    }
+}
+
+/// A passive checkpoint: it copies what it can without waiting for readers or the
+/// writer, as SQLite's automatic one does.
+fn checkpoint(c: &Connection) -> rusqlite::Result<()> {
+    c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+}
+
+#[cfg(test)]
+impl Checkpoints {
+    fn phase(&self) -> Phase {
+        *self.phase.0.lock().unwrap()
+    }
+
+    fn last_pages(&self) -> usize {
+        self.last_wal_pages
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventType;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{Store, StoredEvent, WriteBatch};
+
+    /// Writes batch `n`: 300 events of its own, about 15 WAL pages with their index.
+    async fn write_batch(store: &SqliteStore, n: usize) -> usize {
+        let events = (0..300)
+            .map(|i| {
+                let e = crate::testkit::event(
+                    &format!("batch-{n}-event-{i}"),
+                    &format!("user-{i}"),
+                    EventType::View,
+                    &format!("product-{n}-{i}"),
+                    (n * 1000 + i) as i64,
+                );
+                StoredEvent::of(&e)
+            })
+            .collect();
+        store
+            .write(WriteBatch {
+                events,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        checkpoints(store).last_pages()
+    }
+
+    fn checkpoints(store: &SqliteStore) -> &Checkpoints {
+        store.checkpoints().expect("started by the first write")
+    }
+
+    async fn events_stored(store: &SqliteStore) -> usize {
+        let mut n = 0;
+        for i in 0..300 {
+            n += store
+                .user_events(&format!("user-{i}"), 1000)
+                .await
+                .unwrap()
+                .len();
+        }
+        n
+    }
+
+    const NEVER: usize = usize::MAX;
+
+    #[test]
+    fn the_writer_wakes_the_thread_once_finishes_after_it_and_waits_for_it_past_the_bound() {
+        let tuning = Tuning {
+            background_pages: 100,
+            wait_pages: 400,
+        };
+        let step = |phase, pages| next_step(phase, pages, tuning);
+        let running = Phase::Running { woken_at: 120 };
+        let done = Phase::Done { woken_at: 120 };
+        assert_eq!(step(Phase::Idle, 99), (Phase::Idle, Step::Nothing));
+        assert_eq!(step(Phase::Idle, 120), (running, Step::WakeTheThread));
+        // Woken once, however long the WAL grows meanwhile, up to the bound.
+        assert_eq!(step(running, 399), (running, Step::Nothing));
+        assert_eq!(
+            step(running, 400),
+            (Phase::Idle, Step::WaitForTheThreadThenCheckpoint)
+        );
+        assert_eq!(step(Phase::Idle, 400), (Phase::Idle, Step::Checkpoint));
+        assert_eq!(step(done, 400), (Phase::Idle, Step::Checkpoint));
+        // After the thread: what was appended meanwhile, unless the WAL started over.
+        assert_eq!(step(done, 150), (Phase::Idle, Step::Checkpoint));
+        assert_eq!(step(done, 120), (Phase::Idle, Step::Checkpoint));
+        assert_eq!(step(done, 30), (Phase::Idle, Step::Nothing));
+        assert_eq!(step(done, 119), (Phase::Idle, Step::Nothing));
+    }
+
+    #[tokio::test]
+    async fn without_checkpoints_the_wal_grows_with_every_batch() {
+        // The control for the tests below: what they see is the checkpoints' doing.
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning {
+            background_pages: NEVER,
+            wait_pages: NEVER,
+        };
+        let store = SqliteStore::open_tuned(&dir.path().join("s.db"), tuning).unwrap();
+        let mut pages = vec![];
+        for n in 0..4 {
+            pages.push(write_batch(&store, n).await);
+        }
+        assert!(pages.windows(2).all(|w| w[1] >= w[0] + 8), "{pages:?}");
+    }
+
+    #[tokio::test]
+    async fn a_long_wal_is_checkpointed_on_the_thread_and_started_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let tuning = Tuning {
+            background_pages: 8,
+            wait_pages: NEVER,
+        };
+        let store = SqliteStore::open_tuned(&path, tuning).unwrap();
+        let database_bytes = || std::fs::metadata(&path).unwrap().len();
+        let before = database_bytes();
+
+        let first = write_batch(&store, 0).await;
+        assert!(first >= 8, "{first} pages");
+        // The writer went on without checkpointing: the thread's turn.
+        assert_eq!(
+            checkpoints(&store).phase(),
+            Phase::Running { woken_at: first }
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while matches!(checkpoints(&store).phase(), Phase::Running { .. }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the checkpoint never ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(checkpoints(&store).phase(), Phase::Done { woken_at: first });
+        assert!(
+            database_bytes() > before + 4 * 8192,
+            "the thread copied the WAL into the database: {before} -> {} bytes",
+            database_bytes()
+        );
+
+        // All of the WAL is in the database, so the next batch starts it over, and the
+        // one after wakes the thread again.
+        let second = write_batch(&store, 1).await;
+        assert!(second < first, "{first} then {second} pages");
+        assert_eq!(checkpoints(&store).phase(), Phase::Idle);
+        let third = write_batch(&store, 2).await;
+        let phase = checkpoints(&store).phase();
+        assert!(
+            phase == Phase::Running { woken_at: third } || phase == Phase::Done { woken_at: third },
+            "{phase:?}"
+        );
+        assert_eq!(events_stored(&store).await, 900);
+    }
+
+    #[tokio::test]
+    async fn past_the_bound_the_writer_checkpoints_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning {
+            background_pages: NEVER,
+            wait_pages: 8,
+        };
+        let store = SqliteStore::open_tuned(&dir.path().join("s.db"), tuning).unwrap();
+        let mut pages = vec![];
+        for n in 0..4 {
+            pages.push(write_batch(&store, n).await);
+        }
+        // Each batch found the WAL in the database and started it over, where the
+        // control's WAL grew by 8 pages or more with each.
+        let later = &pages[1..];
+        assert!(later.iter().all(|&p| p < pages[0]), "{pages:?}");
+        assert!(
+            later.iter().max().unwrap() - later.iter().min().unwrap() < 8,
+            "{pages:?}"
+        );
+        assert_eq!(checkpoints(&store).phase(), Phase::Idle);
+        assert_eq!(events_stored(&store).await, 1200);
+    }
+}
