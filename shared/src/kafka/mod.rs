@@ -168,6 +168,50 @@ pub async fn ensure_topics(
 mod tests {
     use super::*;
 
+    /// This thread's CPU time so far, in clock ticks (/proc/thread-self/stat's utime and
+    /// stime).
+    fn thread_cpu_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // The fields after the command's name, which is in parentheses: state is the 3rd.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    #[test]
+    fn a_poll_shorter_than_a_millisecond_waits_rather_than_spins() {
+        // The vendored rdkafka's fix (vendor/README.md): rdkafka handed librdkafka a
+        // wait's milliseconds rounded down, so the last fraction of a millisecond of
+        // every poll became waits of 0 in a loop that spun on the clock until the
+        // deadline: the thread was on the CPU all along. Rounded up, it sleeps.
+        let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .create()
+            .unwrap();
+        let (cpu_before, started) = (thread_cpu_ticks(), std::time::Instant::now());
+        for _ in 0..500 {
+            producer.poll(Duration::from_micros(900));
+        }
+        let wall = started.elapsed();
+        let cpu_ms = (thread_cpu_ticks() - cpu_before) * 1000 / clock_ticks_per_second();
+        assert!(wall >= Duration::from_millis(450), "{wall:?}");
+        assert!(
+            Duration::from_millis(cpu_ms) < wall / 4,
+            "on the CPU {cpu_ms} ms of {wall:?}: the poll spun"
+        );
+    }
+
+    fn clock_ticks_per_second() -> u64 {
+        let out = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// What `f` logs, as text.
     fn logged(f: impl FnOnce()) -> String {
         #[derive(Clone, Default)]
