@@ -3,7 +3,7 @@
 //! With SQLite's automatic checkpoint the writer checkpointed inside the commit that
 //! filled the WAL: it copied the WAL into the database and made two fsyncs, 0.5-1 s in
 //! which save-worker stored nothing (two fsyncs of 0.50 s and 0.16 s in a relay of
-//! 200,000 events, with both cores idle meanwhile). Here a commit that leaves the WAL
+//! 200,000 events, the two cores mostly idle meanwhile). Here a commit that leaves the WAL
 //! long wakes a thread that checkpoints passively on a connection of its own while the
 //! writer goes on appending. The writer then checkpoints the few pages it appended
 //! meanwhile, so that its next transaction starts the WAL over: SQLite does that only

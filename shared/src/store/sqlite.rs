@@ -410,10 +410,14 @@ impl Store for SqliteStore {
                 }
             }
             tx.commit().map_err(query_err)?;
-            match checkpoints.get() {
-                Some(checkpoints) => checkpoints.after_commit(&c).map_err(query_err),
-                None => Ok(()),
+            if let Some(checkpoints) = checkpoints.get() {
+                // The batch is stored: a failed checkpoint is the next commit's to retry,
+                // not a reason to write the batch again.
+                if let Err(e) = checkpoints.after_commit(&c) {
+                    tracing::warn!(error = %e, "checkpointing the database's WAL failed; a later commit tries again");
+                }
             }
+            Ok(())
         })
         .await
         .map_err(query_err)?
