@@ -72,7 +72,8 @@ fn next_step(phase: Phase, pages: usize, tuning: Tuning) -> (Phase, Step) {
         Phase::Idle if pages >= tuning.background_pages => {
             (Phase::Running { woken_at: pages }, Step::WakeTheThread)
         }
-        // Fewer pages than when the thread was woken: the WAL has started over.
+        // After the thread: the pages appended since its checkpoint, unless the WAL has
+        // started over (fewer pages than when the thread was woken).
         Phase::Done { woken_at } if pages >= woken_at => (Phase::Idle, Step::Checkpoint),
         Phase::Done { .. } => (Phase::Idle, Step::Nothing),
         Phase::Idle | Phase::Running { .. } => (phase, Step::Nothing),
