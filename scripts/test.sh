@@ -7,7 +7,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-step() { printf '\n== %s\n' "$*"; }
+# Each heading gives the time the run has taken so far, so a slow CI log shows where.
+step() { printf '\n== [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 step "installing the broker (cached after the first run)"
 scripts/install-tansu.sh
@@ -37,3 +38,4 @@ scripts/api-conformance.sh 40
 
 # One closing line for the whole run, summed over every cargo test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
+step "done"
