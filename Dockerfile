@@ -2,8 +2,8 @@
 # Build: docker build -t recpipe:latest .
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# librdkafka (bundled by rdkafka) builds with make and a C/C++ toolchain, present in
-# this image; nothing else is needed.
+# librdkafka (bundled by rdkafka) builds with make and a C/C++ toolchain and links
+# OpenSSL (libssl-dev, pkg-config), all present in this image.
 COPY . .
 RUN cargo build --release --locked --bins \
     && mkdir -p /out \
@@ -12,9 +12,9 @@ RUN cargo build --release --locked --bins \
           target/release/recpipe-admin target/release/recpipe-train /out/
 
 FROM debian:bookworm-slim
-# curl serves the container health checks.
+# curl serves the container health checks; libssl3 is the OpenSSL librdkafka links.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/recpipe --create-home recpipe \
     && install -d -o recpipe -g recpipe /var/lib/recpipe/catalog

@@ -68,6 +68,7 @@ if [ -n "$prebuilt" ]; then
   say "2/7 using the binaries in $bin (RECPIPE_DEMO_BIN_DIR)"
 else
   say "2/7 building recpipe (release)"
+  scripts/check-build-deps.sh
   cargo build --release --workspace --bins --quiet
 fi
 
