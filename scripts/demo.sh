@@ -55,6 +55,9 @@ for port in "$kafka_port" "$api_port"; do
   fi
 done
 
+# Before the broker's build too, which needs the same C toolchain.
+[ -n "$prebuilt" ] || scripts/check-build-deps.sh
+
 if [ -n "$tansu" ]; then
   [ -x "$tansu" ] || { echo "TANSU_BIN=$tansu is not an executable file" >&2; exit 2; }
   say "1/7 using the tansu broker at $tansu (TANSU_BIN)"
@@ -68,7 +71,6 @@ if [ -n "$prebuilt" ]; then
   say "2/7 using the binaries in $bin (RECPIPE_DEMO_BIN_DIR)"
 else
   say "2/7 building recpipe (release)"
-  scripts/check-build-deps.sh
   cargo build --release --workspace --bins --quiet
 fi
 

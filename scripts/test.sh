@@ -10,11 +10,11 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # Each heading gives the time the run has taken so far, so a slow CI log shows where.
 step() { printf '\n== [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
-step "installing the broker (cached after the first run)"
-scripts/install-tansu.sh
-
 step "what the build needs (a C compiler, make, pkg-config, OpenSSL's headers)"
 scripts/check-build-deps.sh
+
+step "installing the broker (cached after the first run)"
+scripts/install-tansu.sh
 
 step "vendored rdkafka: crates.io's 0.39.0 plus vendor/rdkafka.patch"
 scripts/check-vendor.sh
