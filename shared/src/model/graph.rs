@@ -565,7 +565,7 @@ fn has_avx2_fma() -> bool {
 /// The dot product of `query` with every row of `vectors` (rows of `query.len()`), into
 /// `scores`: exact search's one pass over the catalog. On x86-64 with AVX2 and FMA a copy
 /// compiled for them runs.
-pub(crate) fn score_rows(vectors: &[f32], query: &[f32], scores: &mut Vec<f32>) {
+pub fn score_rows(vectors: &[f32], query: &[f32], scores: &mut Vec<f32>) {
     #[inline(always)]
     fn score_with(
         vectors: &[f32],
@@ -590,6 +590,122 @@ pub(crate) fn score_rows(vectors: &[f32], query: &[f32], scores: &mut Vec<f32>) 
         }
     }
     score_with(vectors, query, scores, dot16)
+}
+
+/// A catalog's embeddings stored by column, for exact search: `values[d * rows + i]` is
+/// product `i`'s value in dimension `d`. Scoring a query against it ([`Columns::score`])
+/// is a multiply-add of each dimension's column into every product's score at once, which
+/// vectorises across products with no horizontal sum per product: at 1,000 × 64 it took
+/// 0.63 of [`score_rows`]'s time, at 4,000 × 64 0.82, but at 100,000 × 64 1.13, where
+/// the catalog no longer fits in the cache (`cargo bench -p recpipe-shared --bench exact`).
+pub struct Columns {
+    rows: usize,
+    dim: usize,
+    values: Vec<f32>,
+}
+
+impl Columns {
+    /// `vectors` holds `rows` rows of `dim` values each, one after another.
+    pub fn from_rows(vectors: &[f32], dim: usize) -> Columns {
+        let rows = vectors.len().checked_div(dim).unwrap_or(0);
+        let mut values = vec![0.0f32; rows * dim];
+        for (i, row) in vectors.chunks_exact(dim.max(1)).take(rows).enumerate() {
+            for (d, &v) in row.iter().enumerate() {
+                values[d * rows + i] = v;
+            }
+        }
+        Columns { rows, dim, values }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The dot product of `query` (of `dim` values) with every product, into `scores`.
+    /// Each product's score is summed over the dimensions in order, one fused
+    /// multiply-add each where the CPU has them, so a product scores the same wherever it
+    /// sits in the catalog.
+    pub fn score(&self, query: &[f32], scores: &mut Vec<f32>) {
+        assert_eq!(query.len(), self.dim, "a query of the catalog's dimension");
+        scores.clear();
+        scores.resize(self.rows, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        if has_avx2_fma() {
+            // SAFETY: AVX2 and FMA were just detected on this CPU.
+            return unsafe { self.score_avx2(query, scores) };
+        }
+        self.score_portable(query, scores);
+    }
+
+    fn score_portable(&self, query: &[f32], scores: &mut [f32]) {
+        for (d, &q) in query.iter().enumerate() {
+            let column = &self.values[d * self.rows..(d + 1) * self.rows];
+            for (s, &c) in scores.iter_mut().zip(column) {
+                *s += q * c;
+            }
+        }
+    }
+
+    /// [`Columns::score`] for 64 products at a time, in eight registers of eight: each
+    /// dimension is one broadcast of the query's value and eight independent fused
+    /// multiply-adds, and the scores are stored once, at the end.
+    ///
+    /// # Safety
+    /// Only on a CPU with AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn score_avx2(&self, query: &[f32], scores: &mut [f32]) {
+        use std::arch::x86_64::*;
+        const LANES: usize = 8;
+        const BLOCK: usize = 8 * LANES;
+        let rows = self.rows;
+        assert!(
+            scores.len() == rows && query.len() == self.dim && self.values.len() == rows * self.dim
+        );
+        let values = self.values.as_ptr();
+        let out = scores.as_mut_ptr();
+        let mut i = 0;
+        while i + BLOCK <= rows {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (d, &q) in query.iter().enumerate() {
+                let q = _mm256_set1_ps(q);
+                // SAFETY: d < dim and i + BLOCK <= rows: within the values.
+                let column = unsafe { values.add(d * rows + i) };
+                for (k, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: as above, k * LANES + LANES <= BLOCK.
+                    *a = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(column.add(k * LANES)) }, q, *a);
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                // SAFETY: i + BLOCK <= rows, the scores' length.
+                unsafe { _mm256_storeu_ps(out.add(i + k * LANES), *a) };
+            }
+            i += BLOCK;
+        }
+        while i + LANES <= rows {
+            let mut a = _mm256_setzero_ps();
+            for (d, &q) in query.iter().enumerate() {
+                // SAFETY: d < dim and i + LANES <= rows.
+                a = _mm256_fmadd_ps(
+                    unsafe { _mm256_loadu_ps(values.add(d * rows + i)) },
+                    _mm256_set1_ps(q),
+                    a,
+                );
+            }
+            // SAFETY: i + LANES <= rows.
+            unsafe { _mm256_storeu_ps(out.add(i), a) };
+            i += LANES;
+        }
+        for (i, score) in scores.iter_mut().enumerate().skip(i) {
+            // The same fused steps, in the same order, as the vector lanes.
+            *score = query
+                .iter()
+                .enumerate()
+                .fold(0.0f32, |s, (d, &q)| self.values[d * rows + i].mul_add(q, s));
+        }
+    }
 }
 
 /// Dot product in 16 independent lanes, so consecutive adds do not wait on each other;
@@ -915,6 +1031,49 @@ mod tests {
                 (portable as f64 - plain).abs() < 1e-4,
                 "n={n}: {portable} vs {plain}"
             );
+        }
+    }
+
+    #[test]
+    fn scores_by_column_are_the_dot_products_and_the_same_wherever_a_product_sits() {
+        // Five distinct vectors repeated: rows 0-127 are scored in blocks of 64, 128-135
+        // in one register, 136-138 one at a time.
+        for dim in [1, 3, 5, 64] {
+            let base: Vec<Vec<f32>> = (0..5)
+                .map(|b| {
+                    (0..dim)
+                        .map(|d| (((b * 31 + d * 7) % 17) as f32 - 8.0) / 9.0)
+                        .collect()
+                })
+                .collect();
+            let query: Vec<f32> = (0..dim)
+                .map(|d| ((d * 5 % 11) as f32 - 5.0) / 4.0)
+                .collect();
+            let plain =
+                |v: &[f32]| -> f64 { v.iter().zip(&query).map(|(a, b)| (a * b) as f64).sum() };
+            for rows in [0, 1, 7, 8, 63, 64, 65, 139] {
+                let vectors: Vec<f32> = (0..rows).flat_map(|i| base[i % 5].clone()).collect();
+                let columns = Columns::from_rows(&vectors, dim);
+                assert_eq!(columns.rows(), rows);
+                let mut scores = vec![f32::NAN; 3];
+                columns.score(&query, &mut scores);
+                assert_eq!(scores.len(), rows, "dim {dim}, {rows} rows");
+                let mut portable = vec![0.0; rows];
+                columns.score_portable(&query, &mut portable);
+                for (i, (&s, &p)) in scores.iter().zip(&portable).enumerate() {
+                    let want = plain(&base[i % 5]);
+                    assert!(
+                        (s as f64 - want).abs() < 1e-4,
+                        "dim {dim}, row {i}: {s} vs {want}"
+                    );
+                    assert!(
+                        (p as f64 - want).abs() < 1e-4,
+                        "dim {dim}, row {i}: {p} vs {want}"
+                    );
+                    // Bit for bit: exact search ranks equal scores by index.
+                    assert_eq!(s.to_bits(), scores[i % 5].to_bits(), "dim {dim}, row {i}");
+                }
+            }
         }
     }
 
