@@ -2,7 +2,7 @@
 //! per product) against by column ([`Columns::score`], one multiply-add of each
 //! dimension into every product's score), in one run so the ratio is of one machine and
 //! hour. Catalogs below `model.hnsw.exact_below` (4,000) are searched this way, the demo's
-//! and the relay benchmark's 1,000 products among them.
+//! and the relay benchmark's 2,000 × 32 among them.
 //! Run: `cargo bench -p recpipe-shared --bench exact`.
 
 use std::hint::black_box;
@@ -15,7 +15,7 @@ const QUERIES: usize = 256;
 const BATCH: usize = 32;
 
 fn exact(c: &mut Criterion) {
-    for (products, dim) in [(1_000, 64), (4_000, 64), (1_000, 32), (100_000, 64)] {
+    for (products, dim) in [(2_000, 32), (1_000, 64), (4_000, 64), (100_000, 64)] {
         let catalog = generate(SyntheticCatalog {
             products,
             dim,

@@ -592,12 +592,16 @@ pub fn score_rows(vectors: &[f32], query: &[f32], scores: &mut Vec<f32>) {
     score_with(vectors, query, scores, dot16)
 }
 
-/// A catalog's embeddings stored by column, for exact search: `values[d * rows + i]` is
-/// product `i`'s value in dimension `d`. Scoring a query against it ([`Columns::score`])
-/// is a multiply-add of each dimension's column into every product's score at once, which
-/// vectorises across products with no horizontal sum per product: at 1,000 × 64 it took
-/// 0.63 of [`score_rows`]'s time, at 4,000 × 64 0.82, but at 100,000 × 64 1.13, where
-/// the catalog no longer fits in the cache (`cargo bench -p recpipe-shared --bench exact`).
+/// Products per block of [`Columns`]: eight registers of eight floats.
+const BLOCK: usize = 64;
+
+/// A catalog's embeddings stored for exact search in blocks of 64 products, each block by
+/// column: `values[(b * dim + d) * 64 + j]` is product `64 b + j`'s value in dimension
+/// `d` (the last block padded with zeros). Scoring a query ([`Columns::score`]) is then a
+/// multiply-add of each dimension's 64 values into 64 scores at once, with no horizontal
+/// sum per product, over one block after another: the pass reads memory in order, as the
+/// row pass does. (Whole columns one after another, tried first, were faster only while
+/// the catalog stayed in the cache: a list's other work evicts it.)
 pub struct Columns {
     rows: usize,
     dim: usize,
@@ -605,13 +609,14 @@ pub struct Columns {
 }
 
 impl Columns {
-    /// `vectors` holds `rows` rows of `dim` values each, one after another.
+    /// `vectors` holds rows of `dim` values each, one after another.
     pub fn from_rows(vectors: &[f32], dim: usize) -> Columns {
         let rows = vectors.len().checked_div(dim).unwrap_or(0);
-        let mut values = vec![0.0f32; rows * dim];
+        let mut values = vec![0.0f32; rows.div_ceil(BLOCK) * BLOCK * dim];
         for (i, row) in vectors.chunks_exact(dim.max(1)).take(rows).enumerate() {
+            let (b, j) = (i / BLOCK, i % BLOCK);
             for (d, &v) in row.iter().enumerate() {
-                values[d * rows + i] = v;
+                values[(b * dim + d) * BLOCK + j] = v;
             }
         }
         Columns { rows, dim, values }
@@ -623,8 +628,8 @@ impl Columns {
 
     /// The dot product of `query` (of `dim` values) with every product, into `scores`.
     /// Each product's score is summed over the dimensions in order, one fused
-    /// multiply-add each where the CPU has them, so a product scores the same wherever it
-    /// sits in the catalog.
+    /// multiply-add each where the CPU has them, so equal vectors score equal bit for bit
+    /// wherever they sit in the catalog.
     pub fn score(&self, query: &[f32], scores: &mut Vec<f32>) {
         assert_eq!(query.len(), self.dim, "a query of the catalog's dimension");
         scores.clear();
@@ -639,17 +644,20 @@ impl Columns {
     }
 
     fn score_portable(&self, query: &[f32], scores: &mut [f32]) {
-        for (d, &q) in query.iter().enumerate() {
-            let column = &self.values[d * self.rows..(d + 1) * self.rows];
-            for (s, &c) in scores.iter_mut().zip(column) {
-                *s += q * c;
+        for (b, out) in scores.chunks_mut(BLOCK).enumerate() {
+            let block = &self.values[b * self.dim * BLOCK..(b + 1) * self.dim * BLOCK];
+            let mut acc = [0.0f32; BLOCK];
+            for (column, &q) in block.chunks_exact(BLOCK).zip(query) {
+                for (a, &c) in acc.iter_mut().zip(column) {
+                    *a += q * c;
+                }
             }
+            out.copy_from_slice(&acc[..out.len()]);
         }
     }
 
-    /// [`Columns::score`] for 64 products at a time, in eight registers of eight: each
-    /// dimension is one broadcast of the query's value and eight independent fused
-    /// multiply-adds, and the scores are stored once, at the end.
+    /// [`Columns::score`] a block at a time in eight registers of eight: each dimension
+    /// is one broadcast of the query's value and eight independent fused multiply-adds.
     ///
     /// # Safety
     /// Only on a CPU with AVX2 and FMA.
@@ -659,51 +667,23 @@ impl Columns {
     unsafe fn score_avx2(&self, query: &[f32], scores: &mut [f32]) {
         use std::arch::x86_64::*;
         const LANES: usize = 8;
-        const BLOCK: usize = 8 * LANES;
-        let rows = self.rows;
-        assert!(
-            scores.len() == rows && query.len() == self.dim && self.values.len() == rows * self.dim
-        );
-        let values = self.values.as_ptr();
-        let out = scores.as_mut_ptr();
-        let mut i = 0;
-        while i + BLOCK <= rows {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for (d, &q) in query.iter().enumerate() {
+        for (b, out) in scores.chunks_mut(BLOCK).enumerate() {
+            let block = &self.values[b * self.dim * BLOCK..(b + 1) * self.dim * BLOCK];
+            let mut acc = [_mm256_setzero_ps(); BLOCK / LANES];
+            for (column, &q) in block.chunks_exact(BLOCK).zip(query) {
                 let q = _mm256_set1_ps(q);
-                // SAFETY: d < dim and i + BLOCK <= rows: within the values.
-                let column = unsafe { values.add(d * rows + i) };
                 for (k, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: as above, k * LANES + LANES <= BLOCK.
-                    *a = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(column.add(k * LANES)) }, q, *a);
+                    // SAFETY: k * LANES + LANES <= BLOCK, the column's length.
+                    let c = unsafe { _mm256_loadu_ps(column.as_ptr().add(k * LANES)) };
+                    *a = _mm256_fmadd_ps(c, q, *a);
                 }
             }
+            let mut all = [0.0f32; BLOCK];
             for (k, a) in acc.iter().enumerate() {
-                // SAFETY: i + BLOCK <= rows, the scores' length.
-                unsafe { _mm256_storeu_ps(out.add(i + k * LANES), *a) };
+                // SAFETY: k * LANES + LANES <= BLOCK, the buffer's length.
+                unsafe { _mm256_storeu_ps(all.as_mut_ptr().add(k * LANES), *a) };
             }
-            i += BLOCK;
-        }
-        while i + LANES <= rows {
-            let mut a = _mm256_setzero_ps();
-            for (d, &q) in query.iter().enumerate() {
-                // SAFETY: d < dim and i + LANES <= rows.
-                a = _mm256_fmadd_ps(
-                    unsafe { _mm256_loadu_ps(values.add(d * rows + i)) },
-                    _mm256_set1_ps(q),
-                    a,
-                );
-            }
-            // SAFETY: i + LANES <= rows.
-            unsafe { _mm256_storeu_ps(out.add(i), a) };
-            i += LANES;
-        }
-        for (i, score) in scores.iter_mut().enumerate().skip(i) {
-            // The same fused steps, in the same order, as the vector lanes.
-            *score = query
-                .iter()
-                .enumerate()
-                .fold(0.0f32, |s, (d, &q)| self.values[d * rows + i].mul_add(q, s));
+            out.copy_from_slice(&all[..out.len()]);
         }
     }
 }
@@ -1036,8 +1016,7 @@ mod tests {
 
     #[test]
     fn scores_by_column_are_the_dot_products_and_the_same_wherever_a_product_sits() {
-        // Five distinct vectors repeated: rows 0-127 are scored in blocks of 64, 128-135
-        // in one register, 136-138 one at a time.
+        // Five distinct vectors repeated over whole blocks of 64 and a last one in part.
         for dim in [1, 3, 5, 64] {
             let base: Vec<Vec<f32>> = (0..5)
                 .map(|b| {
