@@ -77,11 +77,13 @@ impl GenRecommendations {
         .entered();
         let catalog = model.catalog();
         // A vector built with other embeddings means nothing to this model: it works from
-        // the user's recent products instead.
-        let same_space = match &user.embeddings {
-            Some(e) => e == catalog.embeddings_id(),
-            None => user.vector.len() == catalog.dim(),
-        };
+        // the user's recent products instead. So does a vector of another length whatever
+        // it names (a damaged record), which the search could not score.
+        let same_space = user.vector.len() == catalog.dim()
+            && user
+                .embeddings
+                .as_ref()
+                .is_none_or(|e| e == catalog.embeddings_id());
         let rebuilt;
         let query = if same_space {
             user
@@ -479,5 +481,56 @@ mod tests {
             .collect();
         assert_eq!(ids, vec!["p-00001", "p-00002"]);
         assert!(popular.items[0].score > 2.5 * popular.items[1].score);
+    }
+
+    #[tokio::test]
+    async fn a_vector_of_another_length_naming_the_catalog_gets_a_list_from_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.catalog.dir = dir.path().join("catalog");
+        recpipe_shared::testkit::write_catalog(&settings.catalog.dir, 200, 8);
+        let models = Arc::new(ModelRegistry::from_settings(&settings, IndexKind::Hnsw).unwrap());
+        let embeddings = models
+            .current()
+            .primary()
+            .catalog()
+            .embeddings_id()
+            .to_string();
+        let mut generator = GenRecommendations::new(models, &settings);
+        let state = UserVectorRecord {
+            user_id: "u".into(),
+            // Three values where the catalog has eight: the exact search would panic.
+            vector: vec![0.5; 3],
+            anchor_ts: 1_700_000_000_000,
+            version: 1,
+            recent_products: vec!["p-00002".into()],
+            purchased: Vec::new(),
+            last_event: seen("e1", EventType::View, "p-00002"),
+            source: SourcePosition {
+                partition: 0,
+                offset: 1,
+            },
+            updated_at: 1_700_000_000_000,
+            embeddings: Some(embeddings),
+            recent_event_ids: vec!["e1".into()],
+            folded_events: Vec::new(),
+        };
+        let meta = RecordMeta {
+            topic: "user-vectors".into(),
+            partition: 0,
+            offset: 1,
+            key: None,
+        };
+        let outcomes = generator
+            .process(vec![Decoded { meta, input: state }])
+            .await
+            .unwrap();
+        let [Outcome::Emit(out)] = &outcomes[..] else {
+            panic!("unexpected outcomes {outcomes:?}");
+        };
+        let list = list_record::decode(&out[0].payload).unwrap();
+        assert!(list.fallback.is_none(), "personalised from its history");
+        assert_eq!(list.items.len(), settings.model.list_len);
+        assert!(list.items.iter().all(|i| i.product_id != "p-00002"));
     }
 }

@@ -1041,14 +1041,10 @@ mod tests {
                 columns.score_portable(&query, &mut portable);
                 for (i, (&s, &p)) in scores.iter().zip(&portable).enumerate() {
                     let want = plain(&base[i % 5]);
-                    assert!(
-                        (s as f64 - want).abs() < 1e-4,
-                        "dim {dim}, row {i}: {s} vs {want}"
-                    );
-                    assert!(
-                        (p as f64 - want).abs() < 1e-4,
-                        "dim {dim}, row {i}: {p} vs {want}"
-                    );
+                    for (pass, got) in [("dispatched", s), ("portable", p)] {
+                        let off = (got as f64 - want).abs();
+                        assert!(off < 1e-4, "{pass}, dim {dim}, row {i}: {got} vs {want}");
+                    }
                     // Bit for bit: exact search ranks equal scores by index.
                     assert_eq!(s.to_bits(), scores[i % 5].to_bits(), "dim {dim}, row {i}");
                 }
