@@ -52,6 +52,10 @@ enum Phase {
     Done {
         woken_at: usize,
     },
+    /// The thread has ended (a panic in SQLite or below): the writer checkpoints in its
+    /// own commits from then on, as SQLite's automatic checkpoint would, rather than wait
+    /// for a thread that will never say it is done.
+    Gone,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +69,10 @@ enum Step {
 /// What the writer does after a commit that left `pages` in the WAL, and the phase after.
 fn next_step(phase: Phase, pages: usize, tuning: Tuning) -> (Phase, Step) {
     match phase {
+        Phase::Gone if pages >= tuning.background_pages.min(tuning.wait_pages) => {
+            (Phase::Gone, Step::Checkpoint)
+        }
+        Phase::Gone => (Phase::Gone, Step::Nothing),
         Phase::Running { .. } if pages >= tuning.wait_pages => {
             (Phase::Idle, Step::WaitForTheThreadThenCheckpoint)
         }
@@ -93,12 +101,23 @@ impl Checkpoints {
     /// Starts the thread on `connection`, which it keeps until the returned value is
     /// dropped.
     pub(super) fn start(connection: Connection, tuning: Tuning) -> std::io::Result<Checkpoints> {
+        Self::start_with(connection, tuning, checkpoint)
+    }
+
+    /// [`Self::start`] with the thread's checkpoint given (tests make it panic).
+    fn start_with(
+        connection: Connection,
+        tuning: Tuning,
+        checkpoint: fn(&Connection) -> rusqlite::Result<()>,
+    ) -> std::io::Result<Checkpoints> {
         let (wake, woken) = sync_channel::<()>(1);
         let phase = Arc::new((Mutex::new(Phase::Idle), Condvar::new()));
         let ended = phase.clone();
         std::thread::Builder::new()
             .name("sqlite-checkpoint".to_string())
             .spawn(move || {
+                // Says the thread is gone however it ends, unwinding included.
+                let _gone = Gone(ended.clone());
                 while woken.recv().is_ok() {
                     if let Err(e) = checkpoint(&connection) {
                         tracing::warn!(error = %e, "checkpointing the database's WAL failed; a later commit tries again");
@@ -130,12 +149,14 @@ impl Checkpoints {
         let mut phase = phase.lock().unwrap_or_else(|p| p.into_inner());
         let (next, step) = next_step(*phase, pages, self.tuning);
         if step == Step::WaitForTheThreadThenCheckpoint {
-            // Unlocked while waiting, so that the thread can say it is done.
+            // Unlocked while waiting, so that the thread can say it is done (or gone).
             while matches!(*phase, Phase::Running { .. }) {
                 phase = changed.wait(phase).unwrap_or_else(|p| p.into_inner());
             }
         }
-        *phase = next;
+        if *phase != Phase::Gone {
+            *phase = next;
+        }
         drop(phase);
         match step {
             Step::Nothing => Ok(()),
@@ -146,6 +167,21 @@ impl Checkpoints {
             }
             Step::Checkpoint | Step::WaitForTheThreadThenCheckpoint => checkpoint(c),
         }
+    }
+}
+
+/// Held by the checkpoint thread: marks it gone when it ends, so that a writer waiting
+/// for it is woken and no later commit waits for it.
+struct Gone(Arc<(Mutex<Phase>, Condvar)>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the WAL checkpoint thread panicked; the store's writer checkpoints in its own commits from now on");
+        }
+        let (phase, changed) = &*self.0;
+        *phase.lock().unwrap_or_else(|p| p.into_inner()) = Phase::Gone;
+        changed.notify_all();
     }
 }
 
@@ -240,6 +276,60 @@ mod tests {
         assert_eq!(step(done, 120), (Phase::Idle, Step::Checkpoint));
         assert_eq!(step(done, 30), (Phase::Idle, Step::Nothing));
         assert_eq!(step(done, 119), (Phase::Idle, Step::Nothing));
+        // Without the thread, the writer checkpoints from the background bound on.
+        assert_eq!(step(Phase::Gone, 99), (Phase::Gone, Step::Nothing));
+        assert_eq!(step(Phase::Gone, 100), (Phase::Gone, Step::Checkpoint));
+        assert_eq!(step(Phase::Gone, 400), (Phase::Gone, Step::Checkpoint));
+    }
+
+    #[test]
+    fn a_writer_past_the_bound_does_not_wait_for_a_thread_that_panicked() {
+        fn panics(_: &Connection) -> rusqlite::Result<()> {
+            panic!("a checkpoint that panics (this test's)")
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let open = || {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "journal_mode", "WAL").unwrap();
+            c
+        };
+        let tuning = Tuning {
+            background_pages: 10,
+            wait_pages: 40,
+        };
+        let checkpoints = Arc::new(Checkpoints::start_with(open(), tuning, panics).unwrap());
+
+        // A commit past the background bound wakes the thread, whose checkpoint panics.
+        WAL_PAGES.set(10);
+        checkpoints.after_commit(&open()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while checkpoints.phase() != Phase::Gone {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the thread that panicked still counts as {:?}",
+                checkpoints.phase()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+
+        // A commit past the wait bound checkpoints on the writer's connection instead of
+        // waiting for the thread. On a thread of its own: were it to wait, it would wait
+        // forever, and the test fails at the timeout instead.
+        let (done, finished) = std::sync::mpsc::channel();
+        let writer = {
+            let (checkpoints, c) = (checkpoints.clone(), open());
+            std::thread::spawn(move || {
+                WAL_PAGES.set(40);
+                let _ = done.send(checkpoints.after_commit(&c));
+            })
+        };
+        finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the writer waited for a checkpoint thread that is gone")
+            .unwrap();
+        writer.join().unwrap();
+        assert_eq!(checkpoints.phase(), Phase::Gone);
     }
 
     #[tokio::test]
