@@ -236,8 +236,24 @@ pub struct StoreSettings {
     /// Most records save-worker reads as one batch, written in one store transaction
     /// (in place of `kafka.batch_max`; `kafka.batch_max_bytes` still applies). It holds
     /// no state per user, and a bigger transaction writes each b-tree page once for more
-    /// rows: this only matters when save-worker has a backlog.
-    pub batch_max: usize,
+    /// rows: this only matters when save-worker has a backlog. Unset: see
+    /// [`StoreSettings::batch_max`].
+    pub batch_max: Option<usize>,
+}
+
+impl StoreSettings {
+    /// `batch_max`, or the backend's default: 40,000 for the embedded store, whose events'
+    /// index has nearly all its pages written again by any batch of thousands (a relay of
+    /// 200,000 events stored 8-20 % sooner than at 10,000; BENCHMARKS.md, thirty-third
+    /// session), and 10,000 for ScyllaDB, whose store sends all of a batch's rows at once.
+    pub fn batch_max(&self) -> usize {
+        self.batch_max
+            .unwrap_or(if self.url.starts_with("scylla://") {
+                10_000
+            } else {
+                40_000
+            })
+    }
 }
 
 impl Default for StoreSettings {
@@ -245,7 +261,7 @@ impl Default for StoreSettings {
         Self {
             url: "sqlite://.run/recpipe.db".into(),
             scylla: ScyllaSettings::default(),
-            batch_max: 10_000,
+            batch_max: None,
         }
     }
 }
@@ -537,7 +553,17 @@ impl Settings {
 
     /// Loads `base.yaml` and `<service>.yaml` from `dir` (each optional), then the environment.
     pub fn load_from(dir: &Path, service: &str) -> Result<Settings, SettingsError> {
-        let vars = setting_vars(std::env::vars());
+        Self::load_with_vars(dir, service, std::env::vars())
+    }
+
+    /// [`Self::load_from`] with the environment given: tests pass theirs rather than set
+    /// the process's, which the crate's other tests read at the same time.
+    fn load_with_vars(
+        dir: &Path,
+        service: &str,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let vars = setting_vars(vars);
         let env = config::Environment::with_prefix("RECPIPE")
             .prefix_separator("_")
             .separator("__")
@@ -565,6 +591,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn save_workers_batch_is_the_backends_default_unless_set() {
+        let store = |url: &str, batch_max| StoreSettings {
+            url: url.into(),
+            batch_max,
+            ..Default::default()
+        };
+        assert_eq!(store("sqlite://.run/recpipe.db", None).batch_max(), 40_000);
+        assert_eq!(store("scylla://db:9042/shop", None).batch_max(), 10_000);
+        assert_eq!(store("sqlite://x.db", Some(500)).batch_max(), 500);
+        assert_eq!(store("scylla://db:9042/shop", Some(500)).batch_max(), 500);
+    }
+
+    #[test]
     fn only_sectioned_variables_are_settings() {
         let vars = [
             ("RECPIPE_KAFKA__BROKERS", "k:9092"),
@@ -588,21 +627,19 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("query-api.yaml"), "api:\n  port: 9100\n").unwrap();
-        // The only test in this crate that sets RECPIPE_ variables, so no other test races it.
-        std::env::set_var("RECPIPE_KAFKA__BROKERS", "envhost:9092");
-        // Names the directory, and must not be taken for a setting.
-        std::env::set_var("RECPIPE_CONFIG_DIR", dir.path());
-        std::env::set_var("RECPIPE_API__API_KEYS", "k1,k2");
-        std::env::set_var("RECPIPE_KAFKA__CLIENT__SASL_PASSWORD", "Secret.Pw");
-        std::env::set_var("RECPIPE_STATE__ENCODING", "json");
-        std::env::set_var("RECPIPE_MODEL__LIST_ENCODING", "json");
-        let s = Settings::load_from(dir.path(), "query-api").unwrap();
-        std::env::remove_var("RECPIPE_MODEL__LIST_ENCODING");
-        std::env::remove_var("RECPIPE_STATE__ENCODING");
-        std::env::remove_var("RECPIPE_KAFKA__CLIENT__SASL_PASSWORD");
-        std::env::remove_var("RECPIPE_API__API_KEYS");
-        std::env::remove_var("RECPIPE_KAFKA__BROKERS");
-        std::env::remove_var("RECPIPE_CONFIG_DIR");
+        // Given, not set in the process: the crate's other tests load settings from the
+        // process's environment meanwhile (setting it here once made one of them fail).
+        let vars = [
+            ("RECPIPE_KAFKA__BROKERS", "envhost:9092"),
+            // Names the directory, and must not be taken for a setting.
+            ("RECPIPE_CONFIG_DIR", "/elsewhere"),
+            ("RECPIPE_API__API_KEYS", "k1,k2"),
+            ("RECPIPE_KAFKA__CLIENT__SASL_PASSWORD", "Secret.Pw"),
+            ("RECPIPE_STATE__ENCODING", "json"),
+            ("RECPIPE_MODEL__LIST_ENCODING", "json"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let s = Settings::load_with_vars(dir.path(), "query-api", vars.into_iter()).unwrap();
         assert_eq!(s.kafka.brokers, "envhost:9092");
         assert_eq!(s.kafka.partitions, 8);
         assert_eq!(s.api.port, 9100);

@@ -809,7 +809,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> anyhow:
     let store = store::open_with(&settings.store.url, &settings.store).await?;
     tracing::info!(url = %settings.store.url, "store opened");
     // One batch is one store transaction (see `store.batch_max`).
-    settings.kafka.batch_max = settings.store.batch_max;
+    settings.kafka.batch_max = settings.store.batch_max();
     let processor = SaveWorker::new(store, settings.kafka.topics.clone());
     recpipe_shared::admin::run_service(&settings, processor, shutdown).await
 }
