@@ -51,7 +51,7 @@ impl Default for StateSettings {
         Self {
             hot_users: 10_000,
             dir: None,
-            events_batch_max: 20_000,
+            events_batch_max: 100_000,
             encoding: crate::state_record::StateEncoding::Binary,
         }
     }
@@ -441,7 +441,7 @@ impl Default for ModelSettings {
             popularity_half_life_hours: 24.0,
             popularity_publish_ms: 2_000,
             search_threads: 0,
-            lists_batch_max: 20_000,
+            lists_batch_max: 100_000,
             list_encoding: crate::list_record::ListEncoding::Binary,
         }
     }
