@@ -549,6 +549,34 @@ pub fn list(user: &str, version: u64, products: &[&str]) -> crate::events::Recom
     }
 }
 
+/// A user's state at `version` with the fewest fields set (a one-value vector, no
+/// products, its last event `{user}-{version}`), as update-embeddings would produce it.
+pub fn state(user: &str, version: u64) -> crate::events::UserVectorRecord {
+    use crate::events::{EventType, LastEvent, SourcePosition, UserVectorRecord};
+    UserVectorRecord {
+        user_id: user.into(),
+        vector: vec![version as f32],
+        anchor_ts: 0,
+        version,
+        recent_products: Vec::new(),
+        purchased: Vec::new(),
+        last_event: LastEvent {
+            event_id: format!("{user}-{version}"),
+            event_type: EventType::View,
+            product_id: None,
+            ts: 0,
+        },
+        source: SourcePosition {
+            partition: 0,
+            offset: version as i64,
+        },
+        updated_at: 0,
+        embeddings: None,
+        recent_event_ids: Vec::new(),
+        folded_events: Vec::new(),
+    }
+}
+
 /// Waits until `check` returns Some, polling every 50 ms, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

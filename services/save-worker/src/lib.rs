@@ -820,31 +820,7 @@ mod tests {
     use recpipe_shared::events::{LastEvent, UserVectorRecord};
     use recpipe_shared::list_record::ListEncoding;
     use recpipe_shared::state_record::StateEncoding;
-
-    fn state(user: &str, version: u64) -> UserVectorRecord {
-        UserVectorRecord {
-            user_id: user.into(),
-            vector: vec![version as f32],
-            anchor_ts: 0,
-            version,
-            recent_products: Vec::new(),
-            purchased: Vec::new(),
-            last_event: LastEvent {
-                event_id: format!("{user}-{version}"),
-                event_type: EventType::View,
-                product_id: None,
-                ts: 0,
-            },
-            source: SourcePosition {
-                partition: 0,
-                offset: version as i64,
-            },
-            updated_at: 0,
-            embeddings: None,
-            recent_event_ids: Vec::new(),
-            folded_events: Vec::new(),
-        }
-    }
+    use recpipe_shared::testkit::state;
 
     #[test]
     fn only_each_users_newest_state_of_a_batch_is_written() {

@@ -10,12 +10,14 @@
 use std::time::Duration;
 
 use rdkafka::Message;
-use recpipe_shared::events::{EventType, LastEvent, SourcePosition, UserVectorRecord};
+use recpipe_shared::events::EventType;
 use recpipe_shared::kafka::framework::{self, dlq_headers};
 use recpipe_shared::list_record::{self, ListEncoding};
 use recpipe_shared::state_record::{self, StateEncoding};
 use recpipe_shared::store::{self, Store};
-use recpipe_shared::testkit::{event, eventually, header, list, produce, read_topic, TestEnv};
+use recpipe_shared::testkit::{
+    event, eventually, header, list, produce, read_topic, state, TestEnv,
+};
 use save_worker::SaveWorker;
 use tokio_util::sync::CancellationToken;
 
@@ -86,31 +88,6 @@ async fn an_action_awaiting_its_list_when_the_worker_stops_is_counted_after_a_re
         2,
         "stored once"
     );
-}
-
-fn state(user: &str, version: u64) -> UserVectorRecord {
-    UserVectorRecord {
-        user_id: user.into(),
-        vector: vec![0.5, -0.25],
-        anchor_ts: 0,
-        version,
-        recent_products: vec!["p-00001".into()],
-        purchased: Vec::new(),
-        last_event: LastEvent {
-            event_id: format!("{user}-{version}"),
-            event_type: EventType::View,
-            product_id: Some("p-00001".into()),
-            ts: 1_700_000_000_000,
-        },
-        source: SourcePosition {
-            partition: 0,
-            offset: version as i64,
-        },
-        updated_at: 1_700_000_000_000,
-        embeddings: None,
-        recent_event_ids: Vec::new(),
-        folded_events: Vec::new(),
-    }
 }
 
 #[tokio::test]
