@@ -322,10 +322,14 @@ impl SaveWorker {
         let Some(write) = self.in_flight.as_mut() else {
             return Ok(());
         };
-        let result = match write.task.take() {
-            Some(task) => task
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Query(format!("store write task: {e}")))),
+        let result = match write.task.as_mut() {
+            // Awaited in place, so that a caller dropping this (the framework's
+            // `in_flight_done`) leaves the task to be awaited again, not lost.
+            Some(task) => {
+                let joined = task.await;
+                write.task = None;
+                joined.unwrap_or_else(|e| Err(StoreError::Query(format!("store write task: {e}"))))
+            }
             None => timed_write(self.store.as_ref(), write.batch.clone()).await,
         };
         if let Err(e) = result {
@@ -545,6 +549,16 @@ impl Processor for SaveWorker {
         }
         self.awaiting = awaiting;
         Ok(())
+    }
+
+    /// The last batch's write, when it has been left running: its offsets are committed
+    /// as soon as it is stored. A failed one is written again by the next batch or
+    /// `idle`, not here, so that a store that is down is retried with their backoff.
+    async fn in_flight_done(&mut self) -> Result<(), RetryableError> {
+        if self.in_flight.as_ref().is_none_or(|w| w.task.is_none()) {
+            return std::future::pending().await;
+        }
+        self.settle().await
     }
 
     /// The last batch's write, so that a clean stop commits it.
@@ -1274,6 +1288,53 @@ mod tests {
             .into_iter()
             .map(|c| (c.arm, c.clicks, c.purchases))
             .collect()
+    }
+
+    /// What the framework asks of a batch's write it left running: whether it runs, and
+    /// a wait that ends once it is stored, so its offsets are committed then. The
+    /// framework drops that wait when a record comes first: the write is then waited
+    /// for again, not lost.
+    #[tokio::test]
+    async fn a_running_write_is_done_once_stored_and_a_dropped_wait_loses_nothing() {
+        let (_dir, store, topics, mut worker) = fresh_worker().await;
+        assert!(
+            done_at_once(&mut worker).await.is_none(),
+            "nothing runs: no end to wait for"
+        );
+
+        let e =
+            recpipe_shared::testkit::event("e1", "u", EventType::View, "p-1", 1_700_000_000_000);
+        worker
+            .process(vec![decoded(&worker, &topics.events, 7, &e)])
+            .await
+            .unwrap();
+        let held = vec![HeldOffset {
+            topic: topics.events.clone(),
+            partition: 0,
+            offset: 7,
+        }];
+        match done_at_once(&mut worker).await {
+            // Dropped before the write ended: still held, and waited for again.
+            None => {
+                assert_eq!(worker.held_offsets(), held);
+                worker.in_flight_done().await.unwrap();
+            }
+            Some(done) => done.unwrap(),
+        }
+        assert_eq!(worker.held_offsets(), vec![], "let go of once stored");
+        assert!(
+            done_at_once(&mut worker).await.is_none(),
+            "done is reported once"
+        );
+        assert_eq!(store.user_events("u", 10).await.unwrap(), vec![e]);
+    }
+
+    /// The worker's `in_flight_done` polled once and dropped, as the framework's select
+    /// drops it when a record comes first: its result if it had one.
+    async fn done_at_once(worker: &mut SaveWorker) -> Option<Result<(), RetryableError>> {
+        tokio::time::timeout(Duration::ZERO, worker.in_flight_done())
+            .await
+            .ok()
     }
 
     #[tokio::test]
