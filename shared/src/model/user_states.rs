@@ -91,10 +91,13 @@ fn open_connection(path: &Path) -> Result<Connection, StateError> {
     // journal in memory (a failed spill or restore still rolls back cleanly). 16 KiB
     // pages hold several states of a full history (1–2 KB) where 4 KiB pages held one or
     // two. A 2 MiB page cache: a miss is a read from the OS's page cache, and 8 MiB
-    // measured no faster (bench/memory.sh) while it counted against the process.
+    // measured no faster (bench/memory.sh) while it counted against the process. No
+    // other connection ever opens the file (its name is removed once it is open), so it
+    // is locked once, not at each transaction with a read of its header to see whether
+    // another changed it.
     conn.execute_batch(
         "PRAGMA page_size = 16384; PRAGMA journal_mode = MEMORY; PRAGMA synchronous = OFF;
-         PRAGMA cache_size = -2048;",
+         PRAGMA cache_size = -2048; PRAGMA locking_mode = EXCLUSIVE;",
     )?;
     Ok(conn)
 }
@@ -198,8 +201,10 @@ impl UserStates {
             }
         }
         let cold = unpoisoned(&self.cold);
-        let mut select =
-            cold.prepare_cached("SELECT partition, version, state FROM users WHERE user_id = ?1")?;
+        // One read transaction for the batch, not one per user.
+        let reading = cold.unchecked_transaction()?;
+        let mut select = reading
+            .prepare_cached("SELECT partition, version, state FROM users WHERE user_id = ?1")?;
         let mut loaded = 0u64;
         for user in missing {
             let Some(hot) = select
@@ -218,6 +223,8 @@ impl UserStates {
             self.hot.insert(user.to_string(), hot);
             loaded += 1;
         }
+        drop(select);
+        reading.commit()?;
         if loaded > 0 {
             metrics::counter!("recpipe_user_states_loaded_total").increment(loaded);
         }
