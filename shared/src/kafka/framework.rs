@@ -462,10 +462,12 @@ pub async fn run_with_health<P: Processor>(
                             offsets.committed(due);
                         }
                     }
-                    // Retried by the next batch or when idle, as a batch's failure is.
+                    // Retried by the next batch, or as failed idle work is, which also
+                    // reports ready again once it succeeds in a quiet spell.
                     Err(e) => {
                         health.set_not_ready(format!("work in flight: {e}"));
-                        tracing::warn!(error = %e, "work a batch left running failed; retrying");
+                        let delay = idle_retry.failed(Instant::now());
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "work a batch left running failed; retrying");
                     }
                 }
                 continue;
