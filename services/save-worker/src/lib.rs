@@ -1290,10 +1290,9 @@ mod tests {
             .collect()
     }
 
-    /// What the framework asks of a batch's write it left running: whether it runs, and
-    /// a wait that ends once it is stored, so its offsets are committed then. The
-    /// framework drops that wait when a record comes first: the write is then waited
-    /// for again, not lost.
+    /// What the framework asks of a batch's write it left running: a wait that ends once
+    /// it is stored, so its offsets are committed then. The framework drops that wait
+    /// when a record comes first: the write is then waited for again, not lost.
     #[tokio::test]
     async fn a_running_write_is_done_once_stored_and_a_dropped_wait_loses_nothing() {
         let (_dir, store, topics, mut worker) = fresh_worker().await;

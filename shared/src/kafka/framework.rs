@@ -1036,7 +1036,7 @@ async fn deliver(
 
 /// `m` kept past the next read, without its headers: the pipeline's records carry none
 /// that a processor reads, and librdkafka parses them for `detach` (with the copy, a
-/// twentieth of update-embeddings' CPU in a backlog).
+/// twentieth of update-embeddings' CPU in the relay benchmark).
 fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> OwnedMessage {
     OwnedMessage::new(
         m.payload().map(<[u8]>::to_vec),
