@@ -354,8 +354,18 @@ impl SaveWorker {
 
 async fn timed_write(store: &dyn Store, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
     let started = Instant::now();
+    let (events, states, lists) = (
+        batch.events.len(),
+        batch.user_states.len(),
+        batch.recommendations.len(),
+    );
     store.write_shared(batch).await?;
-    metrics::histogram!("recpipe_store_write_seconds").record(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    metrics::histogram!("recpipe_store_write_seconds").record(took.as_secs_f64());
+    // A target of its own, so that the store's timeline can be logged without the
+    // attribution's span per event: RUST_LOG=warn,save_worker::writes=debug.
+    let ms = took.as_millis() as u64;
+    tracing::debug!(target: "save_worker::writes", events, states, lists, ms, "batch stored");
     Ok(())
 }
 
