@@ -332,6 +332,61 @@ mod tests {
         assert_eq!(checkpoints.phase(), Phase::Gone);
     }
 
+    #[test]
+    fn a_checkpoint_that_fails_on_the_thread_is_left_to_the_writer_and_the_thread_goes_on() {
+        // A full disk or an I/O error, as SQLite reports them.
+        static TRIED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn fails(_: &Connection) -> rusqlite::Result<()> {
+            TRIED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("disk I/O error (this test's)".to_string()),
+            ))
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let open = || {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "journal_mode", "WAL").unwrap();
+            c
+        };
+        let tuning = Tuning {
+            background_pages: 10,
+            wait_pages: 40,
+        };
+        let checkpoints = Checkpoints::start_with(open(), tuning, fails).unwrap();
+        let writer = open();
+        let ended = |tried: usize| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while TRIED.load(std::sync::atomic::Ordering::SeqCst) < tried
+                || matches!(checkpoints.phase(), Phase::Running { .. })
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the thread's checkpoint never ended: {:?}",
+                    checkpoints.phase()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            checkpoints.phase()
+        };
+
+        // A long WAL wakes the thread; its checkpoint fails, and it says it is done, not
+        // gone.
+        WAL_PAGES.set(10);
+        checkpoints.after_commit(&writer).unwrap();
+        assert_eq!(ended(1), Phase::Done { woken_at: 10 });
+        // The next commit checkpoints on the writer's connection, which works.
+        WAL_PAGES.set(12);
+        checkpoints.after_commit(&writer).unwrap();
+        assert_eq!(checkpoints.phase(), Phase::Idle);
+        // The thread is still there for the next long WAL.
+        WAL_PAGES.set(11);
+        checkpoints.after_commit(&writer).unwrap();
+        assert_eq!(ended(2), Phase::Done { woken_at: 11 });
+        assert_eq!(TRIED.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn without_checkpoints_the_wal_grows_with_every_batch() {
         // The control for the tests below: what they see is the checkpoints' doing.
