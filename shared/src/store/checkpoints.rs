@@ -252,6 +252,19 @@ mod tests {
 
     const NEVER: usize = usize::MAX;
 
+    /// Bounds that a test crosses by setting the WAL's length itself.
+    const SMALL_BOUNDS: Tuning = Tuning {
+        background_pages: 10,
+        wait_pages: 40,
+    };
+
+    /// Opens (creating) a database file in `dir`, in WAL mode.
+    fn open_wal(dir: &std::path::Path) -> Connection {
+        let c = Connection::open(dir.join("s.db")).unwrap();
+        c.pragma_update(None, "journal_mode", "WAL").unwrap();
+        c
+    }
+
     #[test]
     fn the_writer_wakes_the_thread_once_finishes_after_it_and_waits_for_it_past_the_bound() {
         let tuning = Tuning {
@@ -288,16 +301,8 @@ mod tests {
             panic!("a checkpoint that panics (this test's)")
         }
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let open = || {
-            let c = Connection::open(&path).unwrap();
-            c.pragma_update(None, "journal_mode", "WAL").unwrap();
-            c
-        };
-        let tuning = Tuning {
-            background_pages: 10,
-            wait_pages: 40,
-        };
+        let open = || open_wal(dir.path());
+        let tuning = SMALL_BOUNDS;
         let checkpoints = Arc::new(Checkpoints::start_with(open(), tuning, panics).unwrap());
 
         // A commit past the background bound wakes the thread, whose checkpoint panics.
@@ -344,16 +349,8 @@ mod tests {
             ))
         }
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let open = || {
-            let c = Connection::open(&path).unwrap();
-            c.pragma_update(None, "journal_mode", "WAL").unwrap();
-            c
-        };
-        let tuning = Tuning {
-            background_pages: 10,
-            wait_pages: 40,
-        };
+        let open = || open_wal(dir.path());
+        let tuning = SMALL_BOUNDS;
         let checkpoints = Checkpoints::start_with(open(), tuning, fails).unwrap();
         let writer = open();
         let ended = |tried: usize| {
