@@ -27,7 +27,11 @@ for round in $(seq 1 "$rounds"); do
     echo "bench/relay.sh: round $round failed; its output is in $log" >&2
     exit 1
   fi
-  ratio=$(grep -h '^ratio pipeline / relay:' "$log" | awk '{print $NF}')
+  ratio=$(grep -h '^ratio pipeline / relay:' "$log" | awk '{print $NF}' || true)
+  if [ -z "$ratio" ]; then
+    echo "bench/relay.sh: round $round printed no ratio; its output is in $log" >&2
+    exit 1
+  fi
   printf '%-6s %10s %10s %10s %7s\n' "$round" "$(seconds "bare relay" "$log")" \
     "$(seconds lists "$log")" "$(seconds pipeline "$log")" "$ratio"
   echo "$ratio" >>"$out/ratios"
