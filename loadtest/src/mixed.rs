@@ -409,7 +409,11 @@ pub struct Peak {
 #[derive(Serialize)]
 struct PeakSummary {
     machine: String,
+    /// The last sustained step's rate: the limit when `limit_found`, else a floor.
     sustainable_events_per_sec: Option<f64>,
+    /// Whether a step was not sustained, so that the limit lies between the last
+    /// sustained step and it. False when every step held.
+    limit_found: bool,
     /// Accepted events/s in the best sustained step.
     sustained_accepted_per_sec: Option<f64>,
     max_freshness_ms: f64,
@@ -542,9 +546,17 @@ pub async fn peak(
     }
     lag.abort();
     let best = steps.iter().rfind(|s| s.sustained);
+    let verdict = scenarios::peak_verdict(&steps);
+    // Said in every output: a run whose steps all held has not found the limit, and its
+    // last rate read as "the sustainable maximum" would understate it.
+    let more_steps = format!(
+        "every step was sustained, so the limit is higher: run again with more steps (--max-steps, {} here) or a higher --start-rate",
+        plan.max_steps
+    );
     let summary = PeakSummary {
         machine: report::machine_description(),
         sustainable_events_per_sec: best.map(|s| s.target_events_per_sec),
+        limit_found: matches!(verdict, scenarios::PeakVerdict::Limit(_)),
         sustained_accepted_per_sec: best.map(|s| s.events.per_sec),
         max_freshness_ms: plan.max_freshness_ms,
         query_rate: plan.query_rate,
@@ -554,7 +566,8 @@ pub async fn peak(
     };
     match best {
         Some(b) => println!(
-            "sustainable: {:.0} events/s (accepted {:.0}/s; freshness p99 {} ms; GET p99 {} ms) with {:.0} GETs/s",
+            "sustainable: {}{:.0} events/s (accepted {:.0}/s; freshness p99 {} ms; GET p99 {} ms) with {:.0} GETs/s",
+            if summary.limit_found { "" } else { "at least " },
             b.target_events_per_sec,
             b.events.per_sec,
             fmt_ms(b.freshness.p99_ms),
@@ -562,6 +575,9 @@ pub async fn peak(
             plan.query_rate
         ),
         None => println!("not even the first step ({:.0} events/s) was sustained", plan.start_rate),
+    }
+    if let scenarios::PeakVerdict::AtLeast(_) = verdict {
+        println!("{more_steps}");
     }
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
@@ -588,9 +604,10 @@ pub async fn peak(
             ));
         }
         table.push_str("</table>");
-        let headline = match summary.sustainable_events_per_sec {
-            Some(r) => format!("<p><b>Sustainable: {r:.0} events/s</b> with {:.0} GETs/s and {:.0} freshness probes/s (a step is sustained when every event is accepted at the target rate, freshness p99 ≤ {:.0} ms, and consumer lag does not keep growing).</p>", plan.query_rate, plan.probe_rate, plan.max_freshness_ms),
-            None => "<p><b>No step was sustained.</b></p>".into(),
+        let headline = match verdict {
+            scenarios::PeakVerdict::AtLeast(r) => format!("<p><b>Sustainable: at least {r:.0} events/s</b>: {more_steps}. GETs {:.0}/s and {:.0} freshness probes/s beside the events (a step is sustained when every event is accepted at the target rate, freshness p99 ≤ {:.0} ms, and consumer lag does not keep growing).</p>", plan.query_rate, plan.probe_rate, plan.max_freshness_ms),
+            scenarios::PeakVerdict::Limit(r) => format!("<p><b>Sustainable: {r:.0} events/s</b> with {:.0} GETs/s and {:.0} freshness probes/s (a step is sustained when every event is accepted at the target rate, freshness p99 ≤ {:.0} ms, and consumer lag does not keep growing).</p>", plan.query_rate, plan.probe_rate, plan.max_freshness_ms),
+            scenarios::PeakVerdict::NoneSustained => "<p><b>No step was sustained.</b></p>".into(),
         };
         report::write(
             dir,

@@ -369,6 +369,29 @@ pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)]) {
     step.why_not = (!why.is_empty()).then(|| why.join("; "));
 }
 
+/// What a peak run found, from its steps in order (the run stops at the first step not
+/// sustained).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PeakVerdict {
+    /// The last sustained step's rate; the step after it was not sustained.
+    Limit(f64),
+    /// Every step was sustained: the limit is above the last one's rate, and only more
+    /// steps (or a higher start rate) find it.
+    AtLeast(f64),
+    /// Not even the first step was sustained (or no step ran).
+    NoneSustained,
+}
+
+pub fn peak_verdict(steps: &[Step]) -> PeakVerdict {
+    match (steps.iter().rfind(|s| s.sustained), steps.last()) {
+        (Some(best), Some(last)) if last.sustained => {
+            PeakVerdict::AtLeast(best.target_events_per_sec)
+        }
+        (Some(best), _) => PeakVerdict::Limit(best.target_events_per_sec),
+        (None, _) => PeakVerdict::NoneSustained,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -440,6 +463,25 @@ mod tests {
         let mut unscraped = step_at(844.0, 124.9);
         judge(&mut unscraped, 1000.0, &[]);
         assert!(unscraped.sustained, "{:?}", unscraped.why_not);
+    }
+
+    #[test]
+    fn a_peak_run_whose_every_step_was_sustained_found_a_floor_not_the_limit() {
+        let sustained = |rate| Step {
+            sustained: true,
+            ..step_at(rate, 20.0)
+        };
+        let limit = [sustained(250.0), sustained(375.0), step_at(562.5, 1500.0)];
+        assert_eq!(peak_verdict(&limit), PeakVerdict::Limit(375.0));
+        assert_eq!(
+            peak_verdict(&[sustained(250.0), sustained(375.0)]),
+            PeakVerdict::AtLeast(375.0)
+        );
+        assert_eq!(
+            peak_verdict(&[step_at(250.0, 1500.0)]),
+            PeakVerdict::NoneSustained
+        );
+        assert_eq!(peak_verdict(&[]), PeakVerdict::NoneSustained);
     }
 
     #[test]
