@@ -16,6 +16,8 @@ for n in "${names[@]}"; do
   fi
   before[$n]=$(cpu "${pid[$n]}")
 done
+. "$(dirname "$0")/stolen.sh"
+steal0=$(stolen_ticks)
 started=$(date +%s.%N)
 "$@"
 status=$?
@@ -32,4 +34,7 @@ for n in "${names[@]}"; do
   printf '%-20s %6s CPU s  (%4.1f %% of a core)\n' "$n" "$used" "$(awk -v u="$used" -v s="$seconds" 'BEGIN {print 100 * u / s}')"
 done
 printf '%-20s %6s CPU s over %s s\n' "all" "$total" "$seconds"
+stolen=$(($(stolen_ticks) - steal0))
+printf '%-20s %6s CPU s  (%s %% of the machine; the hypervisor gave it to other guests)\n' "stolen" \
+  "$(awk -v t="$stolen" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}')" "$(stolen_share "$stolen" "$seconds")"
 exit "$status"

@@ -32,7 +32,14 @@ sleep 0.5
 
 # Open loop first: the GETs of a wrk run leave as many impressions for tansu and
 # save-worker to store for a while after, which would load the next measurement.
-open_loop() { target/release/recpipe-loadtest --api "$1" --catalog .run/catalog query --rate 20000 --seconds 10 --users 10000 | grep GET; }
+. bench/stolen.sh
+# With the share of the machine the hypervisor gave to other guests meanwhile.
+open_loop() {
+  local steal0 started=$SECONDS result
+  steal0=$(stolen_ticks)
+  result=$(target/release/recpipe-loadtest --api "$1" --catalog .run/catalog query --rate 20000 --seconds 10 --users 10000 | grep GET)
+  echo "$result  stolen $(stolen_share $(($(stolen_ticks) - steal0)) $((SECONDS - started))) %"
+}
 echo "open loop, 20,000 requests/s:"
 echo "  query-api: $(open_loop $api)"
 echo "  trivial:   $(open_loop $trivial_api)"

@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 out="${1:-loadtest/example-peak}"
 shift || true
 cargo build --release --workspace --bins --quiet
-exec bench/with-pipeline.sh target/release/recpipe-loadtest --catalog .run/catalog peak \
+. bench/stolen.sh
+steal0=$(stolen_ticks) started=$SECONDS
+bench/with-pipeline.sh target/release/recpipe-loadtest --catalog .run/catalog peak \
   --metrics http://127.0.0.1:9101/metrics --metrics http://127.0.0.1:9102/metrics \
   --metrics http://127.0.0.1:9103/metrics --report "$out" "$@"
+echo "stolen: $(stolen_share $(($(stolen_ticks) - steal0)) $((SECONDS - started))) % of the machine's CPU over the run went to other guests of the hypervisor"
