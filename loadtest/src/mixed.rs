@@ -604,9 +604,14 @@ pub async fn peak(
             ));
         }
         table.push_str("</table>");
+        let beside = format!("with {:.0} GETs/s and {:.0} freshness probes/s (a step is sustained when every event is accepted at the target rate, freshness p99 ≤ {:.0} ms, and consumer lag does not keep growing)", plan.query_rate, plan.probe_rate, plan.max_freshness_ms);
         let headline = match verdict {
-            scenarios::PeakVerdict::AtLeast(r) => format!("<p><b>Sustainable: at least {r:.0} events/s</b>: {more_steps}. GETs {:.0}/s and {:.0} freshness probes/s beside the events (a step is sustained when every event is accepted at the target rate, freshness p99 ≤ {:.0} ms, and consumer lag does not keep growing).</p>", plan.query_rate, plan.probe_rate, plan.max_freshness_ms),
-            scenarios::PeakVerdict::Limit(r) => format!("<p><b>Sustainable: {r:.0} events/s</b> with {:.0} GETs/s and {:.0} freshness probes/s (a step is sustained when every event is accepted at the target rate, freshness p99 ≤ {:.0} ms, and consumer lag does not keep growing).</p>", plan.query_rate, plan.probe_rate, plan.max_freshness_ms),
+            scenarios::PeakVerdict::AtLeast(r) => format!(
+                "<p><b>Sustainable: at least {r:.0} events/s</b> {beside}: {more_steps}.</p>"
+            ),
+            scenarios::PeakVerdict::Limit(r) => {
+                format!("<p><b>Sustainable: {r:.0} events/s</b> {beside}.</p>")
+            }
             scenarios::PeakVerdict::NoneSustained => "<p><b>No step was sustained.</b></p>".into(),
         };
         report::write(
