@@ -34,7 +34,22 @@ if [ -z "${SCYLLA_URI:-}" ]; then
 fi
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
-cargo test --workspace --no-fail-fast 2>&1 | tee "$results"
+test_status=0
+cargo test --workspace --no-fail-fast 2>&1 | tee "$results" || test_status=$?
+if [ "$test_status" -ne 0 ]; then
+  # The failures are far up a long log (and CI may show only its end): repeat each
+  # failed test's name and panic message here, last.
+  step "cargo test failed (exit $test_status); the panics, repeated:"
+  awk '
+    /^---- .* stdout ----$/ { name = $2; failed = 1 }
+    /^failures:$|^test result:/ { failed = 0 }
+    failed && /panicked at/ { print "\n" name ": " $0; left = 12; next }
+    left > 0 { if ($0 ~ /^note: / || $0 == "") { left = 0 } else { print; left-- } }
+    /^error: .*target.* failed/ { tail = 1 }
+    tail { print }
+  ' "$results"
+  exit "$test_status"
+fi
 
 step "API conformance: schemathesis against the live API and its /openapi.json"
 scripts/api-conformance.sh 40
