@@ -122,13 +122,47 @@ fn abort_with_stacks(test: &str, limit: Duration) -> ! {
     std::process::abort();
 }
 
-/// A free loopback port (bound and released: the broker must advertise its real port).
+/// A free loopback port for a server a test starts (bound and released: the broker must
+/// advertise its real port).
+///
+/// The port is free now but not held, so it comes from below the kernel's ephemeral
+/// range where it can: `bind(0)` (another test's API listener) and outgoing connections
+/// draw from that range and could take the port before the broker binds it. tansu then
+/// exits and the test meets whatever holds the port. No port is handed out twice in one
+/// process, and each process starts at its own place in the range.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
+    let Some(range) = ports_below_ephemeral(&ephemeral_range_low()) else {
+        return bound_port("127.0.0.1:0").expect("bind a loopback port");
+    };
+    let len = u32::from(range.end - range.start);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % len;
+    for _ in 0..len {
+        let n = HANDED_OUT.fetch_add(1, Ordering::Relaxed);
+        let port = range.start + ((start + n) % len) as u16;
+        if let Some(port) = bound_port(&format!("127.0.0.1:{port}")) {
+            return port;
+        }
+    }
+    bound_port("127.0.0.1:0").expect("bind a loopback port")
+}
+
+fn bound_port(address: &str) -> Option<u16> {
+    Some(TcpListener::bind(address).ok()?.local_addr().ok()?.port())
+}
+
+/// The first port of the kernel's ephemeral range (Linux), as its file gives it.
+fn ephemeral_range_low() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default()
+}
+
+/// Up to 10,000 ports just below the ephemeral range whose first port `range_file`
+/// gives, none below 10,000; `None` when there is no such room (or no such file).
+fn ports_below_ephemeral(range_file: &str) -> Option<std::ops::Range<u16>> {
+    let low: u16 = range_file.split_whitespace().next()?.parse().ok()?;
+    let start = low.saturating_sub(10_000).max(10_000);
+    (low >= start + 1_000).then_some(start..low)
 }
 
 /// A tansu broker on 127.0.0.1 owned by one test; killed on drop.
@@ -203,19 +237,35 @@ impl TestBroker {
         ] {
             cmd.env_remove(var);
         }
+        // tansu prints this line once its listener is bound (0.6.0; a version that did
+        // not would fail every test here with the log below). A port that answers
+        // without a new one is held by something else, which tansu exits on.
+        const READY: &str = "\nready in ";
+        let ready_before = self.log().matches(READY).count();
         self.child = Some(cmd.spawn().expect("start tansu"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
+        loop {
+            if self.log().matches(READY).count() > ready_before
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.as_mut().expect("just spawned").try_wait() {
+                panic!(
+                    "tansu exited ({status}) before it was ready on port {}; log: {}",
+                    self.port,
+                    self.log()
+                );
+            }
             assert!(
                 Instant::now() < deadline,
-                "tansu did not listen on {} within 30 s; log: {}",
+                "tansu was not ready on port {} within 30 s; log: {}",
                 self.port,
                 self.log()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -599,6 +649,55 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_ports_come_from_below_the_ephemeral_range_when_there_is_room() {
+        assert_eq!(
+            ports_below_ephemeral("32768\t60999\n"),
+            Some(22_768..32_768)
+        );
+        assert_eq!(ports_below_ephemeral("15000 60999"), Some(10_000..15_000));
+        // Too little room above 10,000, or no range known: the kernel picks (bind 0).
+        assert_eq!(ports_below_ephemeral("10500 60999"), None);
+        assert_eq!(ports_below_ephemeral("1024 65535"), None);
+        assert_eq!(ports_below_ephemeral(""), None);
+    }
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice_and_are_free() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        if let Some(range) = ports_below_ephemeral(&ephemeral_range_low()) {
+            assert!(ports.iter().all(|p| range.contains(p)), "{ports:?}");
+        }
+        // Free, and still so: a listener can take each one.
+        for port in ports {
+            TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broker_whose_port_is_taken_fails_at_once_and_says_why() {
+        // Something else listens on the port: connecting works, but it is not tansu.
+        let impostor = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = impostor.local_addr().unwrap().port();
+        let mut broker = TestBroker {
+            child: None,
+            port,
+            advertised_port: port,
+            authentication: false,
+            storage: "memory://tansu/".into(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let failed = tokio::spawn(async move { broker.spawn().await })
+            .await
+            .expect_err("a broker on a taken port");
+        let message = *failed.into_panic().downcast::<String>().unwrap();
+        assert!(message.contains("tansu exited"), "{message}");
+        assert!(message.contains("Address already in use"), "{message}");
+        drop(impostor);
+    }
 
     #[test]
     #[ignore = "hangs on purpose: a_hung_test_is_aborted_with_every_threads_stack runs it"]
