@@ -3,8 +3,10 @@
 # in one run: queries/s at recall@10 >= 0.95. Installs numpy and hnswlib into
 # .tools/bench-venv. Size: RECPIPE_ANN_PRODUCTS (100000) × 64 dims, 1000 queries per set.
 #   bench/ann.sh [ROUNDS (3)]
-# Each round builds and measures both libraries again, and the median round's ratio
-# counts: on a shared 2-core VM one round's ratio moved from 0.91 to 1.73 with no change
+# Within a round the two libraries' passes alternate (each side's fastest of 7 counts),
+# so both meet the same moments of a shared machine. Each round builds both again, and
+# the median round's ratio counts: on a shared 2-core VM one round's ratio moved from
+# 0.91 to 1.73 with no change when the libraries were measured one after the other
 # (BENCHMARKS.md, thirty-sixth session). The last round's tables are printed in full.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,12 +19,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install --quiet numpy hnswlib
 fi
 cargo build --release -p recpipe-loadtest --quiet
+mkdir -p "$out"
 ratios=$(mktemp)
 for round in $(seq 1 "$rounds"); do
   steal0=$(stolen_ticks) started=$SECONDS
-  target/release/recpipe-loadtest ann --out "$out" --products "${RECPIPE_ANN_PRODUCTS:-100000}" >"$out.jsonl.tmp"
-  mkdir -p "$out" && mv "$out.jsonl.tmp" "$out/recpipe.jsonl"
-  "$venv/bin/python" bench/ann_vs_hnswlib.py "$out" >"$out/round.txt"
+  "$venv/bin/python" bench/ann_vs_hnswlib.py "$out" target/release/recpipe-loadtest \
+    --products "${RECPIPE_ANN_PRODUCTS:-100000}" >"$out/round.txt"
   [ "$round" = "$rounds" ] && sed '/^one-interest:/,$d' "$out/round.txt"
   stolen=$(stolen_share $(($(stolen_ticks) - steal0)) $((SECONDS - started)))
   grep -E '^(one|two)-interest:' "$out/round.txt" | sed "s/^/round $round: /; s/\$/ (stolen $stolen %)/"

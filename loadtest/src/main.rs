@@ -179,6 +179,10 @@ enum Command {
         queries: usize,
         #[arg(long, default_value_t = 64)]
         dim: usize,
+        /// Build, print `ready`, then answer each stdin line `SET EF` with one timed
+        /// pass as JSON (bench/ann_vs_hnswlib.py alternates them with hnswlib's).
+        #[arg(long)]
+        serve_passes: bool,
     },
     /// Bytes of user state per user ÷ the raw vector, as update-embeddings holds it.
     Memory {
@@ -332,7 +336,12 @@ async fn main() -> anyhow::Result<()> {
             products,
             queries,
             dim,
+            serve_passes,
         } => {
+            if serve_passes {
+                let bench = ann::AnnBench::prepare(&out, products, queries, dim)?;
+                return ann::serve_passes(bench, std::io::stdin().lock(), std::io::stdout().lock());
+            }
             let points = ann::run(&out, products, queries, dim)?;
             for p in &points {
                 println!("{}", serde_json::to_string(p)?);
