@@ -128,8 +128,9 @@ fn abort_with_stacks(test: &str, limit: Duration) -> ! {
 /// The port is free now but not held, so it comes from below the kernel's ephemeral
 /// range where it can: `bind(0)` (another test's API listener) and outgoing connections
 /// draw from that range and could take the port before the broker binds it. tansu then
-/// exits and the test meets whatever holds the port. No port is handed out twice in one
-/// process, and each process starts at its own place in the range.
+/// exits and the test meets whatever holds the port. A process hands out the range's
+/// ports in turn (none twice until it has gone round all 10,000), each process from its
+/// own place in the range.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
