@@ -133,12 +133,12 @@ pub fn run(
 ) -> anyhow::Result<Vec<AnnPoint>> {
     let mut bench = AnnBench::prepare(out, products, queries, dim)?;
     let mut points = Vec::new();
-    for set in ["one-interest", "two-interest"] {
-        let count = bench
-            .sets
-            .iter()
-            .find(|s| s.name == set)
-            .map_or(0, |s| s.queries.len());
+    let sets: Vec<(&'static str, usize)> = bench
+        .sets
+        .iter()
+        .map(|s| (s.name, s.queries.len()))
+        .collect();
+    for (set, count) in sets {
         for ef in EF_SEARCH {
             // Best of a few passes: the machine is shared, and a pass another process
             // interrupted says nothing about the index.
