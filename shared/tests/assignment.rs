@@ -433,6 +433,40 @@ async fn next_batch(batches: &mut mpsc::UnboundedReceiver<Vec<Vec<u8>>>) -> Vec<
         .expect("the framework stopped")
 }
 
+/// A consumer off the freshness path (as save-worker is) on topic `one` with `settings`,
+/// warmed up: assigned and fetching. Its batches come on the receiver.
+async fn background_recorder(
+    broker: &TestBroker,
+    settings: KafkaSettings,
+) -> (
+    mpsc::UnboundedReceiver<Vec<Vec<u8>>>,
+    CancellationToken,
+    JoinHandle<Result<RunStats, FrameworkError>>,
+) {
+    recpipe_shared::kafka::ensure_topics(&settings, &["one"], 1)
+        .await
+        .unwrap();
+    let (tx, mut batches) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let service = {
+        let stop = stop.clone();
+        let recorder = PayloadRecorder {
+            batches: tx,
+            topic: "one",
+            on_freshness_path: false,
+        };
+        tokio::spawn(async move { framework::run(&settings, recorder, stop).await })
+    };
+    produce(&broker.brokers(), "one", "k", b"warm-1").await;
+    produce(&broker.brokers(), "one", "k", b"warm-2").await;
+    let mut warm = Vec::new();
+    while warm.len() < 2 {
+        warm.extend(next_batch(&mut batches).await);
+    }
+    assert_eq!(warm, vec![b"warm-1".to_vec(), b"warm-2".to_vec()]);
+    (batches, stop, service)
+}
+
 /// A consumer off the freshness path gathers records that come apart into one batch
 /// (`background_batch_ms`), and a batch that fills goes at once, not at the window's end.
 #[tokio::test]
@@ -441,28 +475,32 @@ async fn a_background_batch_gathers_records_that_come_apart_and_goes_when_full()
     let mut settings = broker.kafka_settings();
     settings.batch_max = 2;
     settings.background_batch_ms = 60_000;
-    recpipe_shared::kafka::ensure_topics(&settings, &["one"], 1)
-        .await
-        .unwrap();
-    let (tx, mut batches) = mpsc::unbounded_channel();
-    let stop = CancellationToken::new();
-    let service = {
-        let (settings, stop) = (settings.clone(), stop.clone());
-        let recorder = PayloadRecorder {
-            batches: tx,
-            topic: "one",
-            on_freshness_path: false,
-        };
-        tokio::spawn(async move { framework::run(&settings, recorder, stop).await })
-    };
-    // Once the consumer is assigned and fetching, a record 400 ms after another (forty
-    // fetches apart) still joins its batch.
-    produce(&broker.brokers(), "one", "k", b"warm-1").await;
-    produce(&broker.brokers(), "one", "k", b"warm-2").await;
+    settings.background_batch_idle_ms = 60_000;
+    let (mut batches, stop, service) = background_recorder(&broker, settings).await;
+    // A record 400 ms after another (forty fetches apart) still joins its batch.
+    produce(&broker.brokers(), "one", "k", b"a").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    produce(&broker.brokers(), "one", "k", b"b").await;
     assert_eq!(
         next_batch(&mut batches).await,
-        vec![b"warm-1".to_vec(), b"warm-2".to_vec()]
+        vec![b"a".to_vec(), b"b".to_vec()]
     );
+    stop.cancel();
+    service.await.unwrap().unwrap();
+}
+
+/// Once records stop coming for `background_batch_idle_ms`, a background batch goes
+/// without waiting for the rest of its window: the end of a backlog is written at once.
+/// Records that come closer together than that still share a batch.
+#[tokio::test]
+async fn a_background_batch_goes_once_records_stop_coming() {
+    let broker = TestBroker::start().await;
+    let mut settings = broker.kafka_settings();
+    settings.batch_max = 1000;
+    // The window outlasts next_batch's 30 s: only the idle rule can end this batch in time.
+    settings.background_batch_ms = 60_000;
+    settings.background_batch_idle_ms = 3_000;
+    let (mut batches, stop, service) = background_recorder(&broker, settings).await;
     produce(&broker.brokers(), "one", "k", b"a").await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     produce(&broker.brokers(), "one", "k", b"b").await;

@@ -106,7 +106,8 @@ pub trait Processor: Send {
     /// Whether anyone waits on this processor's work as it happens (event → fresh
     /// list). One that says no is fetched for with `background_fetch_wait_max_ms`
     /// instead of `fetch_wait_max_ms` (the broker is asked again less often when idle)
-    /// and gathers its batches for `background_batch_ms`.
+    /// and gathers its batches for `background_batch_ms` (less once records stop
+    /// coming for `background_batch_idle_ms`).
     fn on_freshness_path(&self) -> bool {
         true
     }
@@ -524,15 +525,19 @@ pub async fn run_with_health<P: Processor>(
         // writes one transaction per window, and a b-tree page that many of its rows
         // touch is written to the WAL once per window, not once per fetch. A backlog
         // fills the batch at once and is not held.
+        // It stops early once records stop coming (`background_batch_idle_ms`): at the
+        // end of a backlog the window would only wait.
         let gather_until = (!processor.on_freshness_path())
             .then(|| batch_started + Duration::from_millis(settings.background_batch_ms));
+        let gather_idle = Duration::from_millis(settings.background_batch_idle_ms);
+        let mut last_arrival = batch_started;
         while batch.len() < settings.batch_max
             && bytes < settings.batch_max_bytes
             && max_keys.is_none_or(|max| keys.len() < max)
         {
             let next = match consumer.recv().now_or_never() {
                 Some(received) => Some(received),
-                None => match gather_until {
+                None => match gather_until.map(|until| until.min(last_arrival + gather_idle)) {
                     Some(until) if std::time::Instant::now() < until => tokio::select! {
                         received = consumer.recv() => Some(received),
                         _ = tokio::time::sleep_until(until.into()) => None,
@@ -543,6 +548,9 @@ pub async fn run_with_health<P: Processor>(
             };
             match next {
                 Some(Ok(m)) => {
+                    if gather_until.is_some() {
+                        last_arrival = std::time::Instant::now();
+                    }
                     let m = owned(&m);
                     bytes += record_bytes(&m);
                     if let (Some(_), Some(key)) = (max_keys, m.key()) {
