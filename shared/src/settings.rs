@@ -106,8 +106,9 @@ pub struct KafkaSettings {
     /// it fills first (0: what has come, as on the freshness path). save-worker then
     /// writes one store transaction per window rather than per fetch.
     pub background_batch_ms: u64,
-    /// Such a batch also goes once no record has come for this long: at the end of a
-    /// burst or a backlog, nothing more is on its way and the window would only wait.
+    /// Such a batch also goes once no record has come for this long (0: what has come):
+    /// at the end of a burst or a backlog, nothing more is on its way and the window
+    /// would only wait.
     pub background_batch_idle_ms: u64,
     /// How long a producer waits to fill a batch (0: send at once, lowest latency).
     pub linger_ms: u64,
