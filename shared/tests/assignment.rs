@@ -433,16 +433,13 @@ async fn next_batch(batches: &mut mpsc::UnboundedReceiver<Vec<Vec<u8>>>) -> Vec<
         .expect("the framework stopped")
 }
 
-/// A consumer off the freshness path (as save-worker is) on topic `one` with `settings`,
-/// warmed up: assigned and fetching. Its batches come on the receiver.
-async fn background_recorder(
-    broker: &TestBroker,
-    settings: KafkaSettings,
-) -> (
-    mpsc::UnboundedReceiver<Vec<Vec<u8>>>,
-    CancellationToken,
-    JoinHandle<Result<RunStats, FrameworkError>>,
-) {
+/// A consumer off the freshness path (as save-worker is) on topic `one`, with its settings
+/// changed by `adjust`, warmed up (assigned and fetching); then `a`, and `b` 400 ms later
+/// (forty fetches apart), must come as its next batch, within next_batch's 30 s.
+async fn two_records_400_ms_apart_come_as_one_batch(adjust: impl FnOnce(&mut KafkaSettings)) {
+    let broker = TestBroker::start().await;
+    let mut settings = broker.kafka_settings();
+    adjust(&mut settings);
     recpipe_shared::kafka::ensure_topics(&settings, &["one"], 1)
         .await
         .unwrap();
@@ -464,20 +461,7 @@ async fn background_recorder(
         warm.extend(next_batch(&mut batches).await);
     }
     assert_eq!(warm, vec![b"warm-1".to_vec(), b"warm-2".to_vec()]);
-    (batches, stop, service)
-}
 
-/// A consumer off the freshness path gathers records that come apart into one batch
-/// (`background_batch_ms`), and a batch that fills goes at once, not at the window's end.
-#[tokio::test]
-async fn a_background_batch_gathers_records_that_come_apart_and_goes_when_full() {
-    let broker = TestBroker::start().await;
-    let mut settings = broker.kafka_settings();
-    settings.batch_max = 2;
-    settings.background_batch_ms = 60_000;
-    settings.background_batch_idle_ms = 60_000;
-    let (mut batches, stop, service) = background_recorder(&broker, settings).await;
-    // A record 400 ms after another (forty fetches apart) still joins its batch.
     produce(&broker.brokers(), "one", "k", b"a").await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     produce(&broker.brokers(), "one", "k", b"b").await;
@@ -487,6 +471,19 @@ async fn a_background_batch_gathers_records_that_come_apart_and_goes_when_full()
     );
     stop.cancel();
     service.await.unwrap().unwrap();
+}
+
+/// A consumer off the freshness path gathers records that come apart into one batch
+/// (`background_batch_ms`), and a batch that fills goes at once, not at the window's end.
+#[tokio::test]
+async fn a_background_batch_gathers_records_that_come_apart_and_goes_when_full() {
+    two_records_400_ms_apart_come_as_one_batch(|settings| {
+        // Only filling up can end a batch within the test's 30 s.
+        settings.batch_max = 2;
+        settings.background_batch_ms = 60_000;
+        settings.background_batch_idle_ms = 60_000;
+    })
+    .await;
 }
 
 /// Once records stop coming for `background_batch_idle_ms`, a background batch goes
@@ -494,20 +491,12 @@ async fn a_background_batch_gathers_records_that_come_apart_and_goes_when_full()
 /// Records that come closer together than that still share a batch.
 #[tokio::test]
 async fn a_background_batch_goes_once_records_stop_coming() {
-    let broker = TestBroker::start().await;
-    let mut settings = broker.kafka_settings();
-    settings.batch_max = 1000;
-    // The window outlasts next_batch's 30 s: only the idle rule can end this batch in time.
-    settings.background_batch_ms = 60_000;
-    settings.background_batch_idle_ms = 3_000;
-    let (mut batches, stop, service) = background_recorder(&broker, settings).await;
-    produce(&broker.brokers(), "one", "k", b"a").await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    produce(&broker.brokers(), "one", "k", b"b").await;
-    assert_eq!(
-        next_batch(&mut batches).await,
-        vec![b"a".to_vec(), b"b".to_vec()]
-    );
-    stop.cancel();
-    service.await.unwrap().unwrap();
+    two_records_400_ms_apart_come_as_one_batch(|settings| {
+        // The batch cannot fill, and the window outlasts the test's 30 s: only the idle
+        // rule can end it in time.
+        settings.batch_max = 1000;
+        settings.background_batch_ms = 60_000;
+        settings.background_batch_idle_ms = 3_000;
+    })
+    .await;
 }
