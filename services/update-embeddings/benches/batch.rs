@@ -12,6 +12,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use recpipe_shared::catalog::{generate, SyntheticCatalog};
 use recpipe_shared::events::{Event, EventType};
 use recpipe_shared::kafka::framework::{Decoded, Processor, RecordMeta};
@@ -26,17 +28,9 @@ const EVENTS: usize = 40_000;
 const USERS: u64 = 14_000;
 const PRODUCTS: usize = 2_000;
 
-/// A step of a 64-bit LCG: the same events every run.
-fn next(seed: &mut u64) -> u64 {
-    *seed = seed
-        .wrapping_mul(6_364_136_223_846_793_005)
-        .wrapping_add(1_442_695_040_888_963_407);
-    *seed >> 33
-}
-
 /// Batch `round`'s events: users skewed (the square of a uniform draw), offsets after the
 /// last batch's, ids of their own.
-fn batch(round: u64, seed: &mut u64) -> Vec<Decoded<Event>> {
+fn batch(round: u64, rng: &mut ChaCha8Rng) -> Vec<Decoded<Event>> {
     let types = [
         EventType::View,
         EventType::View,
@@ -47,9 +41,9 @@ fn batch(round: u64, seed: &mut u64) -> Vec<Decoded<Event>> {
     ];
     (0..EVENTS)
         .map(|i| {
-            let draw = (next(seed) % 10_000) as f64 / 10_000.0;
+            let draw: f64 = rng.random();
             let user = format!("user-{:06}", (draw * draw * USERS as f64) as u64);
-            let product = format!("p-{:05}", next(seed) as usize % PRODUCTS);
+            let product = format!("p-{:05}", rng.random_range(0..PRODUCTS));
             let offset = round as i64 * EVENTS as i64 + i as i64;
             Decoded {
                 meta: RecordMeta {
@@ -61,7 +55,7 @@ fn batch(round: u64, seed: &mut u64) -> Vec<Decoded<Event>> {
                 input: Event {
                     event_id: format!("e-{round}-{i}"),
                     user_id: user,
-                    event_type: types[next(seed) as usize % types.len()],
+                    event_type: types[rng.random_range(0..types.len())],
                     product_id: Some(product),
                     query: None,
                     ts: 1_764_000_000_000 + offset,
@@ -92,12 +86,13 @@ fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let mut seed = 1;
+    // The same events every run.
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
     let mut round = 0;
     // Every user known and the state file in use before the clock.
     for _ in 0..3 {
         runtime
-            .block_on(service.process(batch(round, &mut seed)))
+            .block_on(service.process(batch(round, &mut rng)))
             .unwrap();
         round += 1;
     }
@@ -107,7 +102,7 @@ fn bench(c: &mut Criterion) {
         b.iter_batched(
             || {
                 round += 1;
-                batch(round, &mut seed)
+                batch(round, &mut rng)
             },
             |events| black_box(runtime.block_on(service.process(events)).unwrap()),
             BatchSize::PerIteration,
