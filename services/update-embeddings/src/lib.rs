@@ -24,7 +24,9 @@ use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use recpipe_shared::events::{now_ms, Event, LastEvent, SourcePosition, UserVectorRecord};
+use recpipe_shared::events::{
+    now_ms, Event, EventType, LastEvent, SourcePosition, UserVectorRecord,
+};
 use recpipe_shared::kafka::framework::{
     Decoded, Outcome, Output, Processor, RecordMeta, RetryableError, RunStats,
 };
@@ -59,6 +61,10 @@ pub struct UpdateEmbeddings {
     kafka: KafkaSettings,
     /// How the states produced are written (`state.encoding`).
     encoding: StateEncoding,
+    /// `recpipe_events_applied_total` of each event type, in [`EventType::ALL`]'s order.
+    /// Made once: the macro's registry lookup for every event was 2.4 % of the service's
+    /// CPU in a relay run.
+    applied_total: [metrics::Counter; EventType::ALL.len()],
 }
 
 impl UpdateEmbeddings {
@@ -74,6 +80,12 @@ impl UpdateEmbeddings {
             users: UserStates::open(&settings.state)?,
             kafka: settings.kafka.clone(),
             encoding: settings.state.encoding,
+            applied_total: {
+                recpipe_shared::admin::metrics(); // the recorder must exist before the handles
+                EventType::ALL.map(
+                    |t| metrics::counter!("recpipe_events_applied_total", "type" => t.as_str()),
+                )
+            },
         })
     }
 
@@ -121,8 +133,9 @@ impl UpdateEmbeddings {
             .model
             .update(state, event, source, now_ms())
             .map_err(|e| e.to_string())?;
-        metrics::counter!("recpipe_events_applied_total", "type" => event.event_type.as_str())
-            .increment(1);
+        if let Some(at) = EventType::ALL.iter().position(|t| *t == event.event_type) {
+            self.applied_total[at].increment(1);
+        }
         Ok(Some(previous))
     }
 

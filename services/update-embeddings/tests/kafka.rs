@@ -435,6 +435,15 @@ async fn a_second_instance_joins_and_the_first_leaves_without_loss_or_double_cou
     );
 }
 
+/// `recpipe_events_applied_total{type="view"}` as `/metrics` shows it (0 before the first).
+fn views_applied() -> u64 {
+    recpipe_shared::admin::metrics()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"recpipe_events_applied_total{type="view"} "#))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
 #[tokio::test]
 async fn a_batch_makes_one_state_per_user_and_partition_with_the_earlier_events_folded_in() {
     let env = TestEnv::start().await;
@@ -468,7 +477,15 @@ async fn a_batch_makes_one_state_per_user_and_partition_with_the_earlier_events_
         at(7, "u1", 1),
     ];
     let sent: Vec<_> = batch.iter().map(|d| d.input.clone()).collect();
+    let views_before = views_applied();
     let outcomes = processor.process(batch).await.unwrap();
+    // Seven views applied (the retry is not). Other tests in this binary may count
+    // theirs meanwhile, hence at least.
+    assert!(
+        views_applied() >= views_before + 7,
+        "recpipe_events_applied_total{{type=\"view\"}} went from {views_before} to {}",
+        views_applied()
+    );
 
     let produced: Vec<Option<UserVectorRecord>> = outcomes
         .iter()
