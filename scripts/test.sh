@@ -38,16 +38,9 @@ test_status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee "$results" || test_status=$?
 if [ "$test_status" -ne 0 ]; then
   # The failures are far up a long log (and CI may show only its end): repeat each
-  # failed test's name and panic message here, last.
-  step "cargo test failed (exit $test_status); the panics, repeated:"
-  awk '
-    /^---- .* stdout ----$/ { name = $2; failed = 1 }
-    /^failures:$|^test result:/ { failed = 0 }
-    failed && /panicked at/ { print "\n" name ": " $0; left = 12; next }
-    left > 0 { if ($0 ~ /^note: / || $0 == "") { left = 0 } else { print; left-- } }
-    /^error: .*target.* failed/ { tail = 1 }
-    tail { print }
-  ' "$results"
+  # failed test's panic, each hung test's stacks in brief, each crashed binary, here, last.
+  step "cargo test failed (exit $test_status); the failures, repeated:"
+  awk -f scripts/test-failures.awk "$results"
   exit "$test_status"
 fi
 
