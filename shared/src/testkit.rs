@@ -34,6 +34,17 @@ pub fn tansu_binary() -> PathBuf {
 /// aborts it; `RECPIPE_TEST_WATCHDOG_SECS` overrides it (0 turns the watchdog off).
 const TEST_LIMIT: Duration = Duration::from_secs(480);
 
+/// The process ids of the brokers this process started and has not stopped. An abort runs
+/// no destructor, so the watchdog kills these itself: otherwise every broker of the
+/// aborted test binary went on running after it (seen after a watchdog abort).
+static RUNNING_BROKERS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn running_brokers() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    RUNNING_BROKERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 thread_local! {
     /// The watchdog of the test running on this thread, disarmed when the thread ends.
     static WATCHDOG: std::cell::OnceCell<std::sync::mpsc::Sender<()>> =
@@ -117,6 +128,12 @@ fn abort_with_stacks(test: &str, limit: Duration) -> ! {
         Err(e) => {
             let _ = writeln!(err, "(no stacks: gdb did not run: {e})");
         }
+    }
+    for pid in running_brokers().iter() {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stdin(Stdio::null())
+            .status();
     }
     let _ = err.flush();
     std::process::abort();
@@ -243,7 +260,9 @@ impl TestBroker {
         // without a new one is held by something else, which tansu exits on.
         const READY: &str = "\nready in ";
         let ready_before = self.log().matches(READY).count();
-        self.child = Some(cmd.spawn().expect("start tansu"));
+        let child = cmd.spawn().expect("start tansu");
+        running_brokers().push(child.id());
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if self.log().matches(READY).count() > ready_before
@@ -305,6 +324,7 @@ impl TestBroker {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            running_brokers().retain(|&pid| pid != c.id());
         }
     }
 
