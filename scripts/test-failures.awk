@@ -30,6 +30,7 @@ left > 0 { if ($0 ~ /^note: / || $0 == "") { left = 0 } else { print; left--; ne
   print "\n" $0
   hung = 1; shown = 0; next
 }
+hung && /^\(no stacks: / { print "  " $0; next }
 hung && /^Thread [0-9]+ / {
   thread = $0
   sub(/^Thread [0-9]+ \(Thread 0x[0-9a-f]+ \(LWP [0-9]+\) /, "", thread)

@@ -19,6 +19,9 @@ scripts/install-tansu.sh
 step "vendored rdkafka: crates.io's 0.39.0 plus vendor/rdkafka.patch"
 scripts/check-vendor.sh
 
+step "the summary of a failed cargo test, against its fixture"
+scripts/check-test-failures.sh
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
