@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -48,8 +48,28 @@ impl Health {
     }
 }
 
-/// How often recorded histogram values are drained into their summaries.
+/// How often recorded histogram values are drained into their buckets.
 const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The upper bounds, in seconds, of every histogram's buckets: each histogram here is a
+/// duration (`*_seconds`), from a GET's tenth of a millisecond to a slow batch's seconds,
+/// with bounds at the targets (2 ms for a GET, 50 ms for freshness).
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+];
+
+/// A recorder as every process here has it, not installed. Histograms are Prometheus
+/// histograms (buckets), not the exporter's default summaries: a p99 over several
+/// replicas is then `histogram_quantile` over their summed buckets, which summaries'
+/// quantiles cannot be combined into, and a value costs a few comparisons where a
+/// summary's sketch took a logarithm (its upkeep was 1.6-3.1 % of a service's CPU).
+pub fn recorder() -> PrometheusRecorder {
+    PrometheusBuilder::new()
+        .set_buckets(SECONDS_BUCKETS)
+        .expect("the bucket bounds are not empty")
+        .build_recorder()
+}
 
 /// The process-wide Prometheus recorder (installed on first use, with a thread that
 /// drains its histograms every [`METRICS_UPKEEP`]).
@@ -57,7 +77,7 @@ pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (tests in one process); the
             // handle then renders this one's (empty) registry rather than failing.
@@ -168,4 +188,41 @@ pub async fn run_service<P: crate::kafka::framework::Processor>(
         crate::kafka::framework::run_with_health(&settings.kafka, processor, shutdown, health)
             .await?,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use metrics::Recorder;
+
+    #[test]
+    fn a_histogram_renders_as_buckets_whose_counts_add_up_across_replicas() {
+        let recorder = super::recorder();
+        let metadata = metrics::Metadata::new(module_path!(), metrics::Level::INFO, None);
+        let histogram = recorder
+            .register_histogram(&metrics::Key::from_name("recpipe_test_seconds"), &metadata);
+        for seconds in [0.0015, 0.003, 0.04, 45.0] {
+            histogram.record(seconds);
+        }
+        let text = recorder.handle().render();
+        // Cumulative: each bucket counts the values at or below its bound.
+        for (bound, count) in [
+            ("0.001", 0),
+            ("0.002", 1),
+            ("0.005", 2),
+            ("0.05", 3),
+            ("30", 3),
+        ] {
+            let line = format!(r#"recpipe_test_seconds_bucket{{le="{bound}"}} {count}"#);
+            assert!(text.contains(&line), "no {line:?} in:\n{text}");
+        }
+        assert!(
+            text.contains(r#"recpipe_test_seconds_bucket{le="+Inf"} 4"#),
+            "{text}"
+        );
+        assert!(text.contains("recpipe_test_seconds_count 4"), "{text}");
+        assert!(
+            !text.contains("quantile"),
+            "a summary, not buckets:\n{text}"
+        );
+    }
 }
