@@ -62,8 +62,8 @@ pub const SECONDS_BUCKETS: &[f64] = &[
 /// A recorder as every process here has it, not installed. Histograms are Prometheus
 /// histograms (buckets), not the exporter's default summaries: a p99 over several
 /// replicas is then `histogram_quantile` over their summed buckets, which summaries'
-/// quantiles cannot be combined into, and a value costs a few comparisons where a
-/// summary's sketch took a logarithm (its upkeep was 1.6-3.1 % of a service's CPU).
+/// quantiles cannot be combined into. A value also costs a little less, recorded and
+/// drained: 62.8 ns against 74.6 (`cargo bench -p recpipe-shared --bench metrics_upkeep`).
 pub fn recorder() -> PrometheusRecorder {
     PrometheusBuilder::new()
         .set_buckets(SECONDS_BUCKETS)
