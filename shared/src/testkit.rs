@@ -139,6 +139,24 @@ fn abort_with_stacks(test: &str, limit: Duration) -> ! {
     std::process::abort();
 }
 
+/// CPU time spent so far, user and system, in clock ticks (USER_HZ, 100 on every Linux
+/// this runs on), from a `/proc` stat file: `/proc/self/stat` for the whole process
+/// (every thread's, those ended included), `/proc/thread-self/stat` for this thread.
+/// CPU rather than the clock, for measures the host's stolen time would move.
+pub fn cpu_ticks(stat_file: &str) -> u64 {
+    let stat = std::fs::read_to_string(stat_file)
+        .unwrap_or_else(|e| panic!("cannot read {stat_file} (Linux only): {e}"));
+    // The fields after the command's name, which is in parentheses: utime and stime are
+    // the 12th and 13th of them (the stat file's 14th and 15th).
+    let after = &stat[stat.rfind(')').expect("a command in parentheses") + 2..];
+    after
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|t| t.parse::<u64>().expect("a tick count"))
+        .sum()
+}
+
 /// A free loopback port for a server a test starts (bound and released: the broker must
 /// advertise its real port).
 ///

@@ -132,22 +132,12 @@ fn backlog() -> Vec<WriteBatch> {
     batches
 }
 
-/// The process's CPU time (user and system, every thread's, those ended included), from
-/// /proc/self/stat in clock ticks. Timed by CPU rather than by the clock: on a shared VM
-/// the host takes CPU back at times (BENCHMARKS.md's "stolen"), which a wall clock counts
-/// and the kernel's CPU accounting leaves out.
+/// The process's CPU time (user and system, every thread's, those ended included).
+/// Timed by CPU rather than by the clock: on a shared VM the host takes CPU back at times
+/// (BENCHMARKS.md's "stolen"), which a wall clock counts and the kernel's CPU accounting
+/// leaves out.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat (Linux)");
-    // The fields after the command's closing parenthesis; utime and stime are 14 and 15.
-    let after = &stat[stat.rfind(')').expect("a command in parentheses") + 2..];
-    let ticks: u64 = after
-        .split(' ')
-        .skip(11)
-        .take(2)
-        .map(|t| t.parse::<u64>().expect("a tick count"))
-        .sum();
-    // USER_HZ, 100 on every Linux this runs on.
-    Duration::from_millis(ticks * 10)
+    Duration::from_millis(recpipe_shared::testkit::cpu_ticks("/proc/self/stat") * 10)
 }
 
 fn store_write(c: &mut Criterion) {

@@ -168,13 +168,9 @@ pub async fn ensure_topics(
 mod tests {
     use super::*;
 
-    /// This thread's CPU time so far, in clock ticks (/proc/thread-self/stat's utime and
-    /// stime).
+    /// This thread's CPU time so far, in clock ticks.
     fn thread_cpu_ticks() -> u64 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        // The fields after the command's name, which is in parentheses: state is the 3rd.
-        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+        crate::testkit::cpu_ticks("/proc/thread-self/stat")
     }
 
     #[test]
