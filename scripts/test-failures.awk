@@ -7,7 +7,7 @@
 #   list of failed targets.
 
 # A gdb frame, shortened to "#N function at file:line".
-function frame(line,    f, at) {
+function frame(line,    f, at, n) {
   f = line
   sub(/^#[0-9]+ +(0x[0-9a-f]+ in )?/, "", f)
   at = ""
