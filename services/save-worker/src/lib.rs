@@ -447,6 +447,21 @@ impl Processor for SaveWorker {
         let mut impressions = Vec::new();
         let mut event_positions = Vec::new();
         let mut list_event_ts = Vec::new();
+        // Sized before they are filled: a batch is up to 40,000 records, and vectors grown
+        // a record at a time copied them into fresh pages at every doubling.
+        let (mut events, mut states, mut lists) = (0, 0, 0);
+        for d in &batch {
+            match d.input {
+                Record::Event(_) => events += 1,
+                Record::UserState(_) => states += 1,
+                Record::Recommendation(_) => lists += 1,
+                Record::Impressions(_) => {}
+            }
+        }
+        writes.events.reserve_exact(events);
+        event_positions.reserve_exact(events);
+        writes.user_states.reserve_exact(states);
+        writes.recommendations.reserve_exact(lists);
         for d in batch {
             match d.input {
                 Record::Event(e) => {
