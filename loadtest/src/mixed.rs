@@ -9,7 +9,7 @@ use recpipe_shared::catalog::Catalog;
 use serde::Serialize;
 
 use crate::report::{self, Line, BLUE, GREEN, GREY, ORANGE, RED};
-use crate::scenarios::{self, judge, Rate, Step, Target};
+use crate::scenarios::{self, judge, Phase, Rate, Step, Target};
 use crate::series::{Gauge, SecondSummary, Series, StreamSummary};
 use crate::traffic::Clickstream;
 
@@ -397,6 +397,9 @@ pub struct Peak {
     pub growth: f64,
     pub step_secs: u64,
     pub max_steps: usize,
+    /// Steps after the first one not sustained, each halving the gap to the highest
+    /// sustained rate (see [`scenarios::refine_rate`]).
+    pub refine_steps: usize,
     pub query_rate: f64,
     pub probe_rate: f64,
     pub max_freshness_ms: f64,
@@ -409,11 +412,16 @@ pub struct Peak {
 #[derive(Serialize)]
 struct PeakSummary {
     machine: String,
-    /// The last sustained step's rate: the limit when `limit_found`, else a floor.
+    /// The highest sustained step's rate below the lowest not sustained: the limit when
+    /// `limit_found`, else a floor.
     sustainable_events_per_sec: Option<f64>,
-    /// Whether a step was not sustained, so that the limit lies between the last
-    /// sustained step and it. False when every step held.
+    /// Whether a step was not sustained, so that the limit lies between the sustainable
+    /// rate and `not_sustained_events_per_sec`. False when every step held.
     limit_found: bool,
+    /// The lowest rate of a step not sustained.
+    not_sustained_events_per_sec: Option<f64>,
+    /// Why the refining steps stopped before `--refine-steps` were run, if they did.
+    refine_stopped: Option<String>,
     /// Accepted events/s in the best sustained step.
     sustained_accepted_per_sec: Option<f64>,
     max_freshness_ms: f64,
@@ -424,11 +432,12 @@ struct PeakSummary {
 }
 
 /// Waits until freshness probes come back quickly (consumer groups joined, indexes
-/// built), so that start-up is not mistaken for a limit. Up to a minute.
-async fn warm_up(target: &Target, s: &Streams, max_freshness_ms: f64) {
+/// built), so that start-up is not mistaken for a limit. Up to a minute; false if they
+/// never did.
+async fn warm_up(target: &Target, s: &Streams, max_freshness_ms: f64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
     eprintln!(
-        "  warming up: waiting for probes to come back within {:.0} ms",
+        "  waiting for probes to come back within {:.0} ms",
         max_freshness_ms / 4.0
     );
     while Instant::now() < deadline {
@@ -453,24 +462,81 @@ async fn warm_up(target: &Target, s: &Streams, max_freshness_ms: f64) {
             && summary.errors == 0
             && summary.max_ms.is_some_and(|m| m < max_freshness_ms / 4.0)
         {
-            return;
+            return true;
         }
+    }
+    false
+}
+
+/// Refining stops once the highest sustained rate and the lowest not sustained are this
+/// close (a ratio): closer than one run's own spread on a shared machine.
+const REFINED_WITHIN: f64 = 1.02;
+
+/// A second past librdkafka's statistics interval (`statistics.interval.ms`, 5 s), where
+/// the consumer lag comes from: a lag reading taken sooner than this after a change of
+/// load can still describe the time before it.
+const LAG_REFRESH: Duration = Duration::from_secs(6);
+
+/// How long a refining step runs before the part that is judged, so that the first lag
+/// reading judged was taken under the step's load.
+const REFINE_LEAD_IN: Duration = LAG_REFRESH;
+
+/// Longest a refining step waits for the pipeline to catch up with the step before it.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// Waits, with no traffic, until the pipeline has worked off what a step it did not
+/// sustain left behind (its consumer lag back to `caught_up` records, when the lag is
+/// scraped) and probes come back quickly: a refining step that began on a backlog would
+/// judge the backlog. Err says why it gave up.
+async fn settle(
+    target: &Target,
+    s: &Streams,
+    step_ended: Instant,
+    caught_up: f64,
+    max_freshness_ms: f64,
+) -> Result<(), String> {
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    if !s.run.lag.points().is_empty() {
+        let fresh_from = (step_ended + LAG_REFRESH - s.started).as_secs_f64();
+        eprintln!("  waiting for the consumer lag to fall to {caught_up:.0} records");
+        while !scenarios::lag_settled(&s.run.lag.points(), fresh_from, caught_up) {
+            if Instant::now() >= deadline {
+                let last = s.run.lag.points().last().map_or(f64::NAN, |p| p.1);
+                return Err(format!(
+                    "the consumer lag was still {last:.0} records {} s after the step",
+                    SETTLE_LIMIT.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    if warm_up(target, s, max_freshness_ms).await {
+        Ok(())
+    } else {
+        Err(format!(
+            "probes did not come back within {:.0} ms for a minute",
+            max_freshness_ms / 4.0
+        ))
     }
 }
 
 /// Raises the event rate step by step (GETs and probes steady), judging each step once
-/// its probes had time to finish, until one is not sustained.
+/// its probes had time to finish, until one is not sustained; then narrows the gap
+/// between that rate and the highest sustained one with up to `refine_steps` more, each
+/// from rest.
 pub async fn peak(
     target: &Target,
     catalog: &Catalog,
     plan: Peak,
     dir: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let total = plan.step_secs * plan.max_steps as u64;
+    let total = plan.step_secs * plan.max_steps as u64
+        + (plan.step_secs + REFINE_LEAD_IN.as_secs()) * plan.refine_steps as u64;
     let s = streams(catalog, plan.users, plan.seed, total);
     // Scraped until the last step is judged (the task is stopped then): the warm-up and
     // the pauses between steps make the run longer than its steps.
-    let lag_until = s.started + Duration::from_secs(3 * total + 600);
+    let lag_until =
+        s.started + Duration::from_secs(3 * total + 600) + SETTLE_LIMIT * plan.refine_steps as u32;
     let lag = tokio::spawn(scenarios::scrape_lag(
         target.client.clone(),
         plan.metrics.clone(),
@@ -478,24 +544,44 @@ pub async fn peak(
         lag_until,
         s.run.lag.clone(),
     ));
+    eprintln!("  warming up");
     warm_up(target, &s, plan.max_freshness_ms).await;
     let mut steps: Vec<Step> = Vec::new();
     let mut rate = plan.start_rate;
+    let mut phase = Phase::Ramp;
     let mut target_line = Vec::new();
-    for i in 0..plan.max_steps {
+    let mut refine_stopped = None;
+    loop {
         // Steps start on a whole second of the run's clock, so per-second figures
         // belong to one step each.
-        let from = s.started.elapsed().as_secs() + 1;
-        tokio::time::sleep_until((s.started + Duration::from_secs(from)).into()).await;
+        let start = s.started.elapsed().as_secs() + 1;
+        tokio::time::sleep_until((s.started + Duration::from_secs(start)).into()).await;
+        // A ramp step begins where the one before left the pipeline, under load. A
+        // refining step begins from rest, so it runs a while before it is judged: its
+        // first lag reading would otherwise be the idle pipeline's 0, against which the
+        // records in flight at any rate (a second's worth or more) look like a lag that
+        // grew.
+        let (label, lead_in) = match phase {
+            Phase::Ramp => (format!("step {}", steps.len() + 1), 0),
+            Phase::Refine => (
+                format!("refining step {}", steps.len() + 1),
+                REFINE_LEAD_IN.as_secs(),
+            ),
+        };
+        let from = start + lead_in;
         let until = s.started + Duration::from_secs(from + plan.step_secs);
         eprintln!(
-            "  step {}: {rate:.0} events/s, {:.0} GETs/s, {:.0} probes/s for {} s",
-            i + 1,
+            "  {label}: {rate:.0} events/s, {:.0} GETs/s, {:.0} probes/s for {} s{}",
             plan.query_rate,
             plan.probe_rate,
-            plan.step_secs
+            plan.step_secs,
+            if lead_in > 0 {
+                format!(", after {lead_in} s at that rate not judged")
+            } else {
+                String::new()
+            }
         );
-        target_line.push((from as f64, rate));
+        target_line.push((start as f64, rate));
         drive(
             target,
             &s,
@@ -511,6 +597,7 @@ pub async fn peak(
         // Probes of the step's last moments need time to finish before it is judged.
         tokio::time::sleep(Duration::from_millis(plan.max_freshness_ms as u64 + 200)).await;
         let mut step = Step {
+            phase,
             target_events_per_sec: rate,
             from_second: from,
             to_second: to,
@@ -537,15 +624,45 @@ pub async fn peak(
                 )
             }
         );
-        let stop = !step.sustained;
+        let ramping_on = phase == Phase::Ramp && step.sustained;
         steps.push(step);
-        if stop {
+        if ramping_on {
+            if steps.len() == plan.max_steps {
+                break;
+            }
+            rate *= plan.growth;
+            continue;
+        }
+        // Refining: the ramp found a step it did not sustain.
+        let refined = steps.iter().filter(|s| s.phase == Phase::Refine).count();
+        if refined == plan.refine_steps {
             break;
         }
-        rate *= plan.growth;
+        let Some(next) = scenarios::refine_rate(&steps, REFINED_WITHIN) else {
+            break;
+        };
+        // Back to rest, as the ramp's steps began: at most a second's events behind (the
+        // lag a pipeline that keeps up shows, see `judge`).
+        let best = scenarios::best_step(&steps).map_or(0.0, |b| b.target_events_per_sec);
+        let step_ended = s.started + Duration::from_secs(to);
+        if let Err(why) = settle(
+            target,
+            &s,
+            step_ended,
+            best.max(100.0),
+            plan.max_freshness_ms,
+        )
+        .await
+        {
+            eprintln!("  refining stopped: {why}");
+            refine_stopped = Some(why);
+            break;
+        }
+        phase = Phase::Refine;
+        rate = next;
     }
     lag.abort();
-    let best = steps.iter().rfind(|s| s.sustained);
+    let best = scenarios::best_step(&steps);
     let verdict = scenarios::peak_verdict(&steps);
     // Said in every output: a run whose steps all held has not found the limit, and its
     // last rate read as "the sustainable maximum" would understate it.
@@ -556,7 +673,12 @@ pub async fn peak(
     let summary = PeakSummary {
         machine: report::machine_description(),
         sustainable_events_per_sec: best.map(|s| s.target_events_per_sec),
-        limit_found: matches!(verdict, scenarios::PeakVerdict::Limit(_)),
+        limit_found: matches!(verdict, scenarios::PeakVerdict::Limit { .. }),
+        not_sustained_events_per_sec: match verdict {
+            scenarios::PeakVerdict::Limit { not_sustained, .. } => Some(not_sustained),
+            _ => None,
+        },
+        refine_stopped: refine_stopped.clone(),
         sustained_accepted_per_sec: best.map(|s| s.events.per_sec),
         max_freshness_ms: plan.max_freshness_ms,
         query_rate: plan.query_rate,
@@ -564,9 +686,13 @@ pub async fn peak(
         steps: steps.clone(),
         per_second: per_second(&s.run),
     };
+    let not_above = summary
+        .not_sustained_events_per_sec
+        .map(|r| format!("{r:.0} not; "))
+        .unwrap_or_default();
     match best {
         Some(b) => println!(
-            "sustainable: {}{:.0} events/s (accepted {:.0}/s; freshness p99 {} ms; GET p99 {} ms) with {:.0} GETs/s",
+            "sustainable: {}{:.0} events/s ({not_above}accepted {:.0}/s; freshness p99 {} ms; GET p99 {} ms) with {:.0} GETs/s",
             if summary.limit_found { "" } else { "at least " },
             b.target_events_per_sec,
             b.events.per_sec,
@@ -578,6 +704,9 @@ pub async fn peak(
     }
     if let scenarios::PeakVerdict::AtLeast(_) = verdict {
         println!("{more_steps}");
+    }
+    if let Some(why) = &refine_stopped {
+        println!("the limit was not narrowed further: {why}");
     }
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
@@ -591,8 +720,9 @@ pub async fn peak(
         );
         for (i, st) in summary.steps.iter().enumerate() {
             table.push_str(&format!(
-                "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+                "<tr><td>{}{}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
                 i + 1,
+                if st.phase == Phase::Refine { " (refining)" } else { "" },
                 st.target_events_per_sec,
                 st.events.per_sec,
                 fmt_ms(st.gets.p99_ms),
@@ -609,8 +739,15 @@ pub async fn peak(
             scenarios::PeakVerdict::AtLeast(r) => format!(
                 "<p><b>Sustainable: at least {r:.0} events/s</b> {beside}: {more_steps}.</p>"
             ),
-            scenarios::PeakVerdict::Limit(r) => {
-                format!("<p><b>Sustainable: {r:.0} events/s</b> {beside}.</p>")
+            scenarios::PeakVerdict::Limit {
+                sustained,
+                not_sustained,
+            } => {
+                let stopped = refine_stopped
+                    .as_ref()
+                    .map(|why| format!(" The limit was not narrowed further: {why}."))
+                    .unwrap_or_default();
+                format!("<p><b>Sustainable: {sustained:.0} events/s</b> ({not_sustained:.0} not) {beside}.{stopped}</p>")
             }
             scenarios::PeakVerdict::NoneSustained => "<p><b>No step was sustained.</b></p>".into(),
         };

@@ -297,9 +297,21 @@ pub fn progress(total: Duration, label: &str) -> ProgressBar {
     bar
 }
 
+/// Which part of a `peak` run a step belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// The rate raised by `--growth` each step until one is not sustained.
+    Ramp,
+    /// After that step: the gap between the highest sustained rate and the lowest one
+    /// not sustained, halved (geometrically) each step.
+    Refine,
+}
+
 /// One rate step of a `peak` run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
+    pub phase: Phase,
     pub target_events_per_sec: f64,
     pub from_second: u64,
     pub to_second: u64,
@@ -369,27 +381,72 @@ pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)]) {
     step.why_not = (!why.is_empty()).then(|| why.join("; "));
 }
 
-/// What a peak run found, from its steps in order (the run stops at the first step not
-/// sustained).
+/// What a peak run found, from its steps (in any order).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PeakVerdict {
-    /// The last sustained step's rate; the step after it was not sustained.
-    Limit(f64),
-    /// Every step was sustained: the limit is above the last one's rate, and only more
+    /// The highest rate sustained below the lowest rate that was not: the limit lies
+    /// between the two.
+    Limit { sustained: f64, not_sustained: f64 },
+    /// Every step was sustained: the limit is above the highest one's rate, and only more
     /// steps (or a higher start rate) find it.
     AtLeast(f64),
-    /// Not even the first step was sustained (or no step ran).
+    /// Not even the lowest step was sustained (or no step ran).
     NoneSustained,
 }
 
+/// The step a peak run reports as its sustainable rate: the highest sustained below the
+/// lowest rate not sustained. A step that held above a lower one that did not (a noisy
+/// moment either way) is not taken: the run's answer is the rate it has not seen fail.
+pub fn best_step(steps: &[Step]) -> Option<&Step> {
+    let lowest_failed = lowest_not_sustained(steps).unwrap_or(f64::INFINITY);
+    steps
+        .iter()
+        .filter(|s| s.sustained && s.target_events_per_sec < lowest_failed)
+        .max_by(|a, b| a.target_events_per_sec.total_cmp(&b.target_events_per_sec))
+}
+
+fn lowest_not_sustained(steps: &[Step]) -> Option<f64> {
+    steps
+        .iter()
+        .filter(|s| !s.sustained)
+        .map(|s| s.target_events_per_sec)
+        .min_by(f64::total_cmp)
+}
+
 pub fn peak_verdict(steps: &[Step]) -> PeakVerdict {
-    match (steps.iter().rfind(|s| s.sustained), steps.last()) {
-        (Some(best), Some(last)) if last.sustained => {
-            PeakVerdict::AtLeast(best.target_events_per_sec)
-        }
-        (Some(best), _) => PeakVerdict::Limit(best.target_events_per_sec),
+    match (best_step(steps), lowest_not_sustained(steps)) {
+        (Some(best), Some(failed)) => PeakVerdict::Limit {
+            sustained: best.target_events_per_sec,
+            not_sustained: failed,
+        },
+        (Some(best), None) => PeakVerdict::AtLeast(best.target_events_per_sec),
         (None, _) => PeakVerdict::NoneSustained,
     }
+}
+
+/// The rate of a peak run's next refining step, or None when there is nothing left to
+/// refine: no limit found yet, or the gap already within `within` (1.02 is 2 %). The
+/// geometric mean of the two rates, so each step halves the gap's ratio: with the default
+/// growth of 1.5, three steps leave it at 1.052.
+pub fn refine_rate(steps: &[Step], within: f64) -> Option<f64> {
+    match peak_verdict(steps) {
+        PeakVerdict::Limit {
+            sustained,
+            not_sustained,
+        } if not_sustained / sustained > within => Some((sustained * not_sustained).sqrt()),
+        _ => None,
+    }
+}
+
+/// Whether the pipeline has worked off what a step it did not sustain left behind, from
+/// the consumer lag's readings `(second, lag)`: the newest reading taken at or after
+/// `fresh_from` (librdkafka refreshes the lag every 5 s, so one taken sooner after the
+/// step can still describe it) is at most `caught_up`.
+pub fn lag_settled(lag: &[(f64, f64)], fresh_from: f64, caught_up: f64) -> bool {
+    lag.iter()
+        .rev()
+        .find(|(t, _)| *t >= fresh_from)
+        .is_some_and(|(_, v)| *v <= caught_up)
 }
 
 #[cfg(test)]
@@ -410,6 +467,7 @@ mod tests {
             max_ms: Some(p99),
         };
         Step {
+            phase: Phase::Ramp,
             target_events_per_sec: rate,
             from_second: 39,
             to_second: 49,
@@ -465,14 +523,23 @@ mod tests {
         assert!(unscraped.sustained, "{:?}", unscraped.why_not);
     }
 
-    #[test]
-    fn a_peak_run_whose_every_step_was_sustained_found_a_floor_not_the_limit() {
-        let sustained = |rate| Step {
+    fn sustained(rate: f64) -> Step {
+        Step {
             sustained: true,
             ..step_at(rate, 20.0)
-        };
+        }
+    }
+
+    #[test]
+    fn a_peak_run_whose_every_step_was_sustained_found_a_floor_not_the_limit() {
         let limit = [sustained(250.0), sustained(375.0), step_at(562.5, 1500.0)];
-        assert_eq!(peak_verdict(&limit), PeakVerdict::Limit(375.0));
+        assert_eq!(
+            peak_verdict(&limit),
+            PeakVerdict::Limit {
+                sustained: 375.0,
+                not_sustained: 562.5
+            }
+        );
         assert_eq!(
             peak_verdict(&[sustained(250.0), sustained(375.0)]),
             PeakVerdict::AtLeast(375.0)
@@ -482,6 +549,87 @@ mod tests {
             PeakVerdict::NoneSustained
         );
         assert_eq!(peak_verdict(&[]), PeakVerdict::NoneSustained);
+    }
+
+    #[test]
+    fn refining_halves_the_gap_until_it_is_within_the_bound_and_reports_the_bracket() {
+        // The ramp: 9,611 held, 14,416 did not.
+        let mut steps = vec![
+            sustained(6407.0),
+            sustained(9611.0),
+            step_at(14416.0, 1500.0),
+        ];
+        let first = refine_rate(&steps, 1.02).expect("a limit to refine");
+        assert!((first - (9611.0f64 * 14416.0).sqrt()).abs() < 1e-6);
+        // It held: the gap is now first..14,416.
+        steps.push(Step {
+            phase: Phase::Refine,
+            ..sustained(first)
+        });
+        let second = refine_rate(&steps, 1.02).unwrap();
+        assert!(second > first && second < 14416.0);
+        assert!((second / first - 14416.0 / second).abs() < 1e-9);
+        // It did not: the gap is first..second, and the verdict says so.
+        steps.push(Step {
+            phase: Phase::Refine,
+            ..step_at(second, 1500.0)
+        });
+        assert_eq!(
+            peak_verdict(&steps),
+            PeakVerdict::Limit {
+                sustained: first,
+                not_sustained: second
+            }
+        );
+        assert_eq!(best_step(&steps).unwrap().target_events_per_sec, first);
+        // Three halvings of a 1.5 gap leave 1.5^(1/8) = 1.052; a 5 % bound stops there,
+        // a 2 % one goes on.
+        let mut steps = vec![sustained(100.0), step_at(150.0, 1500.0)];
+        for _ in 0..3 {
+            let rate = refine_rate(&steps, 1.05).expect("still wider than 5 %");
+            steps.push(sustained(rate));
+        }
+        let gap = 150.0 / best_step(&steps).unwrap().target_events_per_sec;
+        assert!((gap - 1.5f64.powf(0.125)).abs() < 1e-9, "{gap}");
+        assert_eq!(refine_rate(&steps, 1.0525), None);
+        assert!(refine_rate(&steps, 1.02).is_some());
+        // Nothing to refine without a step that failed, or without one that held.
+        assert_eq!(refine_rate(&[sustained(100.0)], 1.02), None);
+        assert_eq!(refine_rate(&[step_at(100.0, 1500.0)], 1.02), None);
+    }
+
+    #[test]
+    fn a_step_that_held_above_a_lower_one_that_did_not_is_not_the_answer() {
+        // Noise: 120 failed, then 130 held. The run has seen the pipeline fail at 120.
+        let steps = [
+            sustained(100.0),
+            step_at(150.0, 1500.0),
+            step_at(120.0, 1500.0),
+            sustained(130.0),
+        ];
+        assert_eq!(
+            peak_verdict(&steps),
+            PeakVerdict::Limit {
+                sustained: 100.0,
+                not_sustained: 120.0
+            }
+        );
+    }
+
+    #[test]
+    fn the_lag_has_settled_only_by_a_reading_taken_after_the_refresh() {
+        // The step ended at 60 s; readings from 66 s on can describe the time after it.
+        let lag = [
+            (59.0, 40_000.0),
+            (61.0, 20.0),
+            (66.5, 9_000.0),
+            (68.0, 150.0),
+        ];
+        assert!(lag_settled(&lag, 66.0, 200.0));
+        assert!(!lag_settled(&lag[..3], 66.0, 200.0));
+        // A low reading before the refresh does not count.
+        assert!(!lag_settled(&lag[..2], 66.0, 200.0));
+        assert!(!lag_settled(&[], 66.0, 200.0));
     }
 
     #[test]
