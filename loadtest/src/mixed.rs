@@ -530,6 +530,7 @@ pub async fn peak(
     plan: Peak,
     dir: Option<&Path>,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(plan.max_steps >= 1, "--max-steps must be at least 1");
     let total = plan.step_secs * plan.max_steps as u64
         + (plan.step_secs + REFINE_LEAD_IN.as_secs()) * plan.refine_steps as u64;
     let s = streams(catalog, plan.users, plan.seed, total);
@@ -627,7 +628,7 @@ pub async fn peak(
         let ramping_on = phase == Phase::Ramp && step.sustained;
         steps.push(step);
         if ramping_on {
-            if steps.len() == plan.max_steps {
+            if steps.len() >= plan.max_steps {
                 break;
             }
             rate *= plan.growth;
