@@ -125,6 +125,11 @@ enum Command {
         /// ramp's steps alone.
         #[arg(long, default_value_t = 3)]
         refine_steps: usize,
+        /// How long each refining step is judged: longer than a ramp step, as it decides
+        /// between rates a few per cent apart and a lag can hold for a step's first
+        /// seconds and grow in its last.
+        #[arg(long, default_value_t = 20)]
+        refine_step_secs: u64,
         /// GETs per second throughout.
         #[arg(long, default_value_t = 200.0)]
         query_rate: f64,
@@ -314,6 +319,7 @@ async fn main() -> anyhow::Result<()> {
             step_secs,
             max_steps,
             refine_steps,
+            refine_step_secs,
             query_rate,
             probe_rate,
             max_freshness_ms,
@@ -330,6 +336,7 @@ async fn main() -> anyhow::Result<()> {
                 step_secs,
                 max_steps,
                 refine_steps,
+                refine_step_secs,
                 query_rate,
                 probe_rate,
                 max_freshness_ms,

@@ -400,6 +400,8 @@ pub struct Peak {
     /// Steps after the first one not sustained, each halving the gap to the highest
     /// sustained rate (see [`scenarios::refine_rate`]).
     pub refine_steps: usize,
+    /// How long each refining step is judged (after its lead-in).
+    pub refine_step_secs: u64,
     pub query_rate: f64,
     pub probe_rate: f64,
     pub max_freshness_ms: f64,
@@ -532,7 +534,7 @@ pub async fn peak(
 ) -> anyhow::Result<()> {
     anyhow::ensure!(plan.max_steps >= 1, "--max-steps must be at least 1");
     let total = plan.step_secs * plan.max_steps as u64
-        + (plan.step_secs + REFINE_LEAD_IN.as_secs()) * plan.refine_steps as u64;
+        + (plan.refine_step_secs + REFINE_LEAD_IN.as_secs()) * plan.refine_steps as u64;
     let s = streams(catalog, plan.users, plan.seed, total);
     // Scraped until the last step is judged (the task is stopped then): the warm-up and
     // the pauses between steps make the run longer than its steps.
@@ -562,20 +564,23 @@ pub async fn peak(
         // first lag reading would otherwise be the idle pipeline's 0, against which the
         // records in flight at any rate (a second's worth or more) look like a lag that
         // grew.
-        let (label, lead_in) = match phase {
-            Phase::Ramp => (format!("step {}", steps.len() + 1), 0),
+        // It is judged over longer, too: it decides between rates a few per cent apart,
+        // and a lag can hold for a step's first seconds and grow in its last.
+        let (label, lead_in, judged_secs) = match phase {
+            Phase::Ramp => (format!("step {}", steps.len() + 1), 0, plan.step_secs),
             Phase::Refine => (
                 format!("refining step {}", steps.len() + 1),
                 REFINE_LEAD_IN.as_secs(),
+                plan.refine_step_secs,
             ),
         };
         let from = start + lead_in;
-        let until = s.started + Duration::from_secs(from + plan.step_secs);
+        let until = s.started + Duration::from_secs(from + judged_secs);
         eprintln!(
             "  {label}: {rate:.0} events/s, {:.0} GETs/s, {:.0} probes/s for {} s{}",
             plan.query_rate,
             plan.probe_rate,
-            plan.step_secs,
+            judged_secs,
             if lead_in > 0 {
                 format!(", after {lead_in} s at that rate not judged")
             } else {
@@ -593,7 +598,7 @@ pub async fn peak(
             until,
         )
         .await;
-        let to = from + plan.step_secs;
+        let to = from + judged_secs;
         target_line.push((to as f64, rate));
         // Probes of the step's last moments need time to finish before it is judged.
         tokio::time::sleep(Duration::from_millis(plan.max_freshness_ms as u64 + 200)).await;
