@@ -483,8 +483,10 @@ const LAG_REFRESH: Duration = Duration::from_secs(6);
 /// reading judged was taken under the step's load.
 const REFINE_LEAD_IN: Duration = LAG_REFRESH;
 
-/// The shortest step `judge` can call sustained when the lag is scraped.
-const MIN_JUDGED_SECS: u64 = 5;
+/// The shortest step `judge` can call sustained when the lag is scraped (once a second):
+/// its first seconds, whose lag is not judged, and the readings it needs after them.
+const MIN_JUDGED_SECS: u64 =
+    scenarios::LAG_SETTLING_SECS + scenarios::LAG_READINGS_NEEDED as u64 + 1;
 
 /// Longest a refining step waits for the pipeline to catch up with the step before it.
 const SETTLE_LIMIT: Duration = Duration::from_secs(120);
@@ -536,16 +538,16 @@ pub async fn peak(
     dir: Option<&Path>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(plan.max_steps >= 1, "--max-steps must be at least 1");
-    // `judge` needs 4 lag readings in a step (they are taken once a second); a shorter
-    // step would be judged not sustained whatever the pipeline did.
+    // `judge` needs 4 lag readings after a step's first 2 s (they are taken once a
+    // second); a shorter step would be judged not sustained whatever the pipeline did.
     if !plan.metrics.is_empty() {
         anyhow::ensure!(
             plan.step_secs >= MIN_JUDGED_SECS,
-            "--step-secs must be at least {MIN_JUDGED_SECS} with --metrics: a step is judged on 4 or more consumer lag readings, one a second"
+            "--step-secs must be at least {MIN_JUDGED_SECS} with --metrics: a step's consumer lag is judged after its first 2 s, on 4 or more readings, one a second"
         );
         anyhow::ensure!(
             plan.refine_steps == 0 || plan.refine_step_secs >= MIN_JUDGED_SECS,
-            "--refine-step-secs must be at least {MIN_JUDGED_SECS} with --metrics: a step is judged on 4 or more consumer lag readings, one a second"
+            "--refine-step-secs must be at least {MIN_JUDGED_SECS} with --metrics: a step's consumer lag is judged after its first 2 s, on 4 or more readings, one a second"
         );
     }
     let total = plan.step_secs * plan.max_steps as u64

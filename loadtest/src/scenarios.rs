@@ -324,15 +324,27 @@ pub struct Step {
     pub why_not: Option<String>,
 }
 
+/// The first seconds of a step whose consumer lag `judge` leaves out of the lag's trend.
+pub const LAG_SETTLING_SECS: u64 = 2;
+
+/// The fewest lag readings after those seconds that a step can be judged sustained on.
+pub const LAG_READINGS_NEEDED: usize = 4;
+
 /// Whether a step was sustained: the events were accepted at (nearly) the target rate,
 /// every probe saw its event within `max_freshness_ms` at p99, and the lag (if scraped)
 /// did not keep growing through the step.
 ///
-/// The lag is a snapshot summed over the services' consumers, refreshed every few
-/// seconds, and save-worker fetches every 100 ms by design: a pipeline that keeps up
-/// shows up to a good part of a second's events as lag at any instant. So the lag counts
-/// as growing only when it stays above where the step began and ends more than one
-/// second's events (at the step's rate) above it.
+/// The lag is a snapshot summed over the services' consumers (refreshed as often as
+/// librdkafka's `statistics.interval.ms`), and a pipeline that keeps up shows a lag
+/// that rises and falls: save-worker holds each window of records until its store write
+/// is committed, and reads three topics, so at any instant it alone shows up to a few
+/// seconds' events. So the lag counts as growing when its trend over the step's
+/// readings (see [`lag_slope`]) rises by more than one second's events (at the step's
+/// rate) over the step and the last reading is above the first: a rise that a few
+/// readings of a sawtooth cannot fake, where the first and last readings alone could.
+/// The step's first `LAG_SETTLING_SECS` are left out of that: at a higher rate the lag
+/// a pipeline holds is higher too, and it climbs to its new level in the step's first
+/// seconds (the longer save-worker's windows, the longer it climbs).
 pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)]) {
     let mut why = Vec::new();
     if step.events.errors > 0 {
@@ -354,31 +366,63 @@ pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)]) {
         None => why.push("no probe finished".into()),
         _ => {}
     }
-    let in_step: Vec<f64> = lag
+    let judged_from = step.from_second + LAG_SETTLING_SECS;
+    let in_step: Vec<(f64, f64)> = lag
         .iter()
-        .filter(|(t, _)| *t >= step.from_second as f64 && *t < step.to_second as f64)
-        .map(|(_, v)| *v)
+        .filter(|(t, _)| *t >= judged_from as f64 && *t < step.to_second as f64)
+        .copied()
         .collect();
     // Scraped (metrics given) but too few readings in the step to see a trend: the step
     // cannot be called sustained.
-    if !lag.is_empty() && in_step.len() < 4 {
+    if !lag.is_empty() && in_step.len() < LAG_READINGS_NEEDED {
         why.push(format!(
-            "consumer lag read {} times in the step, 4 needed",
+            "consumer lag read {} times in the step after its first {LAG_SETTLING_SECS} s, {LAG_READINGS_NEEDED} needed",
             in_step.len()
         ));
     }
-    if let (Some(first), Some(last)) = (in_step.first(), in_step.last()) {
+    if let (Some((_, first)), Some((_, last))) = (in_step.first(), in_step.last()) {
         step.lag_end = Some(*last);
-        let half = in_step.len() / 2;
-        let rising = in_step.len() >= 4
-            && in_step[half..].iter().all(|v| *v > *first)
-            && *last > first + step.target_events_per_sec.max(100.0);
+        let per_sec = lag_slope(&in_step);
+        let rise = per_sec * step.to_second.saturating_sub(judged_from) as f64;
+        let rising = in_step.len() >= LAG_READINGS_NEEDED
+            && last > first
+            && rise > step.target_events_per_sec.max(100.0);
         if rising {
-            why.push(format!("consumer lag grew from {first:.0} to {last:.0}"));
+            why.push(format!(
+                "consumer lag grew from {first:.0} to {last:.0} (by {per_sec:.0}/s)"
+            ));
         }
     }
     step.sustained = why.is_empty();
     step.why_not = (!why.is_empty()).then(|| why.join("; "));
+}
+
+/// The slope of `(second, lag)` readings, in lag per second: the median of the slopes
+/// between every two readings (Theil and Sen's estimator), which a few readings far off
+/// the trend do not move: a step's first reading of 0, taken before librdkafka's numbers
+/// caught up with its load, or one taken at a sawtooth's crest. 0 when every reading was
+/// taken at one moment.
+fn lag_slope(readings: &[(f64, f64)]) -> f64 {
+    let mut slopes: Vec<f64> = readings
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (t0, v0))| {
+            readings[i + 1..]
+                .iter()
+                .filter(move |(t1, _)| t1 > t0)
+                .map(move |(t1, v1)| (v1 - v0) / (t1 - t0))
+        })
+        .collect();
+    if slopes.is_empty() {
+        return 0.0;
+    }
+    slopes.sort_by(f64::total_cmp);
+    let mid = slopes.len() / 2;
+    if slopes.len() % 2 == 1 {
+        slopes[mid]
+    } else {
+        (slopes[mid - 1] + slopes[mid]) / 2.0
+    }
 }
 
 /// What a peak run found, from its steps (in any order).
@@ -470,7 +514,7 @@ mod tests {
             phase: Phase::Ramp,
             target_events_per_sec: rate,
             from_second: 39,
-            to_second: 49,
+            to_second: 51,
             events: stream(rate, 5.0),
             gets: stream(200.0, 5.0),
             freshness: stream(5.0, p99_ms),
@@ -496,18 +540,27 @@ mod tests {
         let sawtooth = [
             27.0, 228.0, 228.0, 228.0, 228.0, 228.0, 272.0, 272.0, 272.0, 272.0,
         ];
-        judge(&mut steady, 1000.0, &lag_from(39, &sawtooth));
+        judge(&mut steady, 1000.0, &lag_from(41, &sawtooth));
         assert!(steady.sustained, "{:?}", steady.why_not);
         assert_eq!(steady.lag_end, Some(272.0));
         // Falling behind by 300 events a second.
         let mut behind = step_at(844.0, 124.9);
         let rising: Vec<f64> = (0..10).map(|i| 50.0 + 300.0 * i as f64).collect();
-        judge(&mut behind, 1000.0, &lag_from(39, &rising));
+        judge(&mut behind, 1000.0, &lag_from(41, &rising));
         assert!(!behind.sustained);
         assert!(behind
             .why_not
             .unwrap()
-            .contains("consumer lag grew from 50 to 2750"));
+            .contains("consumer lag grew from 50 to 2750 (by 300/s)"));
+        // A real step at 844 events/s with save-worker gathering 500 ms windows: the lag
+        // it holds climbed from 0 to its level in the step's first seconds, then held.
+        let mut climbing = step_at(844.0, 30.5);
+        let climb = [
+            0.0, 571.0, 439.0, 915.0, 1587.0, 472.0, 1428.0, 1441.0, 1367.0, 1109.0,
+        ];
+        climbing.to_second = climbing.from_second + 10;
+        judge(&mut climbing, 1000.0, &lag_from(39, &climb));
+        assert!(climbing.sustained, "{:?}", climbing.why_not);
         // Lag read only outside the step (the scraper stopped early, as it did at the last
         // step of a peak run before this was caught): not judged sustained.
         let mut other = step_at(844.0, 124.9);
@@ -516,11 +569,59 @@ mod tests {
         assert!(other
             .why_not
             .unwrap()
-            .contains("consumer lag read 0 times in the step"));
+            .contains("consumer lag read 0 times in the step after its first 2 s, 4 needed"));
         // Without metrics to scrape, the lag is not judged at all.
         let mut unscraped = step_at(844.0, 124.9);
         judge(&mut unscraped, 1000.0, &[]);
         assert!(unscraped.sustained, "{:?}", unscraped.why_not);
+    }
+
+    #[test]
+    fn a_sawtooth_lag_is_kept_up_with_however_its_first_and_last_readings_fall() {
+        // Read every second at 1,100 events/s: save-worker holds each window's records of
+        // three topics until its write commits, so the lag swings between about 1 and 3
+        // seconds' events. This step begins at a trough and ends at a crest, so its last
+        // reading is nearly 3,000 above the first and its second half all above it.
+        let crests = [1800.0, 3100.0, 900.0, 2400.0, 3200.0];
+        let sawtooth: Vec<f64> = std::iter::once(200.0)
+            .chain(crests.iter().cycle().copied().take(18))
+            .chain([3150.0])
+            .collect();
+        let mut steady = step_at(1100.0, 40.0);
+        steady.to_second = steady.from_second + 22;
+        judge(&mut steady, 1000.0, &lag_from(41, &sawtooth));
+        assert!(steady.sustained, "{:?}", steady.why_not);
+        // The same swings on a lag that grows by 150 a second (falling behind by about
+        // 14 % of the rate): 3,000 over the step.
+        let growing: Vec<f64> = sawtooth
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + 150.0 * i as f64)
+            .collect();
+        let mut behind = step_at(1100.0, 40.0);
+        behind.to_second = behind.from_second + 22;
+        judge(&mut behind, 1000.0, &lag_from(41, &growing));
+        assert!(!behind.sustained);
+        assert!(behind.why_not.unwrap().contains("consumer lag grew"));
+        // A first reading of 0 (librdkafka's numbers not yet refreshed under the step's
+        // load), then a level lag of nearly 3 seconds' events: a line fitted by least
+        // squares would rise by 1,600 over the step.
+        let mut level = step_at(1100.0, 40.0);
+        let after_zero: Vec<f64> = std::iter::once(0.0).chain([3000.0; 9]).collect();
+        judge(&mut level, 1000.0, &lag_from(41, &after_zero));
+        assert!(level.sustained, "{:?}", level.why_not);
+        // A real refining step that was not sustained (15,166 events/s, lag refreshed every
+        // 5 s, so each value read several times).
+        let mut failing = step_at(15166.0, 300.0);
+        failing.to_second = failing.from_second + 22;
+        let refreshed = [41828.0, 113421.0, 139099.0, 137938.0, 191614.0];
+        let readings: Vec<f64> = refreshed
+            .iter()
+            .flat_map(|v| [*v; 4])
+            .chain([235857.0])
+            .collect();
+        judge(&mut failing, 1000.0, &lag_from(41, &readings));
+        assert!(!failing.sustained);
     }
 
     fn sustained(rate: f64) -> Step {
