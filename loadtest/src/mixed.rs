@@ -550,13 +550,15 @@ pub async fn peak(
             "--refine-step-secs must be at least {MIN_JUDGED_SECS} with --metrics: a step's consumer lag is judged after its first 2 s, on 4 or more readings, one a second"
         );
     }
+    // The refining steps, and the one that runs the answer again (`confirm_rate`).
+    let long_steps = plan.refine_steps + usize::from(plan.refine_steps > 0);
     let total = plan.step_secs * plan.max_steps as u64
-        + (plan.refine_step_secs + REFINE_LEAD_IN.as_secs()) * plan.refine_steps as u64;
+        + (plan.refine_step_secs + REFINE_LEAD_IN.as_secs()) * long_steps as u64;
     let s = streams(catalog, plan.users, plan.seed, total);
     // Scraped until the last step is judged (the task is stopped then): the warm-up and
     // the pauses between steps make the run longer than its steps.
     let lag_until =
-        s.started + Duration::from_secs(3 * total + 600) + SETTLE_LIMIT * plan.refine_steps as u32;
+        s.started + Duration::from_secs(3 * total + 600) + SETTLE_LIMIT * long_steps as u32;
     let lag = tokio::spawn(scenarios::scrape_lag(
         target.client.clone(),
         plan.metrics.clone(),
@@ -571,6 +573,7 @@ pub async fn peak(
     let mut phase = Phase::Ramp;
     let mut target_line = Vec::new();
     let mut refine_stopped = None;
+    let mut confirming = false;
     loop {
         // Steps start on a whole second of the run's clock, so per-second figures
         // belong to one step each.
@@ -586,7 +589,11 @@ pub async fn peak(
         let (label, lead_in, judged_secs) = match phase {
             Phase::Ramp => (format!("step {}", steps.len() + 1), 0, plan.step_secs),
             Phase::Refine => (
-                format!("refining step {}", steps.len() + 1),
+                format!(
+                    "{} step {}",
+                    if confirming { "confirming" } else { "refining" },
+                    steps.len() + 1
+                ),
                 REFINE_LEAD_IN.as_secs(),
                 plan.refine_step_secs,
             ),
@@ -656,13 +663,25 @@ pub async fn peak(
             rate *= plan.growth;
             continue;
         }
-        // Refining: the ramp found a step it did not sustain.
+        // Refining: the ramp found a step it did not sustain. Once the gap is closed (or
+        // the refining steps spent), an answer that only a ramp step held is run again
+        // as a refining step, from rest and over longer, once.
         let refined = steps.iter().filter(|s| s.phase == Phase::Refine).count();
-        if refined == plan.refine_steps {
-            break;
-        }
-        let Some(next) = scenarios::refine_rate(&steps, REFINED_WITHIN) else {
-            break;
+        let next = if refined < plan.refine_steps {
+            scenarios::refine_rate(&steps, REFINED_WITHIN)
+        } else {
+            None
+        };
+        let next = match next {
+            Some(rate) => rate,
+            None if plan.refine_steps > 0 && !confirming => {
+                let Some(rate) = scenarios::confirm_rate(&steps) else {
+                    break;
+                };
+                confirming = true;
+                rate
+            }
+            None => break,
         };
         // Back to rest, as the ramp's steps began: at most a second's events behind (the
         // lag a pipeline that keeps up shows, see `judge`).

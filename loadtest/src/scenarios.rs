@@ -482,6 +482,22 @@ pub fn refine_rate(steps: &[Step], within: f64) -> Option<f64> {
     }
 }
 
+/// The rate of the step a peak run should run once more before it answers: its answer,
+/// when that was a ramp step. A ramp step is judged over a short step that began where
+/// the step before left the pipeline, and a lag that takes longer than that to grow
+/// passes it; a refining step begins from rest and is judged over longer. None when the
+/// answer was already a refining step's, or a ramp step's that a refining step ran again.
+pub fn confirm_rate(steps: &[Step]) -> Option<f64> {
+    let PeakVerdict::Limit { sustained, .. } = peak_verdict(steps) else {
+        return None;
+    };
+    let answer = best_step(steps)?;
+    let run_again = steps
+        .iter()
+        .any(|s| s.phase == Phase::Refine && s.target_events_per_sec == sustained);
+    (answer.phase == Phase::Ramp && !run_again).then_some(sustained)
+}
+
 /// Whether the pipeline has worked off what a step it did not sustain left behind, from
 /// the consumer lag's readings `(second, lag)`: the newest reading taken at or after
 /// `fresh_from` (librdkafka refreshes the lag every 5 s, so one taken sooner after the
@@ -650,6 +666,50 @@ mod tests {
             PeakVerdict::NoneSustained
         );
         assert_eq!(peak_verdict(&[]), PeakVerdict::NoneSustained);
+    }
+
+    #[test]
+    fn a_ramp_steps_answer_is_run_again_as_a_refining_step_and_falls_if_that_fails() {
+        let refining = |rate: f64, held: bool| Step {
+            phase: Phase::Refine,
+            sustained: held,
+            ..step_at(rate, if held { 20.0 } else { 1500.0 })
+        };
+        // Session 50's run: 21,624 held over its 10 s ramp step, every refining step above
+        // it failed.
+        let mut steps = vec![
+            sustained(14416.0),
+            sustained(21624.0),
+            step_at(32437.0, 1500.0),
+            refining(26484.0, false),
+            refining(23931.0, false),
+            refining(22749.0, false),
+        ];
+        assert_eq!(confirm_rate(&steps), Some(21624.0));
+        // Run again from rest over longer, it did not hold: the answer falls to the
+        // highest step below it that held, and the bracket widens to say so.
+        // (That answer is a ramp step's too; `peak` runs one confirming step a run.)
+        steps.push(refining(21624.0, false));
+        assert_eq!(confirm_rate(&steps), Some(14416.0));
+        assert_eq!(
+            peak_verdict(&steps),
+            PeakVerdict::Limit {
+                sustained: 14416.0,
+                not_sustained: 21624.0
+            }
+        );
+        // Had it held, the answer would stand, and is not run a third time.
+        steps.pop();
+        steps.push(refining(21624.0, true));
+        assert_eq!(confirm_rate(&steps), None);
+        assert_eq!(best_step(&steps).unwrap().target_events_per_sec, 21624.0);
+        // An answer that a refining step found needs no second run.
+        let refined = vec![
+            sustained(9611.0),
+            step_at(14416.0, 1500.0),
+            refining(11771.0, true),
+        ];
+        assert_eq!(confirm_rate(&refined), None);
     }
 
     #[test]
