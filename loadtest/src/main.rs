@@ -122,8 +122,10 @@ enum Command {
         /// After the first step not sustained, up to this many more, each halving the gap
         /// (as a ratio) between the highest sustained rate and the lowest not sustained:
         /// at the default growth of 1.5, 3 steps leave the limit within 5.2 %. Each waits
-        /// for the pipeline to catch up and runs 6 s before it is judged. 0 reports the
-        /// ramp's steps alone.
+        /// for the pipeline to catch up and runs 6 s before it is judged. Before them,
+        /// one more runs the ramp's answer again that way (a 10 s ramp step that began
+        /// under load can hold a rate that 20 s from rest do not). 0 reports the ramp's
+        /// steps alone.
         #[arg(long, default_value_t = 3)]
         refine_steps: usize,
         /// How long each refining step is judged: longer than a ramp step, as it decides

@@ -573,7 +573,9 @@ pub async fn peak(
     let mut phase = Phase::Ramp;
     let mut target_line = Vec::new();
     let mut refine_stopped = None;
+    // Whether the step about to run confirms the answer, and whether one has.
     let mut confirming = false;
+    let mut confirmed = false;
     loop {
         // Steps start on a whole second of the run's clock, so per-second figures
         // belong to one step each.
@@ -663,23 +665,24 @@ pub async fn peak(
             rate *= plan.growth;
             continue;
         }
-        // Refining: the ramp found a step it did not sustain. Once the gap is closed (or
-        // the refining steps spent), an answer that only a ramp step held is run again
-        // as a refining step, from rest and over longer, once.
-        let refined = steps.iter().filter(|s| s.phase == Phase::Refine).count();
-        let next = if refined < plan.refine_steps {
-            scenarios::refine_rate(&steps, REFINED_WITHIN)
-        } else {
-            None
-        };
-        let next = match next {
+        // Refining: the ramp found a step it did not sustain. First the answer, if only a
+        // ramp step held it, is run again as a refining step is (from rest, over
+        // longer), once; then the refining steps close the gap between the highest rate
+        // sustained and the lowest not.
+        let confirm = (plan.refine_steps > 0 && !confirmed)
+            .then(|| scenarios::confirm_rate(&steps))
+            .flatten();
+        confirming = confirm.is_some();
+        confirmed |= confirming;
+        let refined = steps.iter().filter(|s| s.phase == Phase::Refine).count()
+            - usize::from(confirmed && !confirming);
+        let next = match confirm {
             Some(rate) => rate,
-            None if plan.refine_steps > 0 && !confirming => {
-                let Some(rate) = scenarios::confirm_rate(&steps) else {
-                    break;
-                };
-                confirming = true;
-                rate
+            None if refined < plan.refine_steps => {
+                match scenarios::refine_rate(&steps, REFINED_WITHIN) {
+                    Some(rate) => rate,
+                    None => break,
+                }
             }
             None => break,
         };
