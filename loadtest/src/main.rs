@@ -115,8 +115,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         step_secs: u64,
         /// At most this many steps: 13 reach 32,437 events/s from the default start, past
-        /// what a 2-core machine sustains (14,416-21,624 in one run: a step held for
-        /// 10 s is run again from rest for 20 s), so that the run finds its limit.
+        /// what a 2-core machine sustains (9,611-17,656 in the runs of 2026-12-07), so
+        /// that the run finds its limit.
         #[arg(long, default_value_t = 13)]
         max_steps: usize,
         /// After the first step not sustained, up to this many more, each halving the gap
