@@ -482,8 +482,8 @@ pub fn refine_rate(steps: &[Step], within: f64) -> Option<f64> {
     }
 }
 
-/// The rate of the step a peak run should run once more before it answers: its answer,
-/// when that was a ramp step. A ramp step is judged over a short step that began where
+/// The rate a peak run should run once more before its refining steps: its answer so
+/// far, when only a ramp step held it. A ramp step is judged over a short step that began where
 /// the step before left the pipeline, and a lag that takes longer than that to grow
 /// passes it; a refining step begins from rest and is judged over longer. None when the
 /// answer was already a refining step's, or a ramp step's that a refining step ran again.
