@@ -573,8 +573,7 @@ pub async fn peak(
     let mut phase = Phase::Ramp;
     let mut target_line = Vec::new();
     let mut refine_stopped = None;
-    // Whether the step about to run confirms the answer, and whether one has.
-    let mut confirming = false;
+    // Whether a step has run the ramp's answer again.
     let mut confirmed = false;
     loop {
         // Steps start on a whole second of the run's clock, so per-second figures
@@ -590,10 +589,14 @@ pub async fn peak(
         // and a lag can hold for a step's first seconds and grow in its last.
         let (label, lead_in, judged_secs) = match phase {
             Phase::Ramp => (format!("step {}", steps.len() + 1), 0, plan.step_secs),
-            Phase::Refine => (
+            Phase::Refine | Phase::Confirm => (
                 format!(
                     "{} step {}",
-                    if confirming { "confirming" } else { "refining" },
+                    if phase == Phase::Confirm {
+                        "confirming"
+                    } else {
+                        "refining"
+                    },
                     steps.len() + 1
                 ),
                 REFINE_LEAD_IN.as_secs(),
@@ -672,15 +675,13 @@ pub async fn peak(
         let confirm = (plan.refine_steps > 0 && !confirmed)
             .then(|| scenarios::confirm_rate(&steps))
             .flatten();
-        confirming = confirm.is_some();
-        confirmed |= confirming;
-        let refined = steps.iter().filter(|s| s.phase == Phase::Refine).count()
-            - usize::from(confirmed && !confirming);
-        let next = match confirm {
-            Some(rate) => rate,
+        confirmed |= confirm.is_some();
+        let refined = steps.iter().filter(|s| s.phase == Phase::Refine).count();
+        let (next, next_phase) = match confirm {
+            Some(rate) => (rate, Phase::Confirm),
             None if refined < plan.refine_steps => {
                 match scenarios::refine_rate(&steps, REFINED_WITHIN) {
-                    Some(rate) => rate,
+                    Some(rate) => (rate, Phase::Refine),
                     None => break,
                 }
             }
@@ -703,7 +704,7 @@ pub async fn peak(
             refine_stopped = Some(why);
             break;
         }
-        phase = Phase::Refine;
+        phase = next_phase;
         rate = next;
     }
     lag.abort();
@@ -767,7 +768,11 @@ pub async fn peak(
             table.push_str(&format!(
                 "<tr><td>{}{}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
                 i + 1,
-                if st.phase == Phase::Refine { " (refining)" } else { "" },
+                match st.phase {
+                    Phase::Ramp => "",
+                    Phase::Refine => " (refining)",
+                    Phase::Confirm => " (confirming)",
+                },
                 st.target_events_per_sec,
                 st.events.per_sec,
                 fmt_ms(st.gets.p99_ms),

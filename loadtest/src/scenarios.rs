@@ -306,6 +306,9 @@ pub enum Phase {
     /// After that step: the gap between the highest sustained rate and the lowest one
     /// not sustained, halved (geometrically) each step.
     Refine,
+    /// Before the refining steps: the ramp's answer run again as they are (from rest,
+    /// judged over longer), see [`confirm_rate`].
+    Confirm,
 }
 
 /// One rate step of a `peak` run.
@@ -494,7 +497,7 @@ pub fn confirm_rate(steps: &[Step]) -> Option<f64> {
     let answer = best_step(steps)?;
     let run_again = steps
         .iter()
-        .any(|s| s.phase == Phase::Refine && s.target_events_per_sec == sustained);
+        .any(|s| s.phase != Phase::Ramp && s.target_events_per_sec == sustained);
     (answer.phase == Phase::Ramp && !run_again).then_some(sustained)
 }
 
@@ -675,6 +678,10 @@ mod tests {
             sustained: held,
             ..step_at(rate, if held { 20.0 } else { 1500.0 })
         };
+        let confirming = |rate: f64, held: bool| Step {
+            phase: Phase::Confirm,
+            ..refining(rate, held)
+        };
         // Session 50's run: 21,624 held over its 10 s ramp step, every refining step above
         // it failed.
         let mut steps = vec![
@@ -689,7 +696,7 @@ mod tests {
         // Run again from rest over longer, it did not hold: the answer falls to the
         // highest step below it that held, and the bracket widens to say so.
         // (That answer is a ramp step's too; `peak` runs one confirming step a run.)
-        steps.push(refining(21624.0, false));
+        steps.push(confirming(21624.0, false));
         assert_eq!(confirm_rate(&steps), Some(14416.0));
         assert_eq!(
             peak_verdict(&steps),
@@ -700,7 +707,7 @@ mod tests {
         );
         // Had it held, the answer would stand, and is not run a third time.
         steps.pop();
-        steps.push(refining(21624.0, true));
+        steps.push(confirming(21624.0, true));
         assert_eq!(confirm_rate(&steps), None);
         assert_eq!(best_step(&steps).unwrap().target_events_per_sec, 21624.0);
         // An answer that a refining step found needs no second run.
