@@ -1,6 +1,7 @@
 //! Runs of events, GETs and freshness probes together, their reports, and the `peak`
 //! search for the highest event rate the pipeline sustains.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use serde::Serialize;
 
 use crate::report::{self, Line, BLUE, GREEN, GREY, ORANGE, RED};
 use crate::scenarios::{self, judge, Phase, Rate, Step, Target};
-use crate::series::{Gauge, SecondSummary, Series, StreamSummary};
+use crate::series::{Gauge, NamedGauges, NamedPoints, SecondSummary, Series, StreamSummary};
 use crate::traffic::Clickstream;
 
 /// Longest a probe waits for its event to show.
@@ -33,7 +34,9 @@ pub struct Run {
     pub events: Series,
     pub gets: Series,
     pub probes: Series,
+    /// Consumer lag summed over the services, and each service's.
     pub lag: Gauge,
+    pub lag_by_service: NamedGauges,
 }
 
 struct Streams {
@@ -68,6 +71,7 @@ fn streams(catalog: &Catalog, users: usize, seed: u64, seconds: u64) -> Streams 
             gets: Series::new(started),
             probes: Series::new(started),
             lag: Gauge::default(),
+            lag_by_service: NamedGauges::default(),
         },
     }
 }
@@ -150,6 +154,7 @@ pub async fn run(target: &Target, catalog: &Catalog, plan: Plan) -> Run {
         s.started,
         until,
         s.run.lag.clone(),
+        s.run.lag_by_service.clone(),
     ));
     let bar = scenarios::progress(Duration::from_secs(plan.seconds), "running");
     let ticker = {
@@ -212,6 +217,8 @@ struct PerSecond {
     gets: Vec<SecondSummary>,
     freshness: Vec<SecondSummary>,
     lag: Vec<(f64, f64)>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    lag_by_service: NamedPoints,
 }
 
 fn fmt_ms(v: Option<f64>) -> String {
@@ -279,6 +286,7 @@ fn per_second(run: &Run) -> PerSecond {
         gets: run.gets.seconds(),
         freshness: run.probes.seconds(),
         lag: run.lag.points(),
+        lag_by_service: run.lag_by_service.points(),
     }
 }
 
@@ -376,15 +384,30 @@ fn plot_run(
     }
     let lag = run.lag.points();
     if !lag.is_empty() {
+        let by_service = run.lag_by_service.points();
+        let mut lines = vec![Line {
+            label: "all services",
+            colour: RED,
+            points: lag,
+        }];
+        // One service alone is the total: its line would hide under it.
+        if by_service.len() > 1 {
+            lines.extend(
+                by_service
+                    .iter()
+                    .zip([BLUE, ORANGE, GREEN, GREY].into_iter().cycle())
+                    .map(|((service, points), colour)| Line {
+                        label: service,
+                        colour,
+                        points: points.clone(),
+                    }),
+            );
+        }
         report::plot(
             &dir.join("lag.svg"),
-            "Consumer lag (records, all services)",
+            "Consumer lag (records)",
             "records",
-            &[Line {
-                label: "lag",
-                colour: RED,
-                points: lag,
-            }],
+            &lines,
             false,
         )?;
         plots.push("lag.svg");
@@ -565,6 +588,7 @@ pub async fn peak(
         s.started,
         lag_until,
         s.run.lag.clone(),
+        s.run.lag_by_service.clone(),
     ));
     eprintln!("  warming up");
     warm_up(target, &s, plan.max_freshness_ms).await;
@@ -640,10 +664,16 @@ pub async fn peak(
             gets: s.run.gets.summary(from, to),
             freshness: s.run.probes.summary(from, to),
             lag_end: None,
+            lag_by_service: Vec::new(),
             sustained: false,
             why_not: None,
         };
-        judge(&mut step, plan.max_freshness_ms, &s.run.lag.points());
+        judge(
+            &mut step,
+            plan.max_freshness_ms,
+            &s.run.lag.points(),
+            &s.run.lag_by_service.points(),
+        );
         eprintln!(
             "    accepted {:.0}/s, GET p99 {} ms, freshness p50 {} / p99 {} ms: {}",
             step.events.per_sec,
@@ -762,11 +792,11 @@ pub async fn peak(
         };
         let plots = plot_run(dir, &run, Some(target_line))?;
         let mut table = String::from(
-            "<table><tr><th>step</th><th>target events/s</th><th>accepted/s</th><th>GET p99 ms</th><th>freshness p50 ms</th><th>freshness p99 ms</th><th>lag at end</th><th>sustained</th></tr>",
+            "<table><tr><th>step</th><th>target events/s</th><th>accepted/s</th><th>GET p99 ms</th><th>freshness p50 ms</th><th>freshness p99 ms</th><th>lag at end</th><th>of which, by service</th><th>sustained</th></tr>",
         );
         for (i, st) in summary.steps.iter().enumerate() {
             table.push_str(&format!(
-                "<tr><td>{}{}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+                "<tr><td>{}{}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
                 i + 1,
                 match st.phase {
                     Phase::Ramp => "",
@@ -779,6 +809,7 @@ pub async fn peak(
                 fmt_ms(st.freshness.p50_ms),
                 fmt_ms(st.freshness.p99_ms),
                 st.lag_end.map(|l| format!("{l:.0}")).unwrap_or_else(|| "–".into()),
+                lag_by_service_cell(&st.lag_by_service),
                 if st.sustained { "yes" } else { "no" },
                 if st.sustained { "yes".to_string() } else { format!("no: {}", st.why_not.clone().unwrap_or_default()) },
             ));
@@ -811,4 +842,23 @@ pub async fn peak(
         println!("report: {}", dir.join("report.html").display());
     }
     Ok(())
+}
+
+/// A step's lag by service for the report's table: each service's last reading, and its
+/// trend where it grew.
+fn lag_by_service_cell(lags: &[scenarios::ServiceLag]) -> String {
+    if lags.is_empty() {
+        return "–".into();
+    }
+    lags.iter()
+        .map(|l| {
+            let trend = if l.per_sec >= 1.0 {
+                format!(" (+{:.0}/s)", l.per_sec)
+            } else {
+                String::new()
+            };
+            format!("{} {:.0}{trend}", l.service, l.end)
+        })
+        .collect::<Vec<_>>()
+        .join("<br>")
 }

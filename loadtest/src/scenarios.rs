@@ -2,6 +2,7 @@
 //! leave at their scheduled time whatever earlier ones do), and the `peak` search that
 //! runs all three while raising the event rate step by step.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use crate::series::{Gauge, Series, StreamSummary};
+use crate::series::{Gauge, NamedGauges, NamedPoints, Series, StreamSummary};
 use crate::traffic::Clickstream;
 
 /// Requests in flight beyond this are counted as errors rather than queued without bound.
@@ -256,33 +257,58 @@ pub async fn drive_probes(
     .await;
 }
 
-/// Sums `recpipe_consumer_lag` over the given `/metrics` URLs once a second.
+/// Sums `recpipe_consumer_lag` over the given `/metrics` URLs once a second into
+/// `total`, and into `by_service` per service (its `service` label), which shows which
+/// stage of the pipeline falls behind.
 pub async fn scrape_lag(
     client: reqwest::Client,
     urls: Vec<String>,
     started: Instant,
     until: Instant,
-    gauge: Gauge,
+    total: Gauge,
+    by_service: NamedGauges,
 ) {
     if urls.is_empty() {
         return;
     }
     while Instant::now() < until {
-        let mut total = 0.0;
+        let mut services = BTreeMap::new();
         for url in &urls {
             if let Ok(r) = client.get(url).send().await {
                 if let Ok(text) = r.text().await {
-                    total += text
-                        .lines()
-                        .filter(|l| l.starts_with("recpipe_consumer_lag{"))
-                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                        .sum::<f64>();
+                    for (service, lag) in lag_by_service(&text) {
+                        *services.entry(service).or_insert(0.0) += lag;
+                    }
                 }
             }
         }
-        gauge.push(started.elapsed().as_secs_f64(), total);
+        let seconds = started.elapsed().as_secs_f64();
+        total.push(seconds, services.values().sum());
+        for (service, lag) in &services {
+            by_service.push(seconds, service, *lag);
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// The `recpipe_consumer_lag` gauges of a Prometheus text page, summed per `service`
+/// label (over topics and partitions); "unnamed" for a line without one.
+pub fn lag_by_service(metrics: &str) -> BTreeMap<String, f64> {
+    let mut lags = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(labels_and_value) = line.strip_prefix("recpipe_consumer_lag{") else {
+            continue;
+        };
+        let Some(lag) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        let service = labels_and_value
+            .split_once("service=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map_or("unnamed", |(name, _)| name);
+        *lags.entry(service.to_string()).or_insert(0.0) += lag;
+    }
+    lags
 }
 
 /// A progress bar over a run of known length.
@@ -323,8 +349,22 @@ pub struct Step {
     pub freshness: StreamSummary,
     /// Consumer lag at the end of the step (sum over services), when scraped.
     pub lag_end: Option<f64>,
+    /// Each service's share of that lag, and its trend over the step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lag_by_service: Vec<ServiceLag>,
     pub sustained: bool,
     pub why_not: Option<String>,
+}
+
+/// One service's consumer lag over a step (all its topics and partitions).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceLag {
+    pub service: String,
+    /// The last reading in the step.
+    pub end: f64,
+    /// Its trend over the part of the step that is judged, in records a second (see
+    /// [`lag_slope`]).
+    pub per_sec: f64,
 }
 
 /// The first seconds of a step whose consumer lag `judge` leaves out of the lag's trend.
@@ -348,7 +388,11 @@ pub const LAG_READINGS_NEEDED: usize = 4;
 /// The step's first `LAG_SETTLING_SECS` are left out of that: at a higher rate the lag
 /// a pipeline holds is higher too, and it climbs to its new level in the step's first
 /// seconds (the longer save-worker's windows, the longer it climbs).
-pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)]) {
+///
+/// `by_service` is the lag per service (empty when not known), read at the same moments:
+/// the step records each one's end and trend, and a lag that grew is said to have grown
+/// most in the service whose trend rose most.
+pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)], by_service: &NamedPoints) {
     let mut why = Vec::new();
     if step.events.errors > 0 {
         why.push(format!("{} events not accepted", step.events.errors));
@@ -370,10 +414,24 @@ pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)]) {
         _ => {}
     }
     let judged_from = step.from_second + LAG_SETTLING_SECS;
-    let in_step: Vec<(f64, f64)> = lag
+    let judged = |readings: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        readings
+            .iter()
+            .filter(|(t, _)| *t >= judged_from as f64 && *t < step.to_second as f64)
+            .copied()
+            .collect()
+    };
+    let in_step = judged(lag);
+    step.lag_by_service = by_service
         .iter()
-        .filter(|(t, _)| *t >= judged_from as f64 && *t < step.to_second as f64)
-        .copied()
+        .filter_map(|(service, readings)| {
+            let readings = judged(readings);
+            Some(ServiceLag {
+                service: service.clone(),
+                end: readings.last()?.1,
+                per_sec: lag_slope(&readings),
+            })
+        })
         .collect();
     // Scraped (metrics given) but too few readings in the step to see a trend: the step
     // cannot be called sustained.
@@ -391,8 +449,15 @@ pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)]) {
             && last > first
             && rise > step.target_events_per_sec.max(100.0);
         if rising {
+            let most = step
+                .lag_by_service
+                .iter()
+                .filter(|s| s.per_sec > 0.0)
+                .max_by(|a, b| a.per_sec.total_cmp(&b.per_sec))
+                .map(|s| format!(", most in {}'s (by {:.0}/s)", s.service, s.per_sec))
+                .unwrap_or_default();
             why.push(format!(
-                "consumer lag grew from {first:.0} to {last:.0} (by {per_sec:.0}/s)"
+                "consumer lag grew from {first:.0} to {last:.0} (by {per_sec:.0}/s){most}"
             ));
         }
     }
@@ -538,6 +603,7 @@ mod tests {
             gets: stream(200.0, 5.0),
             freshness: stream(5.0, p99_ms),
             lag_end: None,
+            lag_by_service: Vec::new(),
             sustained: false,
             why_not: None,
         }
@@ -559,13 +625,23 @@ mod tests {
         let sawtooth = [
             27.0, 228.0, 228.0, 228.0, 228.0, 228.0, 272.0, 272.0, 272.0, 272.0,
         ];
-        judge(&mut steady, 1000.0, &lag_from(41, &sawtooth));
+        judge(
+            &mut steady,
+            1000.0,
+            &lag_from(41, &sawtooth),
+            &BTreeMap::new(),
+        );
         assert!(steady.sustained, "{:?}", steady.why_not);
         assert_eq!(steady.lag_end, Some(272.0));
         // Falling behind by 300 events a second.
         let mut behind = step_at(844.0, 124.9);
         let rising: Vec<f64> = (0..10).map(|i| 50.0 + 300.0 * i as f64).collect();
-        judge(&mut behind, 1000.0, &lag_from(41, &rising));
+        judge(
+            &mut behind,
+            1000.0,
+            &lag_from(41, &rising),
+            &BTreeMap::new(),
+        );
         assert!(!behind.sustained);
         assert!(behind
             .why_not
@@ -578,12 +654,17 @@ mod tests {
             0.0, 571.0, 439.0, 915.0, 1587.0, 472.0, 1428.0, 1441.0, 1367.0, 1109.0,
         ];
         climbing.to_second = climbing.from_second + 10;
-        judge(&mut climbing, 1000.0, &lag_from(39, &climb));
+        judge(
+            &mut climbing,
+            1000.0,
+            &lag_from(39, &climb),
+            &BTreeMap::new(),
+        );
         assert!(climbing.sustained, "{:?}", climbing.why_not);
         // Lag read only outside the step (the scraper stopped early, as it did at the last
         // step of a peak run before this was caught): not judged sustained.
         let mut other = step_at(844.0, 124.9);
-        judge(&mut other, 1000.0, &lag_from(0, &rising));
+        judge(&mut other, 1000.0, &lag_from(0, &rising), &BTreeMap::new());
         assert!(!other.sustained && other.lag_end.is_none());
         assert!(other
             .why_not
@@ -591,7 +672,7 @@ mod tests {
             .contains("consumer lag read 0 times in the step after its first 2 s, 4 needed"));
         // Without metrics to scrape, the lag is not judged at all.
         let mut unscraped = step_at(844.0, 124.9);
-        judge(&mut unscraped, 1000.0, &[]);
+        judge(&mut unscraped, 1000.0, &[], &BTreeMap::new());
         assert!(unscraped.sustained, "{:?}", unscraped.why_not);
     }
 
@@ -608,7 +689,12 @@ mod tests {
             .collect();
         let mut steady = step_at(1100.0, 40.0);
         steady.to_second = steady.from_second + 22;
-        judge(&mut steady, 1000.0, &lag_from(41, &sawtooth));
+        judge(
+            &mut steady,
+            1000.0,
+            &lag_from(41, &sawtooth),
+            &BTreeMap::new(),
+        );
         assert!(steady.sustained, "{:?}", steady.why_not);
         // The same swings on a lag that grows by 150 a second (falling behind by about
         // 14 % of the rate): 3,000 over the step.
@@ -619,7 +705,12 @@ mod tests {
             .collect();
         let mut behind = step_at(1100.0, 40.0);
         behind.to_second = behind.from_second + 22;
-        judge(&mut behind, 1000.0, &lag_from(41, &growing));
+        judge(
+            &mut behind,
+            1000.0,
+            &lag_from(41, &growing),
+            &BTreeMap::new(),
+        );
         assert!(!behind.sustained);
         assert!(behind.why_not.unwrap().contains("consumer lag grew"));
         // A first reading of 0 (librdkafka's numbers not yet refreshed under the step's
@@ -627,7 +718,12 @@ mod tests {
         // squares would rise by 1,600 over the step.
         let mut level = step_at(1100.0, 40.0);
         let after_zero: Vec<f64> = std::iter::once(0.0).chain([3000.0; 9]).collect();
-        judge(&mut level, 1000.0, &lag_from(41, &after_zero));
+        judge(
+            &mut level,
+            1000.0,
+            &lag_from(41, &after_zero),
+            &BTreeMap::new(),
+        );
         assert!(level.sustained, "{:?}", level.why_not);
         // A real refining step that was not sustained (15,166 events/s, lag refreshed every
         // 5 s, so each value read several times).
@@ -639,8 +735,89 @@ mod tests {
             .flat_map(|v| [*v; 4])
             .chain([235857.0])
             .collect();
-        judge(&mut failing, 1000.0, &lag_from(41, &readings));
+        judge(
+            &mut failing,
+            1000.0,
+            &lag_from(41, &readings),
+            &BTreeMap::new(),
+        );
         assert!(!failing.sustained);
+    }
+
+    #[test]
+    fn the_lag_is_summed_per_service_over_its_topics_and_partitions() {
+        // As the services' exporter writes it (labels in any order).
+        let page = "# TYPE recpipe_consumer_lag gauge
+recpipe_consumer_lag{service=\"save-worker\",topic=\"events\",partition=\"0\"} 1200
+recpipe_consumer_lag{partition=\"1\",service=\"save-worker\",topic=\"recommendations\"} 300.5
+recpipe_consumer_lag{service=\"gen-recommendations\",topic=\"user-vectors\",partition=\"0\"} 40
+recpipe_consumer_lag{topic=\"events\",partition=\"0\"} 7
+recpipe_consumer_lag_other{service=\"save-worker\"} 99
+recpipe_batch_seconds_count{service=\"save-worker\"} 5
+";
+        let lags = lag_by_service(page);
+        assert_eq!(
+            lags.into_iter().collect::<Vec<_>>(),
+            [
+                ("gen-recommendations".to_string(), 40.0),
+                ("save-worker".to_string(), 1500.5),
+                ("unnamed".to_string(), 7.0),
+            ]
+        );
+        assert!(lag_by_service("").is_empty());
+    }
+
+    #[test]
+    fn a_lag_that_grew_names_the_service_whose_lag_grew_most() {
+        // save-worker falls behind by 400 records a second; gen-recommendations swings
+        // about a level; update-embeddings grows a little.
+        let save_worker: Vec<f64> = (0..10).map(|i| 2000.0 + 400.0 * i as f64).collect();
+        let gen = [
+            900.0, 100.0, 800.0, 50.0, 950.0, 120.0, 700.0, 80.0, 900.0, 60.0,
+        ];
+        let update: Vec<f64> = (0..10).map(|i| 10.0 + 5.0 * i as f64).collect();
+        let by_service = BTreeMap::from([
+            ("gen-recommendations".to_string(), lag_from(41, &gen)),
+            ("save-worker".to_string(), lag_from(41, &save_worker)),
+            ("update-embeddings".to_string(), lag_from(41, &update)),
+        ]);
+        let total: Vec<f64> = (0..10)
+            .map(|i| save_worker[i] + gen[i] + update[i])
+            .collect();
+        let mut behind = step_at(844.0, 40.0);
+        judge(&mut behind, 1000.0, &lag_from(41, &total), &by_service);
+        assert!(!behind.sustained);
+        let why = behind.why_not.unwrap();
+        assert!(why.ends_with(", most in save-worker's (by 400/s)"), "{why}");
+        // Each service's last reading in the step (second 50.2) and its trend.
+        let service = |name: &str| {
+            behind
+                .lag_by_service
+                .iter()
+                .find(|l| l.service == name)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(service("save-worker").end, 5600.0);
+        assert_eq!(service("save-worker").per_sec, 400.0);
+        assert_eq!(service("update-embeddings").per_sec, 5.0);
+        assert_eq!(service("gen-recommendations").end, 60.0);
+        // A step that kept up records the services' lag too, and names none.
+        let level = BTreeMap::from([("save-worker".to_string(), lag_from(41, &gen))]);
+        let mut steady = step_at(844.0, 40.0);
+        judge(&mut steady, 1000.0, &lag_from(41, &gen), &level);
+        assert!(steady.sustained, "{:?}", steady.why_not);
+        assert_eq!(steady.lag_by_service.len(), 1);
+        // Without per-service readings, the message is the total's alone.
+        let mut unnamed = step_at(844.0, 40.0);
+        judge(
+            &mut unnamed,
+            1000.0,
+            &lag_from(41, &total),
+            &BTreeMap::new(),
+        );
+        assert!(unnamed.why_not.unwrap().ends_with("/s)"));
+        assert!(unnamed.lag_by_service.is_empty());
     }
 
     fn sustained(rate: f64) -> Step {
@@ -803,7 +980,7 @@ mod tests {
     #[test]
     fn a_step_with_slow_probes_or_refused_events_is_not_sustained() {
         let mut slow = step_at(500.0, 1500.0);
-        judge(&mut slow, 1000.0, &[]);
+        judge(&mut slow, 1000.0, &[], &BTreeMap::new());
         assert!(!slow.sustained);
         assert!(slow
             .why_not
@@ -812,7 +989,7 @@ mod tests {
         let mut refused = step_at(500.0, 20.0);
         refused.events.per_sec = 400.0;
         refused.events.errors = 3;
-        judge(&mut refused, 1000.0, &[]);
+        judge(&mut refused, 1000.0, &[], &BTreeMap::new());
         let why = refused.why_not.unwrap();
         assert!(
             why.contains("3 events not accepted") && why.contains("accepted 400/s of 500/s"),

@@ -148,6 +148,31 @@ impl Gauge {
     }
 }
 
+/// Points `(second, value)` under each name.
+pub type NamedPoints = BTreeMap<String, Vec<(f64, f64)>>;
+
+/// Values sampled over time under names (e.g. each service's consumer lag), one point
+/// per name and sample.
+#[derive(Clone, Default)]
+pub struct NamedGauges {
+    points: Arc<Mutex<NamedPoints>>,
+}
+
+impl NamedGauges {
+    pub fn push(&self, seconds: f64, name: &str, value: f64) {
+        self.points
+            .lock()
+            .expect("not poisoned")
+            .entry(name.to_string())
+            .or_default()
+            .push((seconds, value));
+    }
+
+    pub fn points(&self) -> NamedPoints {
+        self.points.lock().expect("not poisoned").clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
