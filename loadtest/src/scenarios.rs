@@ -609,6 +609,11 @@ mod tests {
         }
     }
 
+    /// `judge` with a freshness limit of 1 s and no per-service readings.
+    fn judge_total(step: &mut Step, lag: &[(f64, f64)]) {
+        judge(step, 1000.0, lag, &BTreeMap::new());
+    }
+
     fn lag_from(second: u64, values: &[f64]) -> Vec<(f64, f64)> {
         values
             .iter()
@@ -625,23 +630,13 @@ mod tests {
         let sawtooth = [
             27.0, 228.0, 228.0, 228.0, 228.0, 228.0, 272.0, 272.0, 272.0, 272.0,
         ];
-        judge(
-            &mut steady,
-            1000.0,
-            &lag_from(41, &sawtooth),
-            &BTreeMap::new(),
-        );
+        judge_total(&mut steady, &lag_from(41, &sawtooth));
         assert!(steady.sustained, "{:?}", steady.why_not);
         assert_eq!(steady.lag_end, Some(272.0));
         // Falling behind by 300 events a second.
         let mut behind = step_at(844.0, 124.9);
         let rising: Vec<f64> = (0..10).map(|i| 50.0 + 300.0 * i as f64).collect();
-        judge(
-            &mut behind,
-            1000.0,
-            &lag_from(41, &rising),
-            &BTreeMap::new(),
-        );
+        judge_total(&mut behind, &lag_from(41, &rising));
         assert!(!behind.sustained);
         assert!(behind
             .why_not
@@ -654,17 +649,12 @@ mod tests {
             0.0, 571.0, 439.0, 915.0, 1587.0, 472.0, 1428.0, 1441.0, 1367.0, 1109.0,
         ];
         climbing.to_second = climbing.from_second + 10;
-        judge(
-            &mut climbing,
-            1000.0,
-            &lag_from(39, &climb),
-            &BTreeMap::new(),
-        );
+        judge_total(&mut climbing, &lag_from(39, &climb));
         assert!(climbing.sustained, "{:?}", climbing.why_not);
         // Lag read only outside the step (the scraper stopped early, as it did at the last
         // step of a peak run before this was caught): not judged sustained.
         let mut other = step_at(844.0, 124.9);
-        judge(&mut other, 1000.0, &lag_from(0, &rising), &BTreeMap::new());
+        judge_total(&mut other, &lag_from(0, &rising));
         assert!(!other.sustained && other.lag_end.is_none());
         assert!(other
             .why_not
@@ -672,7 +662,7 @@ mod tests {
             .contains("consumer lag read 0 times in the step after its first 2 s, 4 needed"));
         // Without metrics to scrape, the lag is not judged at all.
         let mut unscraped = step_at(844.0, 124.9);
-        judge(&mut unscraped, 1000.0, &[], &BTreeMap::new());
+        judge_total(&mut unscraped, &[]);
         assert!(unscraped.sustained, "{:?}", unscraped.why_not);
     }
 
@@ -689,12 +679,7 @@ mod tests {
             .collect();
         let mut steady = step_at(1100.0, 40.0);
         steady.to_second = steady.from_second + 22;
-        judge(
-            &mut steady,
-            1000.0,
-            &lag_from(41, &sawtooth),
-            &BTreeMap::new(),
-        );
+        judge_total(&mut steady, &lag_from(41, &sawtooth));
         assert!(steady.sustained, "{:?}", steady.why_not);
         // The same swings on a lag that grows by 150 a second (falling behind by about
         // 14 % of the rate): 3,000 over the step.
@@ -705,12 +690,7 @@ mod tests {
             .collect();
         let mut behind = step_at(1100.0, 40.0);
         behind.to_second = behind.from_second + 22;
-        judge(
-            &mut behind,
-            1000.0,
-            &lag_from(41, &growing),
-            &BTreeMap::new(),
-        );
+        judge_total(&mut behind, &lag_from(41, &growing));
         assert!(!behind.sustained);
         assert!(behind.why_not.unwrap().contains("consumer lag grew"));
         // A first reading of 0 (librdkafka's numbers not yet refreshed under the step's
@@ -718,12 +698,7 @@ mod tests {
         // squares would rise by 1,600 over the step.
         let mut level = step_at(1100.0, 40.0);
         let after_zero: Vec<f64> = std::iter::once(0.0).chain([3000.0; 9]).collect();
-        judge(
-            &mut level,
-            1000.0,
-            &lag_from(41, &after_zero),
-            &BTreeMap::new(),
-        );
+        judge_total(&mut level, &lag_from(41, &after_zero));
         assert!(level.sustained, "{:?}", level.why_not);
         // A real refining step that was not sustained (15,166 events/s, lag refreshed every
         // 5 s, so each value read several times).
@@ -735,12 +710,7 @@ mod tests {
             .flat_map(|v| [*v; 4])
             .chain([235857.0])
             .collect();
-        judge(
-            &mut failing,
-            1000.0,
-            &lag_from(41, &readings),
-            &BTreeMap::new(),
-        );
+        judge_total(&mut failing, &lag_from(41, &readings));
         assert!(!failing.sustained);
     }
 
@@ -810,12 +780,7 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
         assert_eq!(steady.lag_by_service.len(), 1);
         // Without per-service readings, the message is the total's alone.
         let mut unnamed = step_at(844.0, 40.0);
-        judge(
-            &mut unnamed,
-            1000.0,
-            &lag_from(41, &total),
-            &BTreeMap::new(),
-        );
+        judge_total(&mut unnamed, &lag_from(41, &total));
         assert!(unnamed.why_not.unwrap().ends_with("/s)"));
         assert!(unnamed.lag_by_service.is_empty());
     }
@@ -980,7 +945,7 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
     #[test]
     fn a_step_with_slow_probes_or_refused_events_is_not_sustained() {
         let mut slow = step_at(500.0, 1500.0);
-        judge(&mut slow, 1000.0, &[], &BTreeMap::new());
+        judge_total(&mut slow, &[]);
         assert!(!slow.sustained);
         assert!(slow
             .why_not
@@ -989,7 +954,7 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
         let mut refused = step_at(500.0, 20.0);
         refused.events.per_sec = 400.0;
         refused.events.errors = 3;
-        judge(&mut refused, 1000.0, &[], &BTreeMap::new());
+        judge_total(&mut refused, &[]);
         let why = refused.why_not.unwrap();
         assert!(
             why.contains("3 events not accepted") && why.contains("accepted 400/s of 500/s"),
