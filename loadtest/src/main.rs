@@ -115,7 +115,7 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         step_secs: u64,
         /// At most this many steps: 13 reach 32,437 events/s from the default start, past
-        /// what a 2-core machine sustains (9,611-17,656 in the runs of 2026-12-07), so
+        /// what a 2-core machine sustains (9,611-21,624 in the runs of 2026-12-07), so
         /// that the run finds its limit.
         #[arg(long, default_value_t = 13)]
         max_steps: usize,

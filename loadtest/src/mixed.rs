@@ -522,20 +522,25 @@ async fn settle(
     target: &Target,
     s: &Streams,
     step_ended: Instant,
+    lag_scraped: bool,
     caught_up: f64,
     max_freshness_ms: f64,
 ) -> Result<(), String> {
     let deadline = Instant::now() + SETTLE_LIMIT;
-    if !s.run.lag.points().is_empty() {
+    if lag_scraped {
         let fresh_from = (step_ended + LAG_REFRESH - s.started).as_secs_f64();
         eprintln!("  waiting for the consumer lag to fall to {caught_up:.0} records");
         while !scenarios::lag_settled(&s.run.lag.points(), fresh_from, caught_up) {
             if Instant::now() >= deadline {
-                let last = s.run.lag.points().last().map_or(f64::NAN, |p| p.1);
-                return Err(format!(
-                    "the consumer lag was still {last:.0} records {} s after the step",
-                    SETTLE_LIMIT.as_secs()
-                ));
+                let limit = SETTLE_LIMIT.as_secs();
+                return Err(match s.run.lag.points().last() {
+                    Some((t, lag)) if *t >= fresh_from => format!(
+                        "the consumer lag was still {lag:.0} records {limit} s after the step"
+                    ),
+                    _ => format!(
+                        "no consumer lag was read in the {limit} s after the step (see the --metrics addresses above)"
+                    ),
+                });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -582,6 +587,7 @@ pub async fn peak(
     // the pauses between steps make the run longer than its steps.
     let lag_until =
         s.started + Duration::from_secs(3 * total + 600) + SETTLE_LIMIT * long_steps as u32;
+    let lag_scraped = !plan.metrics.is_empty();
     let lag = tokio::spawn(scenarios::scrape_lag(
         target.client.clone(),
         plan.metrics.clone(),
@@ -668,10 +674,11 @@ pub async fn peak(
             sustained: false,
             why_not: None,
         };
+        let lag = s.run.lag.points();
         judge(
             &mut step,
             plan.max_freshness_ms,
-            &s.run.lag.points(),
+            lag_scraped.then_some(lag.as_slice()),
             &s.run.lag_by_service.points(),
         );
         eprintln!(
@@ -725,6 +732,7 @@ pub async fn peak(
             target,
             &s,
             step_ended,
+            lag_scraped,
             best.max(100.0),
             plan.max_freshness_ms,
         )

@@ -260,6 +260,10 @@ pub async fn drive_probes(
 /// Sums `recpipe_consumer_lag` over the given `/metrics` URLs once a second into
 /// `total`, and into `by_service` per service (its `service` label), which shows which
 /// stage of the pipeline falls behind.
+///
+/// A second in which a URL does not answer with its page (a service down or
+/// restarting) gives no reading: summed without that service's lag it would read as a
+/// lag that fell. The first failure of each URL is said on stderr.
 pub async fn scrape_lag(
     client: reqwest::Client,
     urls: Vec<String>,
@@ -271,24 +275,46 @@ pub async fn scrape_lag(
     if urls.is_empty() {
         return;
     }
+    let mut failed_before = std::collections::HashSet::new();
     while Instant::now() < until {
         let mut services = BTreeMap::new();
+        let mut every_url_read = true;
         for url in &urls {
-            if let Ok(r) = client.get(url).send().await {
-                if let Ok(text) = r.text().await {
+            match metrics_page(&client, url).await {
+                Ok(text) => {
                     for (service, lag) in lag_by_service(&text) {
                         *services.entry(service).or_insert(0.0) += lag;
                     }
                 }
+                Err(e) => {
+                    every_url_read = false;
+                    if failed_before.insert(url.clone()) {
+                        eprintln!(
+                            "  cannot read the consumer lag from {url} ({e}): no lag reading while it does not answer; check that the service is running and --metrics is its metrics address"
+                        );
+                    }
+                }
             }
         }
-        let seconds = started.elapsed().as_secs_f64();
-        total.push(seconds, services.values().sum());
-        for (service, lag) in &services {
-            by_service.push(seconds, service, *lag);
+        if every_url_read {
+            let seconds = started.elapsed().as_secs_f64();
+            total.push(seconds, services.values().sum());
+            for (service, lag) in &services {
+                by_service.push(seconds, service, *lag);
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+async fn metrics_page(client: &reqwest::Client, url: &str) -> reqwest::Result<String> {
+    client
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await
 }
 
 /// The `recpipe_consumer_lag` gauges of a Prometheus text page, summed per `service`
@@ -389,10 +415,17 @@ pub const LAG_READINGS_NEEDED: usize = 4;
 /// a pipeline holds is higher too, and it climbs to its new level in the step's first
 /// seconds (the longer save-worker's windows, the longer it climbs).
 ///
+/// `lag` is None when no lag is scraped (no `--metrics`); scraped but not read in the
+/// step (a metrics address that does not answer), the step is not sustained.
 /// `by_service` is the lag per service (empty when not known), read at the same moments:
 /// the step records each one's end and trend, and a lag that grew is said to have grown
 /// most in the service whose trend rose most.
-pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)], by_service: &NamedPoints) {
+pub fn judge(
+    step: &mut Step,
+    max_freshness_ms: f64,
+    lag: Option<&[(f64, f64)]>,
+    by_service: &NamedPoints,
+) {
     let mut why = Vec::new();
     if step.events.errors > 0 {
         why.push(format!("{} events not accepted", step.events.errors));
@@ -421,7 +454,7 @@ pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)], by_serv
             .copied()
             .collect()
     };
-    let in_step = judged(lag);
+    let in_step = judged(lag.unwrap_or_default());
     step.lag_by_service = by_service
         .iter()
         .filter_map(|(service, readings)| {
@@ -435,7 +468,7 @@ pub fn judge(step: &mut Step, max_freshness_ms: f64, lag: &[(f64, f64)], by_serv
         .collect();
     // Scraped (metrics given) but too few readings in the step to see a trend: the step
     // cannot be called sustained.
-    if !lag.is_empty() && in_step.len() < LAG_READINGS_NEEDED {
+    if lag.is_some() && in_step.len() < LAG_READINGS_NEEDED {
         why.push(format!(
             "consumer lag read {} times in the step after its first {LAG_SETTLING_SECS} s, {LAG_READINGS_NEEDED} needed",
             in_step.len()
@@ -609,9 +642,15 @@ mod tests {
         }
     }
 
-    /// `judge` with a freshness limit of 1 s and no per-service readings.
+    /// `judge` with a freshness limit of 1 s and no per-service readings; no readings
+    /// at all stand for a run without `--metrics`.
     fn judge_total(step: &mut Step, lag: &[(f64, f64)]) {
-        judge(step, 1000.0, lag, &BTreeMap::new());
+        judge(
+            step,
+            1000.0,
+            (!lag.is_empty()).then_some(lag),
+            &BTreeMap::new(),
+        );
     }
 
     fn lag_from(second: u64, values: &[f64]) -> Vec<(f64, f64)> {
@@ -664,6 +703,15 @@ mod tests {
         let mut unscraped = step_at(844.0, 124.9);
         judge_total(&mut unscraped, &[]);
         assert!(unscraped.sustained, "{:?}", unscraped.why_not);
+        // Scraped, but no reading came (the metrics addresses did not answer): the lag
+        // is unknown, so the step is not sustained.
+        let mut unanswered = step_at(844.0, 124.9);
+        judge(&mut unanswered, 1000.0, Some(&[]), &BTreeMap::new());
+        assert!(!unanswered.sustained);
+        assert!(unanswered
+            .why_not
+            .unwrap()
+            .contains("consumer lag read 0 times in the step after its first 2 s, 4 needed"));
     }
 
     #[test]
@@ -737,6 +785,57 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
         assert!(lag_by_service("").is_empty());
     }
 
+    #[tokio::test]
+    async fn a_second_in_which_a_metrics_url_does_not_answer_gives_no_lag_reading() {
+        let page =
+            "recpipe_consumer_lag{service=\"save-worker\",topic=\"events\",partition=\"0\"} 120\n";
+        let app = axum::Router::new()
+            .route("/metrics", axum::routing::get(move || async move { page }))
+            .route(
+                "/broken",
+                axum::routing::get(|| async {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down")
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        // A port nobody listens on: bound, then let go.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let scrape = |urls: Vec<String>| async move {
+            let (total, by_service) = (Gauge::default(), NamedGauges::default());
+            let started = Instant::now();
+            scrape_lag(
+                reqwest::Client::new(),
+                urls,
+                started,
+                started + Duration::from_millis(1500),
+                total.clone(),
+                by_service.clone(),
+            )
+            .await;
+            (total.points(), by_service.points())
+        };
+        let good = format!("http://{addr}/metrics");
+        let (total, by_service) = scrape(vec![good.clone()]).await;
+        assert_eq!(total.len(), 2);
+        assert!(total.iter().all(|(_, lag)| *lag == 120.0));
+        assert_eq!(by_service["save-worker"].len(), 2);
+        // With a service down, or answering with an error, its lag is unknown: no reading
+        // rather than a total without it.
+        for other in [
+            format!("http://{closed}/metrics"),
+            format!("http://{addr}/broken"),
+        ] {
+            let (total, by_service) = scrape(vec![good.clone(), other]).await;
+            assert!(total.is_empty(), "{total:?}");
+            assert!(by_service.is_empty());
+        }
+    }
+
     #[test]
     fn a_lag_that_grew_names_the_service_whose_lag_grew_most() {
         // save-worker falls behind by 400 records a second; gen-recommendations swings
@@ -755,7 +854,12 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
             .map(|i| save_worker[i] + gen[i] + update[i])
             .collect();
         let mut behind = step_at(844.0, 40.0);
-        judge(&mut behind, 1000.0, &lag_from(41, &total), &by_service);
+        judge(
+            &mut behind,
+            1000.0,
+            Some(&lag_from(41, &total)),
+            &by_service,
+        );
         assert!(!behind.sustained);
         let why = behind.why_not.unwrap();
         assert!(why.ends_with(", most in save-worker's (by 400/s)"), "{why}");
@@ -775,7 +879,7 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
         // A step that kept up records the services' lag too, and names none.
         let level = BTreeMap::from([("save-worker".to_string(), lag_from(41, &gen))]);
         let mut steady = step_at(844.0, 40.0);
-        judge(&mut steady, 1000.0, &lag_from(41, &gen), &level);
+        judge(&mut steady, 1000.0, Some(&lag_from(41, &gen)), &level);
         assert!(steady.sustained, "{:?}", steady.why_not);
         assert_eq!(steady.lag_by_service.len(), 1);
         // Without per-service readings, the message is the total's alone.
