@@ -17,7 +17,7 @@ use super::{
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 
 /// Migrations in order; the database's `user_version` counts those applied.
-const MIGRATIONS: [&str; 7] = [
+const MIGRATIONS: [&str; 8] = [
     include_str!("../../../schemas/sqlite/V1__init.sql"),
     include_str!("../../../schemas/sqlite/V2__experiments.sql"),
     include_str!("../../../schemas/sqlite/V3__impression_tallies.sql"),
@@ -25,6 +25,7 @@ const MIGRATIONS: [&str; 7] = [
     include_str!("../../../schemas/sqlite/V5__events_by_time.sql"),
     include_str!("../../../schemas/sqlite/V6__list_bodies_compressed.sql"),
     include_str!("../../../schemas/sqlite/V7__list_bodies_binary.sql"),
+    include_str!("../../../schemas/sqlite/V8__latest_lists.sql"),
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Read connections; GETs take whichever is free.
@@ -432,6 +433,41 @@ fn write_lists(
             s.raw_bind_parameter(at + 4, ToSqlOutput::Borrowed(body))?;
             s.raw_bind_parameter(at + 5, encoding)
         },
+    )?;
+    // Each user's newest list of the batch (of two alike, the later) names itself in
+    // `latest_recommendations` unless the row there is newer
+    // (schemas/sqlite/V8__latest_lists.sql).
+    let mut newest: std::collections::BTreeMap<&str, &super::StoredList> = Default::default();
+    for list in lists {
+        let newer = |held: &&super::StoredList| {
+            (list.user_version, list.generated_at) >= (held.user_version, held.generated_at)
+        };
+        match newest.entry(&list.user_id) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(list);
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) if newer(e.get()) => {
+                e.insert(list);
+            }
+            std::collections::btree_map::Entry::Occupied(_) => {}
+        }
+    }
+    let newest: Vec<&super::StoredList> = newest.into_values().collect();
+    insert_rows(
+        tx,
+        "INSERT INTO latest_recommendations (user_id, user_version, generated_at, recommendation_id) VALUES",
+        4,
+        " ON CONFLICT (user_id) DO UPDATE SET user_version = excluded.user_version,
+             generated_at = excluded.generated_at, recommendation_id = excluded.recommendation_id
+         WHERE (excluded.user_version, excluded.generated_at)
+             >= (latest_recommendations.user_version, latest_recommendations.generated_at)",
+        &newest,
+        |s, at, list| {
+            s.raw_bind_parameter(at, &list.user_id)?;
+            s.raw_bind_parameter(at + 1, list.user_version as i64)?;
+            s.raw_bind_parameter(at + 2, list.generated_at)?;
+            s.raw_bind_parameter(at + 3, &list.recommendation_id)
+        },
     )
 }
 
@@ -501,8 +537,10 @@ impl Store for SqliteStore {
         let user_id = user_id.to_string();
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT body, body_encoding FROM recommendations WHERE user_id = ?1
-                 ORDER BY user_version DESC, generated_at DESC LIMIT 1",
+                "SELECT r.body, r.body_encoding FROM latest_recommendations l
+                 JOIN recommendations r
+                   ON r.user_id = l.user_id AND r.recommendation_id = l.recommendation_id
+                 WHERE l.user_id = ?1",
             )
             .map_err(query_err)?
             .query_row([&user_id], |r| Ok(unpack_list(r.get_ref(0)?, r.get(1)?)))
@@ -515,9 +553,9 @@ impl Store for SqliteStore {
 
     async fn users_with_lists(&self, limit: usize) -> Result<Option<Vec<String>>, StoreError> {
         self.read(move |c| {
-            // The primary key leads with user_id: one ordered pass, no sort.
+            // One row per user, in key order: one ordered pass, no sort.
             let mut stmt = c
-                .prepare("SELECT DISTINCT user_id FROM recommendations ORDER BY user_id LIMIT ?1")
+                .prepare("SELECT user_id FROM latest_recommendations ORDER BY user_id LIMIT ?1")
                 .map_err(query_err)?;
             let users = stmt
                 .query_map([limit.saturating_add(1) as i64], |r| r.get::<_, String>(0))
@@ -1073,6 +1111,85 @@ mod tests {
                 |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize, r.get(2)?)),
             )
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_version_7_database_names_each_users_latest_list_as_its_index_found_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let at = |user: &str, version: u64, generated_at: i64, id: &str| {
+            let mut l = crate::testkit::list(user, version, &["p-1"]);
+            (l.generated_at, l.recommendation_id) = (generated_at, id.into());
+            l
+        };
+        // a: the newest version has two lists (two models), the later generated wins;
+        // b: one list; c: two of one version and time, the later row wins.
+        let lists = [
+            at("a", 3, 30, "a-3-x"),
+            at("a", 1, 90, "a-1"),
+            at("a", 3, 31, "a-3-y"),
+            at("a", 2, 50, "a-2"),
+            at("b", 7, 5, "b-7"),
+            at("c", 4, 8, "c-4-x"),
+            at("c", 4, 8, "c-4-y"),
+        ];
+        {
+            let c = file_at_version(&path, 7);
+            for l in &lists {
+                c.execute(
+                    "INSERT INTO recommendations (user_id, recommendation_id, user_version, generated_at, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![l.user_id, l.recommendation_id, l.user_version as i64, l.generated_at, encode(l)],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let latest = |user: &'static str| {
+            let store = &store;
+            async move { store.latest_recommendations(user).await.unwrap() }
+        };
+        assert_eq!(latest("a").await, Some(lists[2].clone()));
+        assert_eq!(latest("b").await, Some(lists[4].clone()));
+        assert_eq!(latest("c").await, Some(lists[6].clone()));
+        assert_eq!(latest("d").await, None);
+        assert_eq!(
+            store.users_with_lists(10).await.unwrap(),
+            Some(vec!["a".into(), "b".into(), "c".into()])
+        );
+        let index: i64 = store
+            .writer
+            .lock()
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'recommendations_latest'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 0, "the per-list index is gone");
+        // Written after: an older list (a replay) leaves a's latest, a newer one of b
+        // takes its place, of two new ones in one batch the newer wins, and of two alike
+        // the later.
+        let newer_b = at("b", 8, 1, "b-8");
+        let (c5, c6) = (at("c", 5, 1, "c-5"), at("c", 6, 1, "c-6"));
+        let (d_first, d_later) = (at("d", 1, 1, "d-z"), at("d", 1, 1, "d-a"));
+        store
+            .write(WriteBatch {
+                recommendations: [&lists[1], &newer_b, &c6, &c5, &d_first, &d_later]
+                    .into_iter()
+                    .map(|l| StoredList::of(l, ListEncoding::Binary))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(latest("a").await, Some(lists[2].clone()));
+        assert_eq!(latest("b").await, Some(newer_b));
+        assert_eq!(latest("c").await, Some(c6));
+        assert_eq!(latest("d").await, Some(d_later));
+        drop(store);
+        assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
     }
 
     #[tokio::test]
