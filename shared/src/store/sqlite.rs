@@ -439,17 +439,9 @@ fn write_lists(
     // (schemas/sqlite/V8__latest_lists.sql).
     let mut newest: std::collections::BTreeMap<&str, &super::StoredList> = Default::default();
     for list in lists {
-        let newer = |held: &&super::StoredList| {
-            (list.user_version, list.generated_at) >= (held.user_version, held.generated_at)
-        };
-        match newest.entry(&list.user_id) {
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(list);
-            }
-            std::collections::btree_map::Entry::Occupied(mut e) if newer(e.get()) => {
-                e.insert(list);
-            }
-            std::collections::btree_map::Entry::Occupied(_) => {}
+        let held = newest.entry(&list.user_id).or_insert(list);
+        if (list.user_version, list.generated_at) >= (held.user_version, held.generated_at) {
+            *held = list;
         }
     }
     let newest: Vec<&super::StoredList> = newest.into_values().collect();
