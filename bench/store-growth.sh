@@ -13,9 +13,12 @@ events=${1:-1000000}
 rounds=${2:-3}
 other=${3:-}
 cd "$root"
-this=$(cargo bench -p recpipe-shared --bench store_growth --no-run 2>&1 |
-  grep -o 'target/release/deps/store_growth-[0-9a-f]*' | tail -1)
-[ -x "$this" ] || { echo "the bench did not build" >&2; exit 1; }
+# A build that fails says why (its output) rather than leaving the script to stop silently.
+built=$(cargo bench -p recpipe-shared --bench store_growth --no-run 2>&1) ||
+  { echo "$built" >&2; echo "bench/store-growth.sh: the bench did not build" >&2; exit 1; }
+this=$(echo "$built" | grep -o 'target/release/deps/store_growth-[0-9a-f]*' | tail -1)
+[ -x "$this" ] || { echo "bench/store-growth.sh: cargo named no store_growth binary" >&2; exit 1; }
+[ -z "$other" ] || [ -x "$other" ] || { echo "bench/store-growth.sh: OTHER_BIN $other is not an executable" >&2; exit 2; }
 . bench/stolen.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
