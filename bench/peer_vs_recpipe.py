@@ -300,7 +300,12 @@ def run_recpipe(args, workdir, users, settings):
             f.close()
         with sqlite3.connect(env["RECPIPE_STORE__URL"][len("sqlite://"):]) as c:
             listed = c.execute("SELECT COUNT(DISTINCT user_id) FROM recommendations").fetchone()[0]
-            events = c.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            # Events wait in staged tables before they move into `events` in bulk
+            # (schemas/sqlite/V9__events_staged.sql); no event was delivered twice here.
+            staged = [t for (t,) in c.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'events_staged_%'")]
+            events = sum(c.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                          for t in ["events", *staged])
     finally:
         for p in procs.values():
             if p.poll() is None:

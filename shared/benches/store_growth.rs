@@ -164,27 +164,33 @@ async fn main() {
         .expect("the store opens");
     let (mut rng, users) = (Rng(7), Users::new());
     let (mut versions, mut seq) = (vec![0u64; USERS], 0u64);
-    println!("events_stored\twrite_us_per_event\tcpu_us_per_event\twritten_kb_per_event\tstore_mb");
+    // The slowest write of a slice: a move of the staged events is one write.
+    println!("events_stored\twrite_us_per_event\tcpu_us_per_event\twritten_kb_per_event\tstore_mb\tslowest_write_ms");
     let (mut written, mut in_slice, mut cpu_at) = (0usize, 0usize, cpu_secs());
     let mut wrote_at = bytes_written();
-    let mut slice_busy = std::time::Duration::ZERO;
+    let (mut slice_busy, mut slowest) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     while written < total {
         let b = Arc::new(batch(&mut rng, &users, per_batch, &mut versions, &mut seq));
         let started = Instant::now();
         store.write_shared(b).await.expect("the batch is written");
-        slice_busy += started.elapsed();
+        let took = started.elapsed();
+        slice_busy += took;
+        slowest = slowest.max(took);
         written += per_batch;
         in_slice += per_batch;
         if in_slice >= SLICE || written >= total {
             let (cpu, wrote) = (cpu_secs(), bytes_written());
             println!(
-                "{written}\t{:.2}\t{:.2}\t{:.1}\t{}",
+                "{written}\t{:.2}\t{:.2}\t{:.1}\t{}\t{:.0}",
                 slice_busy.as_secs_f64() * 1e6 / in_slice as f64,
                 (cpu - cpu_at) * 1e6 / in_slice as f64,
                 (wrote - wrote_at) as f64 / 1e3 / in_slice as f64,
-                bytes_of(&dir) / 1_000_000
+                bytes_of(&dir) / 1_000_000,
+                slowest.as_secs_f64() * 1e3
             );
-            (in_slice, slice_busy, cpu_at, wrote_at) = (0, std::time::Duration::ZERO, cpu, wrote);
+            (in_slice, slice_busy, slowest) =
+                (0, std::time::Duration::ZERO, std::time::Duration::ZERO);
+            (cpu_at, wrote_at) = (cpu, wrote);
         }
     }
 }

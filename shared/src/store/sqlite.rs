@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -17,7 +17,7 @@ use super::{
 use crate::events::{Event, RecommendationRecord, UserVectorRecord};
 
 /// Migrations in order; the database's `user_version` counts those applied.
-const MIGRATIONS: [&str; 8] = [
+const MIGRATIONS: [&str; 9] = [
     include_str!("../../../schemas/sqlite/V1__init.sql"),
     include_str!("../../../schemas/sqlite/V2__experiments.sql"),
     include_str!("../../../schemas/sqlite/V3__impression_tallies.sql"),
@@ -26,6 +26,7 @@ const MIGRATIONS: [&str; 8] = [
     include_str!("../../../schemas/sqlite/V6__list_bodies_compressed.sql"),
     include_str!("../../../schemas/sqlite/V7__list_bodies_binary.sql"),
     include_str!("../../../schemas/sqlite/V8__latest_lists.sql"),
+    include_str!("../../../schemas/sqlite/V9__events_staged.sql"),
 ];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Read connections; GETs take whichever is free.
@@ -42,6 +43,43 @@ const PAGE_SIZE: usize = 8 * 1024;
 const CHECKPOINT_PAGES: usize = 16 * 1024;
 /// WAL pages after which the writer waits for that thread and checkpoints the rest.
 const CHECKPOINT_WAIT_PAGES: usize = 4 * CHECKPOINT_PAGES;
+/// Events the staged tables hold before a write moves the fullest of them into `events`
+/// (schemas/sqlite/V9__events_staged.sql). Held about there, each table fills for twice
+/// this many events before it moves, about an eighth of this. More makes each move write
+/// each page of the events' index for more events, and each read of a user's events scan
+/// more of them.
+const EVENTS_STAGED_MAX: usize = 64 * 1024;
+/// The tables events are staged in (schemas/sqlite/V9__events_staged.sql). Each write
+/// appends to the end of each, and reading a user's staged events scans one.
+const EVENTS_STAGED_TABLES: [&str; 16] = [
+    "events_staged_0",
+    "events_staged_1",
+    "events_staged_2",
+    "events_staged_3",
+    "events_staged_4",
+    "events_staged_5",
+    "events_staged_6",
+    "events_staged_7",
+    "events_staged_8",
+    "events_staged_9",
+    "events_staged_10",
+    "events_staged_11",
+    "events_staged_12",
+    "events_staged_13",
+    "events_staged_14",
+    "events_staged_15",
+];
+
+/// Prepared statements a connection keeps.
+const STATEMENT_CACHE: usize = 64;
+
+/// The staged table of a user's events: a stable hash, the same in every process and
+/// build.
+fn staged_table(user_id: &str) -> usize {
+    let at = crate::stable_hash::unit_interval("events_staged", user_id);
+    ((at * EVENTS_STAGED_TABLES.len() as f64) as usize).min(EVENTS_STAGED_TABLES.len() - 1)
+}
+
 /// `recommendations.body_encoding` (schemas/sqlite/V7__list_bodies_binary.sql).
 const LIST_JSON: i64 = 0;
 const LIST_BINARY: i64 = 1;
@@ -59,6 +97,11 @@ pub struct SqliteStore {
     /// Started by the first write: a store that only reads (query-api) has no thread.
     checkpoints: Arc<std::sync::OnceLock<Checkpoints>>,
     tuning: Tuning,
+    /// Rows in each staged table as this store's writer last committed them (another
+    /// process writing the file adds rows it does not count: a move just comes later).
+    events_staged: Arc<Mutex<StagedRows>>,
+    /// EVENTS_STAGED_MAX, or fewer in tests.
+    events_staged_max: usize,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: AtomicUsize,
 }
@@ -89,6 +132,8 @@ impl SqliteStore {
         let connect = || -> Result<Connection, StoreError> {
             let c = Connection::open(path).map_err(|e| open_err(&e))?;
             c.busy_timeout(BUSY_TIMEOUT).map_err(|e| open_err(&e))?;
+            // A write prepares two inserts per staged table of events (rusqlite keeps 16).
+            c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
             // Applies to a new file only (an existing one keeps its page size). At 4 KiB a
             // list (about 2 KB of JSON) left much of a page unused, and storing a backlog
             // of 200,000 events took save-worker more pages, b-tree splits and WAL frames:
@@ -124,6 +169,14 @@ impl SqliteStore {
         for (applied, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             migrate(&writer, applied as i64, migration).map_err(|e| open_err(&e))?;
         }
+        let mut events_staged = StagedRows::default();
+        for (rows, table) in events_staged.0.iter_mut().zip(EVENTS_STAGED_TABLES) {
+            *rows = writer
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(|e| open_err(&e))? as usize;
+        }
         let readers = (0..READERS)
             .map(|_| connect().map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
@@ -134,6 +187,8 @@ impl SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             checkpoints: Default::default(),
             tuning,
+            events_staged: Arc::new(Mutex::new(events_staged)),
+            events_staged_max: EVENTS_STAGED_MAX,
             readers: Arc::new(readers),
             next_reader: AtomicUsize::new(0),
         })
@@ -141,6 +196,13 @@ impl SqliteStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Moves staged events once `max` are staged, not EVENTS_STAGED_MAX.
+    #[cfg(test)]
+    fn moving_staged_events_at(mut self, max: usize) -> Self {
+        self.events_staged_max = max;
+        self
     }
 
     #[cfg(test)]
@@ -360,25 +422,32 @@ fn write_events_and_states(
     tx: &rusqlite::Transaction,
     batch: &WriteBatch,
 ) -> Result<(), StoreError> {
-    let mut events: Vec<&super::StoredEvent> = batch.events.iter().collect();
-    events.sort_by(|a, b| {
-        let (a, b) = (&a.event, &b.event);
-        (&a.user_id, a.ts, &a.event_id).cmp(&(&b.user_id, b.ts, &b.event_id))
-    });
-    insert_rows(
-        tx,
-        "INSERT OR IGNORE INTO events (user_id, ts, event_id, body) VALUES",
-        4,
-        "",
-        &events,
-        |s, at, stored| {
-            let e = &stored.event;
-            s.raw_bind_parameter(at, &e.user_id)?;
-            s.raw_bind_parameter(at + 1, e.ts)?;
-            s.raw_bind_parameter(at + 2, &e.event_id)?;
-            s.raw_bind_parameter(at + 3, &stored.body)
-        },
-    )?;
+    // Each to its user's table, in arrival order (a stable sort).
+    let mut events: Vec<(usize, &super::StoredEvent)> = batch
+        .events
+        .iter()
+        .map(|e| (staged_table(&e.event.user_id), e))
+        .collect();
+    events.sort_by_key(|&(table, _)| table);
+    for rows in events.chunk_by(|a, b| a.0 == b.0) {
+        insert_rows(
+            tx,
+            &format!(
+                "INSERT INTO {} (user_id, ts, event_id, body) VALUES",
+                EVENTS_STAGED_TABLES[rows[0].0]
+            ),
+            4,
+            "",
+            rows,
+            |s, at, &(_, stored)| {
+                let e = &stored.event;
+                s.raw_bind_parameter(at, &e.user_id)?;
+                s.raw_bind_parameter(at + 1, e.ts)?;
+                s.raw_bind_parameter(at + 2, &e.event_id)?;
+                s.raw_bind_parameter(at + 3, &stored.body)
+            },
+        )?;
+    }
     let mut states: Vec<&super::StoredUserState> = batch.user_states.iter().collect();
     states.sort_by(|a, b| a.user_id.cmp(&b.user_id));
     insert_rows(
@@ -401,6 +470,48 @@ fn write_events_and_states(
             )
         },
     )
+}
+
+/// Rows in each staged table.
+#[derive(Debug, Clone, Copy, Default)]
+struct StagedRows([usize; EVENTS_STAGED_TABLES.len()]);
+
+impl StagedRows {
+    fn add(&mut self, events: &[super::StoredEvent]) {
+        for e in events {
+            self.0[staged_table(&e.event.user_id)] += 1;
+        }
+    }
+
+    /// While `max` or more are staged, moves the fullest table's events into `events`
+    /// (which in steady use is the one moved longest ago): each move writes the index's
+    /// pages of a sixteenth of the users, so no one write stalls save-worker for long.
+    fn move_past(&mut self, max: usize, tx: &rusqlite::Transaction) -> Result<(), StoreError> {
+        while self.0.iter().sum::<usize>() >= max.max(1) {
+            let (fullest, _) = self
+                .0
+                .iter()
+                .enumerate()
+                .max_by_key(|&(_, rows)| rows)
+                .expect("tables");
+            move_staged_events(tx, EVENTS_STAGED_TABLES[fullest])?;
+            self.0[fullest] = 0;
+        }
+        Ok(())
+    }
+}
+
+/// Moves a staged table's events into `events`, in key order so that each page of its
+/// index is written once, and of two with one key keeps the one stored first
+/// (schemas/sqlite/V9__events_staged.sql).
+fn move_staged_events(tx: &rusqlite::Transaction, table: &str) -> Result<(), StoreError> {
+    tx.execute_batch(&format!(
+        "INSERT OR IGNORE INTO events (user_id, ts, event_id, body)
+             SELECT user_id, ts, event_id, body FROM {table}
+             ORDER BY user_id, ts, event_id, rowid;
+         DELETE FROM {table};"
+    ))
+    .map_err(query_err)
 }
 
 /// A batch's lists, in key order (see [`ROWS_PER_STATEMENT`]), each with its body as
@@ -471,6 +582,8 @@ impl Store for SqliteStore {
         }
         let writer = self.writer.clone();
         let checkpoints = self.checkpoints.clone();
+        let (events_staged, events_staged_max) =
+            (self.events_staged.clone(), self.events_staged_max);
         let (tuning, path) = (self.tuning, self.path.clone());
         tokio::task::spawn_blocking(move || {
             let mut c = unpoisoned(&writer);
@@ -479,6 +592,8 @@ impl Store for SqliteStore {
                 let started = Checkpoints::start(connection, tuning).map_err(query_err)?;
                 let _ = checkpoints.set(started);
             }
+            // Copied, and put back only once committed: a failed write counts nothing.
+            let mut staged = *events_staged.lock().unwrap_or_else(PoisonError::into_inner);
             let tx = c.transaction().map_err(query_err)?;
             {
                 let packed_lists = pack_lists_beside(&batch.recommendations, || {
@@ -508,7 +623,10 @@ impl Store for SqliteStore {
                         .map_err(query_err)?;
                 }
             }
+            staged.add(&batch.events);
+            staged.move_past(events_staged_max, &tx)?;
             tx.commit().map_err(query_err)?;
+            *events_staged.lock().unwrap_or_else(PoisonError::into_inner) = staged;
             if let Some(checkpoints) = checkpoints.get() {
                 // The batch is stored: a failed checkpoint is the next commit's to retry,
                 // not a reason to write the batch again.
@@ -562,13 +680,38 @@ impl Store for SqliteStore {
     async fn user_events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
         let user_id = user_id.to_string();
         self.read(move |c| {
-            let mut stmt = c
-                .prepare_cached("SELECT body FROM events WHERE user_id = ?1 ORDER BY ts DESC, event_id DESC LIMIT ?2")
+            // (ts, event_id, body) of the user's newest `limit` events moved into `events`,
+            // then of all those staged, from a scan of the user's staged table.
+            let row = |r: &rusqlite::Row| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?));
+            let mut rows = c
+                .prepare_cached("SELECT ts, event_id, body FROM events WHERE user_id = ?1 ORDER BY ts DESC, event_id DESC LIMIT ?2")
+                .map_err(query_err)?
+                .query_map(params![user_id, limit as i64], row)
+                .map_err(query_err)?
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(query_err)?;
-            let rows = stmt
-                .query_map(params![user_id, limit as i64], |r| r.get::<_, String>(0))
+            let staged_sql = format!(
+                "SELECT ts, event_id, body FROM {} WHERE user_id = ?1 ORDER BY rowid",
+                EVENTS_STAGED_TABLES[staged_table(&user_id)]
+            );
+            let staged = c
+                .prepare_cached(&staged_sql)
+                .map_err(query_err)?
+                .query_map([&user_id], row)
+                .map_err(query_err)?
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(query_err)?;
-            rows.map(|b| decode(&b.map_err(query_err)?)).collect()
+            if !staged.is_empty() {
+                // An event stored twice counts once, as the move keeps it: the copy in
+                // `events`, else the first staged. A copy of one older than the `limit`
+                // read from `events` sorts after all of them and is cut below.
+                let mut seen: std::collections::HashSet<(i64, String)> =
+                    rows.iter().map(|(ts, id, _)| (*ts, id.clone())).collect();
+                rows.extend(staged.into_iter().filter(|(ts, id, _)| seen.insert((*ts, id.clone()))));
+                rows.sort_unstable_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
+                rows.truncate(limit);
+            }
+            rows.iter().map(|(_, _, body)| decode(body)).collect()
         })
         .await
     }
@@ -851,6 +994,160 @@ mod tests {
                 newest
             );
         }
+    }
+
+    /// Rows of `events` and of the staged tables: (user, ts, event_id, body) in key
+    /// order, and the staged ones' count.
+    fn stored_events(path: &Path) -> (Vec<(String, i64, String, String)>, i64) {
+        let c = Connection::open(path).unwrap();
+        let rows = c
+            .prepare(
+                "SELECT user_id, ts, event_id, body FROM events ORDER BY user_id, ts, event_id",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let staged = EVENTS_STAGED_TABLES
+            .iter()
+            .map(|t| {
+                c.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .unwrap()
+            })
+            .sum();
+        (rows, staged)
+    }
+
+    /// Events wait in the staged tables until enough have come, then the fullest table's
+    /// move into `events` in one write. Read before or after, each event comes once,
+    /// newest first, as it was first stored (a copy delivered again, with another body,
+    /// is not what is read), and a new handle on the file goes on counting the staged.
+    #[tokio::test]
+    async fn staged_events_move_in_bulk_and_read_once_each_as_first_stored() {
+        use crate::events::EventType;
+        use crate::testkit;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path).unwrap().moving_staged_events_at(5);
+        // A second user whose events are staged in another table than u's.
+        let v = (0..)
+            .map(|i| format!("v{i}"))
+            .find(|v| staged_table(v) != staged_table("u"))
+            .unwrap();
+        let event = |id: &str, user: &str, ts: i64, product: &str| {
+            testkit::event(id, user, EventType::View, product, ts)
+        };
+        async fn write(store: &SqliteStore, events: Vec<Event>) {
+            let batch = WriteBatch {
+                events: events.iter().map(StoredEvent::of).collect(),
+                ..Default::default()
+            };
+            store.write(batch).await.unwrap()
+        }
+        let ids = |events: Vec<Event>| -> Vec<(String, String)> {
+            events
+                .into_iter()
+                .map(|e| (e.event_id, e.product_id.unwrap_or_default()))
+                .collect()
+        };
+        let pair = |id: &str, product: &str| (id.to_string(), product.to_string());
+        let moved_ids = |rows: &[(String, i64, String, String)]| -> Vec<(String, String)> {
+            rows.iter()
+                .map(|(u, _, id, _)| (u.clone(), id.clone()))
+                .collect()
+        };
+        let u = |id: &str| ("u".to_string(), id.to_string());
+
+        // Four events, fewer than five: all staged.
+        write(
+            &store,
+            vec![
+                event("e2", "u", 20, "p-2"),
+                event("e1", "u", 10, "p-1"),
+                event("x1", &v, 15, "p-1"),
+                event("e3", "u", 30, "p-3"),
+            ],
+        )
+        .await;
+        assert_eq!(stored_events(&path), (vec![], 4));
+        let read = |limit: usize| store.user_events("u", limit);
+        assert_eq!(
+            ids(read(10).await.unwrap()),
+            [pair("e3", "p-3"), pair("e2", "p-2"), pair("e1", "p-1")]
+        );
+        assert_eq!(
+            ids(read(2).await.unwrap()),
+            [pair("e3", "p-3"), pair("e2", "p-2")]
+        );
+
+        // e1 again (another body) and e4: six staged, so u's table, the fullest, moves
+        // (e1 as first stored) and v's event stays.
+        write(
+            &store,
+            vec![event("e1", "u", 10, "p-9"), event("e4", "u", 40, "p-4")],
+        )
+        .await;
+        let (moved, staged) = stored_events(&path);
+        assert_eq!(staged, 1);
+        assert_eq!(moved_ids(&moved), [u("e1"), u("e2"), u("e3"), u("e4")]);
+        let first = [
+            pair("e4", "p-4"),
+            pair("e3", "p-3"),
+            pair("e2", "p-2"),
+            pair("e1", "p-1"),
+        ];
+        assert_eq!(ids(read(10).await.unwrap()), first);
+        assert_eq!(
+            ids(store.user_events(&v, 10).await.unwrap()),
+            [pair("x1", "p-1")]
+        );
+
+        // Copies of moved events staged beside a new, older one: each read finds every
+        // event once whatever its limit.
+        write(
+            &store,
+            vec![
+                event("e2", "u", 20, "p-8"),
+                event("e0", "u", 5, "p-0"),
+                event("e1", "u", 10, "p-7"),
+            ],
+        )
+        .await;
+        assert_eq!(stored_events(&path).1, 4);
+        let all: Vec<_> = first.iter().cloned().chain([pair("e0", "p-0")]).collect();
+        for limit in 1..=6 {
+            assert_eq!(
+                ids(read(limit).await.unwrap()),
+                all[..limit.min(5)],
+                "limit {limit}"
+            );
+        }
+
+        // Another handle counts the four staged: two more make six, and u's table moves.
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap().moving_staged_events_at(5);
+        write(
+            &store,
+            vec![event("e5", "u", 50, "p-5"), event("x2", &v, 16, "p-2")],
+        )
+        .await;
+        let (moved, staged) = stored_events(&path);
+        assert_eq!(staged, 2, "v's two");
+        assert_eq!(
+            moved_ids(&moved),
+            [u("e0"), u("e1"), u("e2"), u("e3"), u("e4"), u("e5")]
+        );
+        let e2 = moved.iter().find(|(_, _, id, _)| id == "e2").unwrap();
+        assert!(e2.3.contains("p-2"), "e2 as first stored: {}", e2.3);
+        let newest: Vec<_> = [pair("e5", "p-5")].into_iter().chain(all).collect();
+        assert_eq!(ids(store.user_events("u", 10).await.unwrap()), newest);
+        assert_eq!(
+            ids(store.user_events(&v, 10).await.unwrap()),
+            [pair("x2", "p-2"), pair("x1", "p-1")]
+        );
     }
 
     #[test]
