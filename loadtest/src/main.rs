@@ -124,8 +124,9 @@ enum Command {
         /// at the default growth of 1.5, 3 steps leave the limit within 5.2 %. Each waits
         /// for the pipeline to catch up and runs 6 s before it is judged. Before them,
         /// one more runs the ramp's answer again that way (a 10 s ramp step that began
-        /// under load can hold a rate that 20 s from rest do not). 0 reports the ramp's
-        /// steps alone.
+        /// under load can hold a rate that 20 s from rest do not), and if that fails, the
+        /// answer below it; a ramp that held all its steps has its top run again so. 0
+        /// reports the ramp's steps alone.
         #[arg(long, default_value_t = 3)]
         refine_steps: usize,
         /// How long each refining step is judged: longer than a ramp step, as it decides

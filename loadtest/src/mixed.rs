@@ -497,6 +497,11 @@ async fn warm_up(target: &Target, s: &Streams, max_freshness_ms: f64) -> bool {
 /// close (a ratio): closer than one run's own spread on a shared machine.
 const REFINED_WITHIN: f64 = 1.02;
 
+/// Ramp answers a run runs again (`scenarios::confirm_rate`): a ramp that held every step
+/// runs its top again, and if that fails, the step below; a ramp that found a limit runs
+/// its answer again, and if that fails, the one below. Each is a 20 s step and a rest.
+const MAX_CONFIRMATIONS: usize = 2;
+
 /// A second past librdkafka's statistics interval (`statistics.interval.ms`, 5 s), where
 /// the consumer lag comes from: a lag reading taken sooner than this after a change of
 /// load can still describe the time before it.
@@ -603,8 +608,8 @@ pub async fn peak(
     let mut phase = Phase::Ramp;
     let mut target_line = Vec::new();
     let mut refine_stopped = None;
-    // Whether a step has run the ramp's answer again.
-    let mut confirmed = false;
+    // Steps that ran a ramp step's answer again.
+    let mut confirmations = 0;
     loop {
         // Steps start on a whole second of the run's clock, so per-second figures
         // belong to one step each.
@@ -698,21 +703,19 @@ pub async fn peak(
         );
         let ramping_on = phase == Phase::Ramp && step.sustained;
         steps.push(step);
-        if ramping_on {
-            if steps.len() >= plan.max_steps {
-                break;
-            }
+        if ramping_on && steps.len() < plan.max_steps {
             rate *= plan.growth;
             continue;
         }
-        // Refining: the ramp found a step it did not sustain. First the answer, if only a
-        // ramp step held it, is run again as a refining step is (from rest, over
-        // longer), once; then the refining steps close the gap between the highest rate
-        // sustained and the lowest not.
-        let confirm = (plan.refine_steps > 0 && !confirmed)
+        // Refining: the ramp found a step it did not sustain, or held all it had. First
+        // the answer, if only a ramp step held it, is run again as a refining step is
+        // (from rest, over longer); then the refining steps close the gap between the
+        // highest rate sustained and the lowest not. A ramp that held every step has its
+        // top run again, and if that fails, its new answer too.
+        let confirm = (plan.refine_steps > 0 && confirmations < MAX_CONFIRMATIONS)
             .then(|| scenarios::confirm_rate(&steps))
             .flatten();
-        confirmed |= confirm.is_some();
+        confirmations += usize::from(confirm.is_some());
         let refined = steps.iter().filter(|s| s.phase == Phase::Refine).count();
         let (next, next_phase) = match confirm {
             Some(rate) => (rate, Phase::Confirm),

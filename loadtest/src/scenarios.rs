@@ -583,14 +583,16 @@ pub fn refine_rate(steps: &[Step], within: f64) -> Option<f64> {
     }
 }
 
-/// The rate a peak run should run once more before its refining steps: its answer so
-/// far, when only a ramp step held it. A ramp step is judged over a short step that began where
-/// the step before left the pipeline, and a lag that takes longer than that to grow
-/// passes it; a refining step begins from rest and is judged over longer. None when the
-/// answer was already a refining step's, or a ramp step's that a refining step ran again.
+/// The rate a peak run should run once more before its refining steps, or before it
+/// ends with every step held: its answer so far, when only a ramp step held it. A ramp
+/// step is judged over a short step that began where the step before left the pipeline,
+/// and a lag that takes longer than that to grow passes it; a refining step begins from
+/// rest and is judged over longer. None when the answer was already a refining step's,
+/// or a ramp step's that a refining step ran again.
 pub fn confirm_rate(steps: &[Step]) -> Option<f64> {
-    let PeakVerdict::Limit { sustained, .. } = peak_verdict(steps) else {
-        return None;
+    let sustained = match peak_verdict(steps) {
+        PeakVerdict::Limit { sustained, .. } | PeakVerdict::AtLeast(sustained) => sustained,
+        PeakVerdict::NoneSustained => return None,
     };
     let answer = best_step(steps)?;
     let run_again = steps
@@ -941,7 +943,8 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
         assert_eq!(confirm_rate(&steps), Some(21624.0));
         // Run again from rest over longer, it did not hold: the answer falls to the
         // highest step below it that held, and the bracket widens to say so.
-        // (That answer is a ramp step's too; `peak` runs one confirming step a run.)
+        // (That answer is a ramp step's too; `peak` runs it again as well, its second
+        // and last confirming step.)
         steps.push(confirming(21624.0, false));
         assert_eq!(confirm_rate(&steps), Some(14416.0));
         assert_eq!(
@@ -963,6 +966,37 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
             refining(11771.0, true),
         ];
         assert_eq!(confirm_rate(&refined), None);
+    }
+
+    #[test]
+    fn a_ramp_that_held_every_step_has_its_top_run_again_before_it_says_at_least() {
+        let confirming = |rate: f64, held: bool| Step {
+            phase: Phase::Confirm,
+            sustained: held,
+            ..step_at(rate, if held { 20.0 } else { 1500.0 })
+        };
+        // Session 53's second run: the ramp's last step, 32,437 events/s, passed its 10 s
+        // with save-worker's lag growing 3,759 a second, under the second's events that
+        // a 10 s step allows.
+        let mut steps = vec![sustained(14416.0), sustained(21624.0), sustained(32437.0)];
+        assert_eq!(peak_verdict(&steps), PeakVerdict::AtLeast(32437.0));
+        assert_eq!(confirm_rate(&steps), Some(32437.0));
+        // Run again from rest over longer, it failed: a limit, to refine and confirm.
+        steps.push(confirming(32437.0, false));
+        assert_eq!(
+            peak_verdict(&steps),
+            PeakVerdict::Limit {
+                sustained: 21624.0,
+                not_sustained: 32437.0
+            }
+        );
+        assert_eq!(confirm_rate(&steps), Some(21624.0));
+        assert!(refine_rate(&steps, 1.05).is_some());
+        // Had it held, "at least" stands, run once.
+        steps.pop();
+        steps.push(confirming(32437.0, true));
+        assert_eq!(peak_verdict(&steps), PeakVerdict::AtLeast(32437.0));
+        assert_eq!(confirm_rate(&steps), None);
     }
 
     #[test]
