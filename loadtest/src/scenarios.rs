@@ -919,17 +919,19 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
         assert_eq!(peak_verdict(&[]), PeakVerdict::NoneSustained);
     }
 
-    #[test]
-    fn a_ramp_steps_answer_is_run_again_as_a_refining_step_and_falls_if_that_fails() {
-        let refining = |rate: f64, held: bool| Step {
-            phase: Phase::Refine,
+    /// A step of `phase` that held (a freshness p99 of 20 ms) or did not (1.5 s).
+    fn judged(phase: Phase, rate: f64, held: bool) -> Step {
+        Step {
+            phase,
             sustained: held,
             ..step_at(rate, if held { 20.0 } else { 1500.0 })
-        };
-        let confirming = |rate: f64, held: bool| Step {
-            phase: Phase::Confirm,
-            ..refining(rate, held)
-        };
+        }
+    }
+
+    #[test]
+    fn a_ramp_steps_answer_is_run_again_as_a_refining_step_and_falls_if_that_fails() {
+        let refining = |rate: f64, held: bool| judged(Phase::Refine, rate, held);
+        let confirming = |rate: f64, held: bool| judged(Phase::Confirm, rate, held);
         // Session 50's run: 21,624 held over its 10 s ramp step, every refining step above
         // it failed.
         let mut steps = vec![
@@ -970,11 +972,7 @@ recpipe_batch_seconds_count{service=\"save-worker\"} 5
 
     #[test]
     fn a_ramp_that_held_every_step_has_its_top_run_again_before_it_says_at_least() {
-        let confirming = |rate: f64, held: bool| Step {
-            phase: Phase::Confirm,
-            sustained: held,
-            ..step_at(rate, if held { 20.0 } else { 1500.0 })
-        };
+        let confirming = |rate: f64, held: bool| judged(Phase::Confirm, rate, held);
         // Session 53's second run: the ramp's last step, 32,437 events/s, passed its 10 s
         // with save-worker's lag growing 3,759 a second, under the second's events that
         // a 10 s step allows.

@@ -418,9 +418,11 @@ fn insert_rows<T>(
 
 /// A batch's events and user states, in the write's transaction, each in key order (see
 /// [`ROWS_PER_STATEMENT`]).
+/// `staged` counts the events each staged table gained.
 fn write_events_and_states(
     tx: &rusqlite::Transaction,
     batch: &WriteBatch,
+    staged: &mut StagedRows,
 ) -> Result<(), StoreError> {
     // Each to its user's table, in arrival order (a stable sort).
     let mut events: Vec<(usize, &super::StoredEvent)> = batch
@@ -430,6 +432,7 @@ fn write_events_and_states(
         .collect();
     events.sort_by_key(|&(table, _)| table);
     for rows in events.chunk_by(|a, b| a.0 == b.0) {
+        staged.0[rows[0].0] += rows.len();
         insert_rows(
             tx,
             &format!(
@@ -477,12 +480,6 @@ fn write_events_and_states(
 struct StagedRows([usize; EVENTS_STAGED_TABLES.len()]);
 
 impl StagedRows {
-    fn add(&mut self, events: &[super::StoredEvent]) {
-        for e in events {
-            self.0[staged_table(&e.event.user_id)] += 1;
-        }
-    }
-
     /// While `max` or more are staged, moves the fullest table's events into `events`
     /// (which in steady use is the one moved longest ago): each move writes the index's
     /// pages of a sixteenth of the users, so no one write stalls save-worker for long.
@@ -597,7 +594,7 @@ impl Store for SqliteStore {
             let tx = c.transaction().map_err(query_err)?;
             {
                 let packed_lists = pack_lists_beside(&batch.recommendations, || {
-                    write_events_and_states(&tx, &batch)
+                    write_events_and_states(&tx, &batch, &mut staged)
                 })?;
                 write_lists(&tx, &batch.recommendations, &packed_lists)?;
                 let mut count = tx
@@ -623,7 +620,6 @@ impl Store for SqliteStore {
                         .map_err(query_err)?;
                 }
             }
-            staged.add(&batch.events);
             staged.move_past(events_staged_max, &tx)?;
             tx.commit().map_err(query_err)?;
             *events_staged.lock().unwrap_or_else(PoisonError::into_inner) = staged;
