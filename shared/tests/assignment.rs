@@ -18,11 +18,12 @@ use tokio_util::sync::CancellationToken;
 
 enum Call {
     Prepare(Vec<(String, i32)>),
-    Process(usize),
+    /// A batch's size, and whether records were waiting behind it.
+    Process(usize, bool),
 }
 
 /// Says what the framework asked of it.
-struct Recorder(mpsc::UnboundedSender<Call>);
+struct Recorder(mpsc::UnboundedSender<Call>, bool);
 
 #[async_trait]
 impl Processor for Recorder {
@@ -40,8 +41,12 @@ impl Processor for Recorder {
         Ok(())
     }
 
+    fn records_waiting(&mut self, waiting: bool) {
+        self.1 = waiting;
+    }
+
     async fn process(&mut self, batch: Vec<Decoded<()>>) -> Result<Vec<Outcome>, RetryableError> {
-        let _ = self.0.send(Call::Process(batch.len()));
+        let _ = self.0.send(Call::Process(batch.len(), self.1));
         Ok(batch.iter().map(|_| Outcome::Emit(Vec::new())).collect())
     }
 
@@ -83,7 +88,7 @@ fn run_recorder(
     let stop = CancellationToken::new();
     let service = {
         let (settings, stop) = (settings.clone(), stop.clone());
-        tokio::spawn(async move { framework::run(&settings, Recorder(tx), stop).await })
+        tokio::spawn(async move { framework::run(&settings, Recorder(tx, false), stop).await })
     };
     (calls, stop, service)
 }
@@ -103,13 +108,13 @@ async fn every_assigned_partition_is_prepared_before_any_record_comes() {
                 ("in".to_string(), 2)
             ]
         ),
-        Call::Process(n) => panic!("a batch of {n} came before the partitions were prepared"),
+        Call::Process(n, _) => panic!("a batch of {n} came before the partitions were prepared"),
     }
 
     // A record then goes straight to processing: its partition is not prepared again.
     produce(&broker.brokers(), "in", "k", b"x").await;
     match next(&mut calls).await {
-        Call::Process(n) => assert_eq!(n, 1),
+        Call::Process(n, _) => assert_eq!(n, 1),
         Call::Prepare(p) => panic!("{p:?} prepared again"),
     }
     stop.cancel();
@@ -125,7 +130,7 @@ async fn a_clean_stop_leaves_every_processed_record_committed() {
     let (mut calls, stop, service) = run_recorder(&settings);
     let mut processed = 0;
     while processed < 5 {
-        if let Call::Process(n) = next(&mut calls).await {
+        if let Call::Process(n, _) = next(&mut calls).await {
             processed += n;
         }
     }
@@ -221,7 +226,7 @@ async fn a_batch_stops_at_its_byte_limit() {
     let (mut calls, stop, service) = run_recorder(&settings);
     let mut sizes = Vec::new();
     while sizes.iter().sum::<usize>() < 11 {
-        if let Call::Process(n) = next(&mut calls).await {
+        if let Call::Process(n, _) = next(&mut calls).await {
             sizes.push(n);
         }
     }
@@ -229,6 +234,39 @@ async fn a_batch_stops_at_its_byte_limit() {
     service.await.unwrap().unwrap();
     // 401 bytes each with the key: the third reaches 1,000.
     assert!(sizes.iter().all(|&n| n <= 3), "batch sizes {sizes:?}");
+}
+
+/// A batch cut at its limit tells the processor that records are waiting behind it (how
+/// save-worker knows it has a backlog); one that took all there was does not.
+#[tokio::test]
+async fn a_batch_cut_at_its_limit_says_records_are_waiting() {
+    let (broker, mut settings) = broker_with_topic_in().await;
+    // One key, one partition: all five are there for the first fetch.
+    for _ in 0..5 {
+        produce(&broker.brokers(), "in", "k", b"x").await;
+    }
+    settings.batch_max = 2;
+    let (mut calls, stop, service) = run_recorder(&settings);
+    let mut batches = Vec::new();
+    while batches.iter().map(|&(n, _)| n).sum::<usize>() < 5 {
+        if let Call::Process(n, waiting) = next(&mut calls).await {
+            batches.push((n, waiting));
+        }
+    }
+    stop.cancel();
+    service.await.unwrap().unwrap();
+    for &(n, waiting) in &batches {
+        assert_eq!(
+            waiting,
+            n == 2,
+            "batches (size, records waiting): {batches:?}"
+        );
+    }
+    // Five in batches of at most two: one of one at least, and here full ones too.
+    assert!(
+        batches.contains(&(2, true)) && batches.contains(&(1, false)),
+        "batches (size, records waiting): {batches:?}"
+    );
 }
 
 /// Sends the distinct keys of each batch it is given; holds at most `max_keys`.

@@ -225,6 +225,8 @@ pub struct SaveWorker {
     attribution_wait: Duration,
     /// The last batch's write, still running or failed: see [`WriteInFlight`].
     in_flight: Option<WriteInFlight>,
+    /// The framework's word on the batch to come: records were waiting behind it.
+    records_waiting: bool,
 }
 
 /// A batch's store write, left running when `process` returns so that the framework
@@ -312,6 +314,7 @@ impl SaveWorker {
             awaiting: VecDeque::new(),
             attribution_wait: ATTRIBUTION_WAIT,
             in_flight: None,
+            records_waiting: false,
         }
     }
 
@@ -354,10 +357,11 @@ impl SaveWorker {
 
 async fn timed_write(store: &dyn Store, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
     let started = Instant::now();
-    let (events, states, lists) = (
+    let (events, states, lists, backlog) = (
         batch.events.len(),
         batch.user_states.len(),
         batch.recommendations.len(),
+        batch.backlog,
     );
     store.write_shared(batch).await?;
     let took = started.elapsed();
@@ -365,7 +369,7 @@ async fn timed_write(store: &dyn Store, batch: Arc<WriteBatch>) -> Result<(), St
     // A target of its own, so that the store's timeline can be logged without the
     // attribution's span per event: RUST_LOG=warn,save_worker::writes=debug.
     let ms = took.as_millis() as u64;
-    tracing::debug!(target: "save_worker::writes", events, states, lists, ms, "batch stored");
+    tracing::debug!(target: "save_worker::writes", events, states, lists, backlog, ms, "batch stored");
     Ok(())
 }
 
@@ -411,6 +415,10 @@ impl Processor for SaveWorker {
         ]
     }
 
+    fn records_waiting(&mut self, waiting: bool) {
+        self.records_waiting = waiting;
+    }
+
     fn decode(&self, meta: &RecordMeta, payload: &[u8]) -> Result<Record, String> {
         let t = &meta.topic;
         if *t == self.topics.events {
@@ -438,12 +446,23 @@ impl Processor for SaveWorker {
         &mut self,
         batch: Vec<Decoded<Record>>,
     ) -> Result<Vec<Outcome>, RetryableError> {
+        // A backlog: records were waiting behind this batch, or the last write was still
+        // running when it came (the writer is what the records wait for).
+        let backlog = self.records_waiting
+            || self
+                .in_flight
+                .as_ref()
+                .and_then(|w| w.task.as_ref())
+                .is_some_and(|task| !task.is_finished());
         // The last batch's write first: this one's reads of the store (tallies, lists)
         // must see it, and if it failed, it is written again before anything changes.
         self.settle().await?;
         let n = batch.len();
         let held = first_offsets(&batch);
-        let mut writes = WriteBatch::default();
+        let mut writes = WriteBatch {
+            backlog,
+            ..WriteBatch::default()
+        };
         let mut impressions = Vec::new();
         let mut event_positions = Vec::new();
         let mut list_event_ts = Vec::new();
@@ -551,6 +570,11 @@ impl Processor for SaveWorker {
     async fn idle(&mut self) -> Result<(), RetryableError> {
         // The last batch's write: its offsets are let go of once it is stored.
         self.settle().await?;
+        // Then a step of what writes put off in a backlog, if any, once per idle tick.
+        self.store.upkeep().await.map_err(|e| {
+            metrics::counter!("recpipe_store_errors_total").increment(1);
+            RetryableError(e.to_string())
+        })?;
         if !self
             .awaiting
             .iter()
@@ -1351,6 +1375,51 @@ mod tests {
             "done is reported once"
         );
         assert_eq!(store.user_events("u", 10).await.unwrap(), vec![e]);
+    }
+
+    /// A batch's write has a backlog when records were waiting behind the batch, or when
+    /// the last write was still running as it came; otherwise not (and then the store
+    /// catches up on moves it put off).
+    #[tokio::test]
+    async fn a_write_has_a_backlog_when_records_wait_or_the_last_write_still_runs() {
+        let (_dir, _store, topics, mut worker) = fresh_worker().await;
+        let view = |id: &str| {
+            recpipe_shared::testkit::event(id, "u", EventType::View, "p-1", 1_700_000_000_000)
+        };
+        let backlog_of = |worker: &SaveWorker| worker.in_flight.as_ref().unwrap().batch.backlog;
+
+        let batch = vec![decoded(&worker, &topics.events, 0, &view("e0"))];
+        worker.process(batch).await.unwrap();
+        assert!(!backlog_of(&worker), "nothing waits and nothing runs");
+        worker.settle().await.unwrap();
+
+        worker.records_waiting(true);
+        let batch = vec![decoded(&worker, &topics.events, 1, &view("e1"))];
+        worker.process(batch).await.unwrap();
+        assert!(backlog_of(&worker), "records wait behind the batch");
+        worker.settle().await.unwrap();
+
+        // A write still running: on this test's one thread the task has not been polled
+        // when `process` looks, and it ends once `process` waits for it.
+        worker.records_waiting(false);
+        worker.in_flight = Some(WriteInFlight {
+            batch: Arc::new(WriteBatch::default()),
+            task: Some(tokio::spawn(async {
+                tokio::task::yield_now().await;
+                Ok(())
+            })),
+            held: Vec::new(),
+            list_event_ts: Vec::new(),
+            counted: Vec::new(),
+        });
+        let batch = vec![decoded(&worker, &topics.events, 2, &view("e2"))];
+        worker.process(batch).await.unwrap();
+        assert!(backlog_of(&worker), "the last write still ran");
+        worker.settle().await.unwrap();
+
+        let batch = vec![decoded(&worker, &topics.events, 3, &view("e3"))];
+        worker.process(batch).await.unwrap();
+        assert!(!backlog_of(&worker), "caught up again");
     }
 
     /// The worker's `in_flight_done` polled once and dropped, as the framework's select

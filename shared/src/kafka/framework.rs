@@ -119,6 +119,11 @@ pub trait Processor: Send {
         None
     }
 
+    /// Called before each batch is processed with whether records were waiting behind
+    /// it: its gathering stopped at a limit (records, bytes or keys), not for want of
+    /// records. save-worker then puts off store upkeep until it has caught up.
+    fn records_waiting(&mut self, _waiting: bool) {}
+
     /// Called between batches and when idle: outputs not tied to input records.
     fn tick(&mut self) -> Vec<Output> {
         Vec::new()
@@ -534,10 +539,12 @@ pub async fn run_with_health<P: Processor>(
             .then(|| batch_started + Duration::from_millis(settings.background_batch_ms));
         let gather_idle = Duration::from_millis(settings.background_batch_idle_ms);
         let mut last_arrival = batch_started;
-        while batch.len() < settings.batch_max
-            && bytes < settings.batch_max_bytes
-            && max_keys.is_none_or(|max| keys.len() < max)
-        {
+        let below_limits = |records: usize, bytes: usize, keys: usize| {
+            records < settings.batch_max
+                && bytes < settings.batch_max_bytes
+                && max_keys.is_none_or(|max| keys < max)
+        };
+        while below_limits(batch.len(), bytes, keys.len()) {
             let next = match consumer.recv().now_or_never() {
                 Some(received) => Some(received),
                 None => match gather_until.map(|until| until.min(last_arrival + gather_idle)) {
@@ -567,6 +574,7 @@ pub async fn run_with_health<P: Processor>(
                 None => break,
             }
         }
+        processor.records_waiting(!below_limits(batch.len(), bytes, keys.len()));
         let received = now_ms();
         for waited in batch
             .iter()

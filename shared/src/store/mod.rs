@@ -158,6 +158,12 @@ pub struct WriteBatch {
     pub recommendations: Vec<StoredList>,
     pub experiment: Vec<ExperimentEvent>,
     pub impression_tallies: Vec<ImpressionTally>,
+    /// The writer has a backlog: records were waiting behind this batch, or the batch
+    /// before it was still being written when it was ready. A store may put off work it
+    /// can do later (SQLite: moving staged events into `events`, up to a bound) so that
+    /// the backlog drains sooner; a write without a backlog, or [`Store::upkeep`],
+    /// catches up on it.
+    pub backlog: bool,
 }
 
 impl WriteBatch {
@@ -321,6 +327,12 @@ pub trait Store: Send + Sync {
     /// As [`Store::write`], for a caller that keeps the batch to write it again if this
     /// fails (save-worker writes one batch while it reads the next).
     async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError>;
+    /// A step of the work writes put off while they had a backlog
+    /// ([`WriteBatch::backlog`]), for a writer with nothing else to do; whether there
+    /// was any. None by default.
+    async fn upkeep(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
     /// The newest list for a user (highest user-state version, then newest).
     async fn latest_recommendations(
         &self,

@@ -49,6 +49,12 @@ const CHECKPOINT_WAIT_PAGES: usize = 4 * CHECKPOINT_PAGES;
 /// each page of the events' index for more events, and each read of a user's events scan
 /// more of them.
 const EVENTS_STAGED_MAX: usize = 64 * 1024;
+/// Events the staged tables may hold while writes have a backlog ([`WriteBatch::backlog`]):
+/// a burst is appended without moves, which wait for a write without a backlog or for
+/// [`Store::upkeep`]. A move was a seventh of save-worker's CPU in a burst of 200,000
+/// events (BENCHMARKS.md, forty-seventh session). At this bound a read of a user's
+/// events scans 16,000 staged rows on average (about a millisecond).
+const EVENTS_STAGED_BOUND: usize = 4 * EVENTS_STAGED_MAX;
 /// The tables events are staged in (schemas/sqlite/V9__events_staged.sql). Each write
 /// appends to the end of each, and reading a user's staged events scans one.
 const EVENTS_STAGED_TABLES: [&str; 16] = [
@@ -100,8 +106,9 @@ pub struct SqliteStore {
     /// Rows in each staged table as this store's writer last committed them (another
     /// process writing the file adds rows it does not count: a move just comes later).
     events_staged: Arc<Mutex<StagedRows>>,
-    /// EVENTS_STAGED_MAX, or fewer in tests.
+    /// EVENTS_STAGED_MAX and EVENTS_STAGED_BOUND, or fewer in tests.
     events_staged_max: usize,
+    events_staged_bound: usize,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: AtomicUsize,
 }
@@ -189,6 +196,7 @@ impl SqliteStore {
             tuning,
             events_staged: Arc::new(Mutex::new(events_staged)),
             events_staged_max: EVENTS_STAGED_MAX,
+            events_staged_bound: EVENTS_STAGED_BOUND,
             readers: Arc::new(readers),
             next_reader: AtomicUsize::new(0),
         })
@@ -198,10 +206,12 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Moves staged events once `max` are staged, not EVENTS_STAGED_MAX.
+    /// Moves staged events once `max` are staged, not EVENTS_STAGED_MAX, and in a
+    /// backlog once `bound` are.
     #[cfg(test)]
-    fn moving_staged_events_at(mut self, max: usize) -> Self {
+    fn moving_staged_events_at(mut self, max: usize, bound: usize) -> Self {
         self.events_staged_max = max;
+        self.events_staged_bound = bound;
         self
     }
 
@@ -480,19 +490,41 @@ fn write_events_and_states(
 struct StagedRows([usize; EVENTS_STAGED_TABLES.len()]);
 
 impl StagedRows {
-    /// While `max` or more are staged, moves the fullest table's events into `events`
+    /// If `max` or more are staged, moves the fullest table's events into `events`
     /// (which in steady use is the one moved longest ago): each move writes the index's
     /// pages of a sixteenth of the users, so no one write stalls save-worker for long.
-    fn move_past(&mut self, max: usize, tx: &rusqlite::Transaction) -> Result<(), StoreError> {
-        while self.0.iter().sum::<usize>() >= max.max(1) {
-            let (fullest, _) = self
-                .0
-                .iter()
-                .enumerate()
-                .max_by_key(|&(_, rows)| rows)
-                .expect("tables");
-            move_staged_events(tx, EVENTS_STAGED_TABLES[fullest])?;
-            self.0[fullest] = 0;
+    /// Whether it moved one.
+    fn move_fullest_past(
+        &mut self,
+        max: usize,
+        tx: &rusqlite::Transaction,
+    ) -> Result<bool, StoreError> {
+        if self.0.iter().sum::<usize>() < max.max(1) {
+            return Ok(false);
+        }
+        let (fullest, _) = self
+            .0
+            .iter()
+            .enumerate()
+            .max_by_key(|&(_, rows)| rows)
+            .expect("tables");
+        move_staged_events(tx, EVENTS_STAGED_TABLES[fullest])?;
+        self.0[fullest] = 0;
+        Ok(true)
+    }
+
+    /// A write's moves: while `bound` or more are staged, the fullest table; then, unless
+    /// the write has a backlog behind it, one more past `max`, so that moves a burst put
+    /// off are caught up a table a write once the writer keeps up.
+    fn move_after_write(
+        &mut self,
+        (max, bound): (usize, usize),
+        backlog: bool,
+        tx: &rusqlite::Transaction,
+    ) -> Result<(), StoreError> {
+        while self.move_fullest_past(bound, tx)? {}
+        if !backlog {
+            self.move_fullest_past(max, tx)?;
         }
         Ok(())
     }
@@ -571,16 +603,19 @@ fn write_lists(
     )
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
+impl SqliteStore {
+    /// Runs `f` in a transaction of the writer on the blocking pool, with the staged
+    /// tables' counts to change, and commits if it returns `Some`. The counts are a copy,
+    /// put back only once committed: a failed write counts nothing.
+    async fn in_write_transaction<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction, &mut StagedRows) -> Result<Option<T>, StoreError>
+            + Send
+            + 'static,
+    ) -> Result<Option<T>, StoreError> {
         let writer = self.writer.clone();
         let checkpoints = self.checkpoints.clone();
-        let (events_staged, events_staged_max) =
-            (self.events_staged.clone(), self.events_staged_max);
+        let events_staged = self.events_staged.clone();
         let (tuning, path) = (self.tuning, self.path.clone());
         tokio::task::spawn_blocking(move || {
             let mut c = unpoisoned(&writer);
@@ -589,14 +624,40 @@ impl Store for SqliteStore {
                 let started = Checkpoints::start(connection, tuning).map_err(query_err)?;
                 let _ = checkpoints.set(started);
             }
-            // Copied, and put back only once committed: a failed write counts nothing.
             let mut staged = *events_staged.lock().unwrap_or_else(PoisonError::into_inner);
             let tx = c.transaction().map_err(query_err)?;
+            let Some(done) = f(&tx, &mut staged)? else {
+                return Ok(None);
+            };
+            tx.commit().map_err(query_err)?;
+            *events_staged.lock().unwrap_or_else(PoisonError::into_inner) = staged;
+            if let Some(checkpoints) = checkpoints.get() {
+                // The write is stored: a failed checkpoint is the next commit's to retry,
+                // not a reason to write it again.
+                if let Err(e) = checkpoints.after_commit(&c) {
+                    tracing::warn!(error = %e, "checkpointing the database's WAL failed; a later commit tries again");
+                }
+            }
+            Ok(Some(done))
+        })
+        .await
+        .map_err(query_err)?
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn write_shared(&self, batch: Arc<WriteBatch>) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let limits = (self.events_staged_max, self.events_staged_bound);
+        self.in_write_transaction(move |tx, staged| {
             {
                 let packed_lists = pack_lists_beside(&batch.recommendations, || {
-                    write_events_and_states(&tx, &batch, &mut staged)
+                    write_events_and_states(tx, &batch, staged)
                 })?;
-                write_lists(&tx, &batch.recommendations, &packed_lists)?;
+                write_lists(tx, &batch.recommendations, &packed_lists)?;
                 let mut count = tx
                     .prepare_cached("INSERT OR IGNORE INTO experiment_events (arm, day, kind, id, ts) VALUES (?1, ?2, ?3, ?4, ?5)")
                     .map_err(query_err)?;
@@ -620,20 +681,21 @@ impl Store for SqliteStore {
                         .map_err(query_err)?;
                 }
             }
-            staged.move_past(events_staged_max, &tx)?;
-            tx.commit().map_err(query_err)?;
-            *events_staged.lock().unwrap_or_else(PoisonError::into_inner) = staged;
-            if let Some(checkpoints) = checkpoints.get() {
-                // The batch is stored: a failed checkpoint is the next commit's to retry,
-                // not a reason to write the batch again.
-                if let Err(e) = checkpoints.after_commit(&c) {
-                    tracing::warn!(error = %e, "checkpointing the database's WAL failed; a later commit tries again");
-                }
-            }
-            Ok(())
+            staged.move_after_write(limits, batch.backlog, tx)?;
+            Ok(Some(()))
         })
         .await
-        .map_err(query_err)?
+        .map(|_| ())
+    }
+
+    async fn upkeep(&self) -> Result<bool, StoreError> {
+        let max = self.events_staged_max;
+        let moved = self
+            .in_write_transaction(move |tx, staged| {
+                Ok(staged.move_fullest_past(max, tx)?.then_some(()))
+            })
+            .await?;
+        Ok(moved.is_some())
     }
 
     async fn latest_recommendations(
@@ -1027,7 +1089,9 @@ mod tests {
         use crate::testkit;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        let store = SqliteStore::open(&path).unwrap().moving_staged_events_at(5);
+        let store = SqliteStore::open(&path)
+            .unwrap()
+            .moving_staged_events_at(5, 20);
         // A second user whose events are staged in another table than u's.
         let v = (0..)
             .map(|i| format!("v{i}"))
@@ -1124,7 +1188,9 @@ mod tests {
 
         // Another handle counts the four staged: two more make six, and u's table moves.
         drop(store);
-        let store = SqliteStore::open(&path).unwrap().moving_staged_events_at(5);
+        let store = SqliteStore::open(&path)
+            .unwrap()
+            .moving_staged_events_at(5, 20);
         write(
             &store,
             vec![event("e5", "u", 50, "p-5"), event("x2", &v, 16, "p-2")],
@@ -1144,6 +1210,95 @@ mod tests {
             ids(store.user_events(&v, 10).await.unwrap()),
             [pair("x2", "p-2"), pair("x1", "p-1")]
         );
+    }
+
+    /// Writes with a backlog append without moving until the bound; once the writer
+    /// keeps up, each write and each upkeep moves one table while the max is passed,
+    /// and every event is read at every step.
+    #[tokio::test]
+    async fn moves_wait_while_writes_have_a_backlog_then_go_a_table_a_write() {
+        use crate::events::EventType;
+        use crate::testkit;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path)
+            .unwrap()
+            .moving_staged_events_at(4, 12);
+        // Four users, each staged in a table of its own.
+        let mut users: Vec<String> = Vec::new();
+        for i in 0.. {
+            let user = format!("u{i}");
+            if users.iter().all(|u| staged_table(u) != staged_table(&user)) {
+                users.push(user);
+            }
+            if users.len() == 4 {
+                break;
+            }
+        }
+        let mut written: Vec<Vec<String>> = vec![Vec::new(); users.len()];
+        // `counts[i]` more events of user i, in one write.
+        let mut write = async |counts: [usize; 4], backlog: bool| {
+            let mut events = Vec::new();
+            for (i, &n) in counts.iter().enumerate() {
+                for _ in 0..n {
+                    let id = format!("{}-{}", users[i], written[i].len());
+                    let ts = 1_000 + written[i].len() as i64;
+                    events.push(testkit::event(&id, &users[i], EventType::View, "p-1", ts));
+                    written[i].push(id);
+                }
+            }
+            let batch = WriteBatch {
+                events: events.iter().map(StoredEvent::of).collect(),
+                backlog,
+                ..Default::default()
+            };
+            store.write(batch).await.unwrap();
+            written.clone()
+        };
+        let every_event_read = async |store: &SqliteStore, written: &[Vec<String>]| {
+            for (user, ids) in users.iter().zip(written) {
+                let read: Vec<String> = store
+                    .user_events(user, 100)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .rev()
+                    .map(|e| e.event_id)
+                    .collect();
+                assert_eq!(&read, ids, "{user}'s events");
+            }
+        };
+        let moved = |path: &Path| {
+            let (rows, staged) = stored_events(path);
+            (rows.len(), staged)
+        };
+
+        // A backlog: 8 staged, past the max of 4 but under the bound of 12, none moved.
+        let w = write([2, 2, 2, 2], true).await;
+        assert_eq!(moved(&path), (0, 8));
+        every_event_read(&store, &w).await;
+        // 14 staged passes the bound: the fullest table (user 0's, 6) moves, 8 stay.
+        let w = write([4, 2, 0, 0], true).await;
+        assert_eq!(moved(&path), (6, 8));
+        every_event_read(&store, &w).await;
+        // Upkeep: a table a call while 4 or more are staged (user 1's 4, then one of 2).
+        assert!(store.upkeep().await.unwrap());
+        assert_eq!(moved(&path), (10, 4));
+        assert!(store.upkeep().await.unwrap());
+        assert_eq!(moved(&path), (12, 2));
+        assert!(
+            !store.upkeep().await.unwrap(),
+            "under the max: nothing to do"
+        );
+        assert_eq!(moved(&path), (12, 2));
+        every_event_read(&store, &w).await;
+        // A backlog again leaves 2 + 8 staged; a write without one then moves a single
+        // table, the fullest (user 0's 5), though 6 stay staged.
+        write([5, 3, 0, 0], true).await;
+        assert_eq!(moved(&path), (12, 10));
+        let w = write([0, 0, 0, 1], false).await;
+        assert_eq!(moved(&path), (17, 6));
+        every_event_read(&store, &w).await;
     }
 
     #[test]
