@@ -691,6 +691,17 @@ impl Store for SqliteStore {
 
     async fn upkeep(&self) -> Result<bool, StoreError> {
         let max = self.events_staged_max;
+        // Asked at every idle tick: most find nothing to do, and need not take the writer.
+        let staged: usize = self
+            .events_staged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .iter()
+            .sum();
+        if staged < max.max(1) {
+            return Ok(false);
+        }
         let moved = self
             .in_write_transaction(move |tx, staged| {
                 Ok(staged.move_fullest_past(max, tx)?.then_some(()))
