@@ -566,37 +566,37 @@ impl Processor for SaveWorker {
     }
 
     /// Gives up on actions whose wait is over when no batch comes to do it, so that
-    /// their offsets are let go of (and their counts made) in a quiet spell too.
+    /// their offsets are let go of (and their counts made) in a quiet spell too; then
+    /// does a step of the store's upkeep (moves a backlog's writes put off).
     async fn idle(&mut self) -> Result<(), RetryableError> {
         // The last batch's write: its offsets are let go of once it is stored.
         self.settle().await?;
-        // Then a step of what writes put off in a backlog, if any, once per idle tick.
-        self.store.upkeep().await.map_err(|e| {
-            metrics::counter!("recpipe_store_errors_total").increment(1);
-            RetryableError(e.to_string())
-        })?;
-        if !self
+        if self
             .awaiting
             .iter()
             .any(|w| w.since.elapsed() >= self.attribution_wait)
         {
-            return Ok(());
+            let (attributed, awaiting) = self
+                .attribute(&[], &[], &[])
+                .await
+                .map_err(|e| RetryableError(e.to_string()))?;
+            if !attributed.is_empty() {
+                let writes = WriteBatch {
+                    experiment: attributed,
+                    ..WriteBatch::default()
+                };
+                self.store.write(writes).await.map_err(|e| {
+                    metrics::counter!("recpipe_store_errors_total").increment(1);
+                    RetryableError(e.to_string())
+                })?;
+            }
+            self.awaiting = awaiting;
         }
-        let (attributed, awaiting) = self
-            .attribute(&[], &[], &[])
-            .await
-            .map_err(|e| RetryableError(e.to_string()))?;
-        if !attributed.is_empty() {
-            let writes = WriteBatch {
-                experiment: attributed,
-                ..WriteBatch::default()
-            };
-            self.store.write(writes).await.map_err(|e| {
-                metrics::counter!("recpipe_store_errors_total").increment(1);
-                RetryableError(e.to_string())
-            })?;
-        }
-        self.awaiting = awaiting;
+        // Last, so that a failing move holds up nothing else: a table per idle tick.
+        self.store.upkeep().await.map_err(|e| {
+            metrics::counter!("recpipe_store_errors_total").increment(1);
+            RetryableError(e.to_string())
+        })?;
         Ok(())
     }
 
