@@ -491,6 +491,11 @@ fn write_events_and_states(
 struct StagedRows([usize; EVENTS_STAGED_TABLES.len()]);
 
 impl StagedRows {
+    /// Events staged in all the tables.
+    fn total(&self) -> usize {
+        self.0.iter().sum()
+    }
+
     /// If `max` or more are staged, moves the fullest table's events into `events`
     /// (which in steady use is the one moved longest ago): each move writes the index's
     /// pages of a sixteenth of the users, so no one write stalls save-worker for long.
@@ -500,7 +505,7 @@ impl StagedRows {
         max: usize,
         tx: &rusqlite::Transaction,
     ) -> Result<bool, StoreError> {
-        if self.0.iter().sum::<usize>() < max.max(1) {
+        if self.total() < max.max(1) {
             return Ok(false);
         }
         let (fullest, _) = self
@@ -692,13 +697,11 @@ impl Store for SqliteStore {
     async fn upkeep(&self) -> Result<bool, StoreError> {
         let max = self.events_staged_max;
         // Asked at every idle tick: most find nothing to do, and need not take the writer.
-        let staged: usize = self
+        let staged = self
             .events_staged
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .0
-            .iter()
-            .sum();
+            .total();
         if staged < max.max(1) {
             return Ok(false);
         }
