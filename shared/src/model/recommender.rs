@@ -279,6 +279,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[derive(Debug, Clone, Copy)]
 struct Ranked(usize, f32);
 
+/// Scores an exact search compares with its floor at once (see `exact_nearest`).
+const SCAN_CHUNK: usize = 16;
+
 impl Ord for Ranked {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         other.1.total_cmp(&self.1).then(self.0.cmp(&other.0))
@@ -637,17 +640,28 @@ impl Recommender {
         let cap = (2 * k).max(k + 32);
         let mut kept: Vec<Ranked> = Vec::with_capacity(cap);
         let mut floor: Option<f32> = None;
-        for (i, &score) in scores.iter().enumerate() {
-            // Products come in index order and equal scores rank by index, so a score
-            // equal to the floor loses to the product that set it.
-            if floor.is_some_and(|f| score.total_cmp(&f).is_le()) || !allowed(i) {
+        for (chunk, in_chunk) in scores.chunks(SCAN_CHUNK).enumerate() {
+            // A run of products none of which reaches the floor is passed over on one
+            // comparison the compiler makes with vector instructions: one product at a
+            // time, the floor's comparison was most of gen-recommendations' own time on a
+            // small catalog. `s < f` is never true of a score the test below keeps (NaN
+            // and -0.0 against 0.0 are left to it), so the ranking is the same.
+            if floor.is_some_and(|f| in_chunk.iter().fold(true, |all, &s| all & (s < f))) {
                 continue;
             }
-            kept.push(Ranked(i, score));
-            if kept.len() == cap {
-                kept.select_nth_unstable(k - 1);
-                kept.truncate(k);
-                floor = Some(kept[k - 1].1);
+            for (at, &score) in in_chunk.iter().enumerate() {
+                let i = chunk * SCAN_CHUNK + at;
+                // Products come in index order and equal scores rank by index, so a score
+                // equal to the floor loses to the product that set it.
+                if floor.is_some_and(|f| score.total_cmp(&f).is_le()) || !allowed(i) {
+                    continue;
+                }
+                kept.push(Ranked(i, score));
+                if kept.len() == cap {
+                    kept.select_nth_unstable(k - 1);
+                    kept.truncate(k);
+                    floor = Some(kept[k - 1].1);
+                }
             }
         }
         kept.sort_unstable();
