@@ -448,8 +448,8 @@ impl FlatHnsw {
                 // SAFETY: this function is compiled for, and only called on, AVX2 and FMA.
                 |a, b| unsafe { dot_avx2(a, b) },
                 |row: &[f32]| {
-                    // Each cache line of the row is asked for before the distance loop,
-                    // so the misses of one neighbour list overlap instead of queueing.
+                    // Each cache line of a row a few neighbours ahead is asked for while
+                    // one is scored, so their misses overlap the scoring.
                     for line in row.chunks(16) {
                         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                             line.as_ptr().cast(),
