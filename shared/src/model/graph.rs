@@ -430,7 +430,7 @@ impl FlatHnsw {
         if has_avx2_fma() {
             return self.search_avx2(&request);
         }
-        self.search_with(&request, dot16, |_| {})
+        self.search_with(&request, dot16, |_| {}, |_| {})
     }
 
     /// The same search compiled for AVX2 and FMA: the inlined dot product works with
@@ -456,6 +456,14 @@ impl FlatHnsw {
                         );
                     }
                 },
+                |slot: &[u32]| {
+                    // A node's neighbour list, a few cache lines.
+                    for line in slot.chunks(16) {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                            line.as_ptr().cast(),
+                        );
+                    }
+                },
             )
         }
         // SAFETY: `search` calls this only after detecting AVX2 and FMA on this CPU.
@@ -468,6 +476,7 @@ impl FlatHnsw {
         request: &Request<'_>,
         dot: impl Fn(&[f32], &[f32]) -> f32,
         prefetch: impl Fn(&[f32]),
+        prefetch_slot: impl Fn(&[u32]),
     ) -> Vec<(usize, f32)> {
         let Request {
             vectors,
@@ -533,6 +542,13 @@ impl FlatHnsw {
                         .copied()
                         .filter(|&n| scratch.visit(n)),
                 );
+                // The node most likely searched next (often it is, unless one of these
+                // neighbours comes closer): its neighbour list, read first thing then,
+                // waited on memory for 11 % of a search's samples.
+                if let Some(Nearest(next)) = scratch.candidates.peek() {
+                    let at = next.node as usize * self.stride;
+                    prefetch_slot(&self.base[at..at + self.stride]);
+                }
                 for &n in fresh.iter().take(PREFETCH_AHEAD) {
                     prefetch(row(n));
                 }
@@ -1080,7 +1096,7 @@ mod tests {
                 ef: 64,
                 allowed: &|_| true,
             };
-            let portable = flat.search_with(&request, dot16, |_| {});
+            let portable = flat.search_with(&request, dot16, |_| {}, |_| {});
             // On a CPU without AVX2 `search` takes the portable path: equal trivially.
             let dispatched = flat.search(vectors, &q, 10, 64, &|_| true);
             assert_same_answer(&dispatched, &portable, &format!("query {i}"));
