@@ -643,9 +643,10 @@ impl Recommender {
         for (chunk, in_chunk) in scores.chunks(SCAN_CHUNK).enumerate() {
             // A run of products none of which reaches the floor is passed over on one
             // comparison the compiler makes with vector instructions: one product at a
-            // time, the floor's comparison was most of gen-recommendations' own time on a
-            // small catalog. `s < f` is never true of a score the test below keeps (NaN
-            // and -0.0 against 0.0 are left to it), so the ranking is the same.
+            // time, the floor's comparison was the largest part of gen-recommendations'
+            // own time on a small catalog (17 % of its samples in the relay). `s < f` is
+            // never true of a score the test below keeps (NaN and -0.0 against 0.0 are
+            // left to it), so the ranking is the same.
             if floor.is_some_and(|f| in_chunk.iter().fold(true, |all, &s| all & (s < f))) {
                 continue;
             }
