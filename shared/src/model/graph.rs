@@ -447,23 +447,10 @@ impl FlatHnsw {
                 request,
                 // SAFETY: this function is compiled for, and only called on, AVX2 and FMA.
                 |a, b| unsafe { dot_avx2(a, b) },
-                |row: &[f32]| {
-                    // Each cache line of a row a few neighbours ahead is asked for while
-                    // one is scored, so their misses overlap the scoring.
-                    for line in row.chunks(16) {
-                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                            line.as_ptr().cast(),
-                        );
-                    }
-                },
-                |slot: &[u32]| {
-                    // A node's neighbour list, a few cache lines.
-                    for line in slot.chunks(16) {
-                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                            line.as_ptr().cast(),
-                        );
-                    }
-                },
+                // A row a few neighbours ahead, and the next node's neighbour list, asked
+                // for while one is scored, so their misses overlap the scoring.
+                |row: &[f32]| prefetch_lines(row),
+                |slot: &[u32]| prefetch_lines(slot),
             )
         }
         // SAFETY: `search` calls this only after detecting AVX2 and FMA on this CPU.
@@ -584,6 +571,16 @@ impl FlatHnsw {
                 .map(|c| (c.node as usize, c.distance))
                 .collect()
         })
+    }
+}
+
+/// Asks the cache for every 64-byte line of `items`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn prefetch_lines<T>(items: &[T]) {
+    for line in items.chunks((64 / std::mem::size_of::<T>()).max(1)) {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast());
     }
 }
 

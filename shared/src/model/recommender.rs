@@ -279,9 +279,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[derive(Debug, Clone, Copy)]
 struct Ranked(usize, f32);
 
-/// Scores an exact search compares with its floor at once (see `exact_nearest`).
-const SCAN_CHUNK: usize = 16;
-
 impl Ord for Ranked {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         other.1.total_cmp(&self.1).then(self.0.cmp(&other.0))
@@ -640,6 +637,8 @@ impl Recommender {
         let cap = (2 * k).max(k + 32);
         let mut kept: Vec<Ranked> = Vec::with_capacity(cap);
         let mut floor: Option<f32> = None;
+        // Scores compared with the floor at once.
+        const SCAN_CHUNK: usize = 16;
         for (chunk, in_chunk) in scores.chunks(SCAN_CHUNK).enumerate() {
             // A run of products none of which reaches the floor is passed over on one
             // comparison the compiler makes with vector instructions: one product at a
