@@ -1016,30 +1016,23 @@ mod tests {
         write(v.iter().chain([&early]).collect()).await;
 
         let replayed = [4, n - 1, 10];
-        for (i, list) in first.iter().enumerate() {
-            let expected = if replayed.contains(&i) {
+        let expected = first.iter().enumerate().map(|(i, list)| {
+            if replayed.contains(&i) {
                 again(i)
             } else {
                 list.clone()
-            };
-            assert_eq!(
-                store
-                    .recommendation(&list.user_id, &list.recommendation_id)
-                    .await
-                    .unwrap(),
-                Some(expected),
-                "{}",
-                list.user_id
-            );
-        }
-        for list in t.iter().chain(&v) {
+            }
+        });
+        for list in expected.chain(t).chain(v) {
             assert_eq!(
                 store
                     .recommendation(&list.user_id, &list.recommendation_id)
                     .await
                     .unwrap()
                     .as_ref(),
-                Some(list)
+                Some(&list),
+                "{}",
+                list.user_id
             );
         }
     }
