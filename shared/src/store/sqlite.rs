@@ -406,20 +406,24 @@ fn insert_rows<T>(
         let row = format!("({})", vec!["?"; columns].join(", "));
         format!("{head} {}{tail}", vec![row; n].join(", "))
     };
-    let run = |sql: &str, group: &[T]| -> Result<usize, StoreError> {
-        let mut statement = tx.prepare_cached(sql).map_err(query_err)?;
+    let run = |statement: &mut rusqlite::CachedStatement, group: &[T]| {
         for (i, row) in group.iter().enumerate() {
-            bind(&mut statement, i * columns + 1, row).map_err(query_err)?;
+            bind(statement, i * columns + 1, row).map_err(query_err)?;
         }
         statement.raw_execute().map_err(query_err)
     };
-    // Groups of `n` rows, each statement's text made once.
+    // Groups of `n` rows: each statement prepared once a call, `again`'s only if needed.
     let insert_groups = |n: usize, groups: &mut dyn Iterator<Item = &[T]>| {
-        let (first, second) = (sql(head, n), again.map(|again| sql(again, n)));
+        let mut first = tx.prepare_cached(&sql(head, n)).map_err(query_err)?;
+        let mut second = None;
         for group in groups {
-            let inserted = run(&first, group)?;
-            if let Some(second) = second.as_deref().filter(|_| inserted < group.len()) {
-                run(second, group)?;
+            let inserted = run(&mut first, group)?;
+            if let Some(again) = again.filter(|_| inserted < group.len()) {
+                let statement = match &mut second {
+                    Some(statement) => statement,
+                    None => second.insert(tx.prepare_cached(&sql(again, n)).map_err(query_err)?),
+                };
+                run(statement, group)?;
             }
         }
         Ok::<(), StoreError>(())
